@@ -1,0 +1,321 @@
+"""Jacobian-free NTK features of NTK-Selector, from batched backward passes.
+
+For a sample x with scored positions R(x) (response positions under teacher forcing, or all
+positions for plain text):
+
+    F(x)   = 1/|R(x)| * sum_{t in R(x)} sum_v logit[t, v]
+    g(x)   = dF(x)/d theta_LoRA                     (one row instead of the V-row Jacobian)
+    psi(x) = Pi g(x)                                (seeded projection, ``projection.py``)
+
+Shortcuts, each named where it happens below:
+
+1. LM-head column-sum (``lm_head_column_sum``): sum_v logit[t, v] = h_t . w_sum + sum_v b_v with
+   w_sum = sum_v W_head[v, :]. F is computed from the final hidden states; the V-sized logits
+   are never formed.
+2. Batched per-sample gradients (``GradientCapture``): samples in a batch do not interact
+   (causal attention masks padding, norms are per token), so one backward of sum_b F(x_b) gives
+   every sample's output gradients. For a linear LoRA factor W with input activations a_t and
+   output gradients g_t, dF(x)/dW = sum_{t in x} g_t a_t^T. Hooks capture a and g per module and
+   the projector works on them directly (the Kronecker projector never builds the gradient).
+3. Exact mean scores by forward-mode JVP (``mean_scores_jvp``): mean_a <g(x), g(a)> =
+   <g(x), g_bar> is the directional derivative of F(x) along g_bar = d(mean_a F(a))/d theta,
+   so one backward over the anchors and one JVP per pool batch give exact, unprojected scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .projection import ModuleShape, Projector, make_projector
+
+
+# ---------------------------------------------------------------------------------------------
+# model plumbing
+def trainable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linear modules whose weight is trained (LoRA's lora_A / lora_B), in module order."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.weight.requires_grad:
+            if module.bias is not None and module.bias.requires_grad:
+                raise ValueError(f"trainable bias in {name} is not supported (LoRA bias must be 'none')")
+            found.append((name, module))
+    if not found:
+        raise ValueError("model has no trainable linear modules: attach a LoRA adapter first")
+    return found
+
+
+def module_shapes(model: nn.Module) -> list[ModuleShape]:
+    """Stable names and shapes of the trainable factors (the projection is keyed on these)."""
+    shapes = []
+    for name, m in trainable_linears(model):
+        # names from PeftModel and from its base model differ by a prefix; strip it so the same
+        # adapter gives the same keys either way
+        stable = name.removeprefix("base_model.model.")
+        shapes.append(ModuleShape(stable, m.out_features, m.in_features))
+    return shapes
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder that returns final hidden states, LM head) of a causal LM, through peft."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = hf.get_output_embeddings()
+    backbone = getattr(hf, hf.base_model_prefix, None)
+    if head is None or backbone is None or backbone is hf:
+        raise ValueError(f"{type(hf).__name__}: cannot find the decoder and LM head of this causal LM")
+    cfg = hf.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(hf).__name__} transforms its logits ({attr}); the LM-head column-sum is not exact for it")
+    return backbone, head
+
+
+def lm_head_column_sum(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shortcut 1: w_sum = sum_v W[v, :] (H,) and b_sum = sum_v b[v] (scalar)."""
+    w_sum = head.weight.detach().float().sum(dim=0)
+    b_sum = head.bias.detach().float().sum() if getattr(head, "bias", None) is not None else torch.zeros(())
+    return w_sum, b_sum.to(w_sum.device)
+
+
+def summed_logit_objective(hidden: torch.Tensor, score_mask: torch.Tensor, w_sum: torch.Tensor, b_sum: torch.Tensor) -> torch.Tensor:
+    """F per sample (B,) from final hidden states (B, T, H): the masked mean over positions of
+    h_t . w_sum + b_sum, which equals the mean of the summed logits (shortcut 1)."""
+    per_position = hidden.float() @ w_sum + b_sum
+    mask = score_mask.to(per_position.dtype)
+    return (per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int = 0, device="cpu"):
+    """Right-pad token ids and a per-position mask: (input_ids, attention_mask, mask) tensors."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    pos_mask = torch.zeros((len(sequences), width), dtype=torch.float32)
+    for i, (s, m) in enumerate(zip(sequences, masks)):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+        pos_mask[i, : len(m)] = torch.as_tensor(m, dtype=torch.float32)
+    return ids.to(device), attn.to(device), pos_mask.to(device)
+
+
+def pack_by_tokens(lengths: list[int], max_tokens: int, max_rows: int = 256) -> list[list[int]]:
+    """Group row indices into batches whose padded size (rows x longest) stays within
+    ``max_tokens``; rows are taken longest first so that similar lengths share a batch.
+    A row longer than max_tokens gets a batch of its own. Deterministic for given lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current, longest = [], [], 0
+    for i in order:
+        width = max(longest, lengths[i])
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current, width = [], lengths[i]
+        current.append(i)
+        longest = width
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# shortcut 2: batched per-sample gradients
+class GradientCapture:
+    """Hooks on the trainable linears that hand (inputs, output gradients) of every module to a
+    callback during backward. Inputs at padded positions are zeroed with the attention mask."""
+
+    def __init__(self, modules: list[nn.Linear]):
+        self.modules = modules
+        self.inputs: list[torch.Tensor | None] = [None] * len(modules)
+        self.results: list[torch.Tensor | None] = [None] * len(modules)
+        self.on_backward = None  # callable(index, inputs, out_grads) -> tensor
+        self.token_mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def active(self, on_backward, token_mask: torch.Tensor):
+        self.on_backward, self.token_mask = on_backward, token_mask
+        handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self.modules)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self.inputs = [None] * len(self.modules)
+            self.on_backward = self.token_mask = None
+
+    def _forward_hook(self, index: int):
+        def hook(module, args, output):
+            x = args[0].detach()
+            self.inputs[index] = x * self.token_mask.unsqueeze(-1).to(x.dtype)
+
+            def grad_hook(grad):
+                self.results[index] = self.on_backward(index, self.inputs[index], grad.detach())
+                self.inputs[index] = None  # free activations as soon as they are used
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+
+        return hook
+
+
+@dataclass
+class FeatureBatch:
+    """Per-sample outputs of one batch, rows in input order."""
+
+    feature: torch.Tensor  # (B, d) projected gradient psi(x)
+    norm: torch.Tensor  # (B,) ||g(x)|| before projection
+    objective: torch.Tensor  # (B,) F(x)
+
+
+class FeatureComputer:
+    """Computes psi(x) for batches of tokenized samples with a LoRA-adapted causal LM.
+
+    ``model`` must be a peft model (or any model whose trainable parameters are in nn.Linear
+    modules without bias). It is used in eval mode; the projection is built from ``seed``.
+    """
+
+    def __init__(self, model: nn.Module, projector: str = "kron", dim: int = 8192, seed: int = 0,
+                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                 compute_norm: bool = True):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.compute_norm = compute_norm
+        self.backbone, head = backbone_and_head(model)
+        self.w_sum, self.b_sum = (t.to(self.device) for t in lm_head_column_sum(head))
+        named = trainable_linears(model)
+        self.linears = [m for _, m in named]
+        self.params = [m.weight for m in self.linears]
+        self.shapes = module_shapes(model)
+        self.projector: Projector = make_projector(projector, self.shapes, dim, seed)
+        self.capture = GradientCapture(self.linears)
+
+    @property
+    def dim(self) -> int:
+        return self.projector.dim
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def objective(self, input_ids, attention_mask, score_mask) -> torch.Tensor:
+        """F(x) for a padded batch (differentiable w.r.t. the LoRA parameters)."""
+        with self._autocast():
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return summed_logit_objective(hidden, score_mask, self.w_sum, self.b_sum)
+
+    def features_padded(self, input_ids, attention_mask, score_mask) -> FeatureBatch:
+        """psi, ||g|| and F for one padded batch: one forward, one backward."""
+        norms = torch.zeros(input_ids.shape[0], device=self.device)
+        projector = self.projector
+
+        def on_backward(index, inputs, out_grads):
+            out_grads = out_grads.float()
+            inputs = inputs.float()
+            full = None
+            if self.compute_norm or projector.kind != "kron":
+                full = torch.einsum("bto,bti->boi", out_grads, inputs)  # per-sample dF/dW
+                if self.compute_norm:
+                    norms.add_(full.pow(2).sum(dim=(1, 2)))
+            if projector.kind == "kron":
+                return projector.project_tokens(index, out_grads, inputs)
+            return full
+
+        with self.capture.active(on_backward, attention_mask):
+            objective = self.objective(input_ids, attention_mask, score_mask)
+            torch.autograd.grad(objective.sum(), self.params)
+        parts = list(self.capture.results)
+        self.capture.results = [None] * len(self.linears)
+        if projector.kind == "kron":
+            feature = torch.cat(parts, dim=1)
+        else:
+            feature = projector.project_full(parts)
+        return FeatureBatch(feature.float(), norms.sqrt(), objective.detach().float())
+
+    def features(self, sequences: list[list[int]], score_masks: list[list[int]], max_tokens: int = 8192) -> FeatureBatch:
+        """psi for any number of samples, packed into batches of at most ``max_tokens`` padded
+        tokens; rows come back in input order."""
+        n = len(sequences)
+        feature = torch.zeros(n, self.dim)
+        norm = torch.zeros(n)
+        objective = torch.zeros(n)
+        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+            ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
+            out = self.features_padded(ids, attn, mask)
+            index = torch.as_tensor(batch)
+            feature[index] = out.feature.cpu()
+            norm[index] = out.norm.cpu()
+            objective[index] = out.objective.cpu()
+        return FeatureBatch(feature, norm, objective)
+
+    # -----------------------------------------------------------------------------------------
+    # shortcut 3: exact mean scores by forward-mode JVP
+    def mean_gradient(self, sequences, score_masks, max_tokens: int = 8192) -> list[torch.Tensor]:
+        """g_bar = mean over samples of g(x), per trainable weight (one backward per batch)."""
+        total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+            ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
+            grads = torch.autograd.grad(self.objective(ids, attn, mask).sum(), self.params)
+            for t, g in zip(total, grads):
+                t.add_(g.float())
+        return [t / len(sequences) for t in total]
+
+    def mean_scores_jvp(self, sequences, score_masks, direction: list[torch.Tensor], max_tokens: int = 8192) -> torch.Tensor:
+        """s(x) = <g(x), direction> for every sample, exactly, as the JVP of F along
+        ``direction`` (no per-sample gradients, no projection)."""
+        from torch.func import functional_call, jvp
+
+        by_param = {id(p): d for p, d in zip(self.params, direction)}
+        trainable = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
+        if len(trainable) != len(self.params):
+            raise ValueError("JVP scoring needs every trainable parameter inside the decoder")
+        primals = {n: p.detach() for n, p in trainable.items()}
+        tangents = {n: by_param[id(p)].to(p.device, p.dtype) for n, p in trainable.items()}
+        out = torch.zeros(len(sequences))
+        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+            ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
+
+            def objective_of(p):
+                with self._autocast():
+                    hidden = functional_call(self.backbone, p, kwargs={"input_ids": ids, "attention_mask": attn}, strict=False).last_hidden_state
+                return summed_logit_objective(hidden, mask, self.w_sum, self.b_sum)
+
+            with torch.no_grad(), eager_attention(self.model):
+                _, tangent_out = jvp(objective_of, (primals,), (tangents,))
+            out[torch.as_tensor(batch)] = tangent_out.float().cpu()
+        return out
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Temporarily switch to the eager attention kernel: the fused SDPA kernels have no
+    forward-mode derivative in PyTorch."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(hf.config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(before)
+
+
+def mean_pooled_embeddings(model: nn.Module, sequences: list[list[int]], max_tokens: int = 8192, device="cpu") -> torch.Tensor:
+    """Coarse-stage embedding: mean over tokens of the final hidden states, L2-normalised (N, H)."""
+    backbone, _ = backbone_and_head(model)
+    out = None
+    with torch.no_grad():
+        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+            ones = [[1] * len(sequences[i]) for i in batch]
+            ids, attn, _ = pad_batch([sequences[i] for i in batch], ones, device=device)
+            hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state.float()
+            pooled = (hidden * attn.unsqueeze(-1)).sum(1) / attn.sum(1, keepdim=True)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+            if out is None:
+                out = torch.zeros(len(sequences), pooled.shape[1])
+            out[torch.as_tensor(batch)] = pooled
+    return out

@@ -1,0 +1,219 @@
+"""Seeded random projections of per-sample LoRA gradients.
+
+A projector maps the per-sample gradient g(x) (all LoRA factors, concatenated in module order)
+to psi(x) = Pi g(x) in R^d with E[<Pi a, Pi b>] = <a, b> (Johnson-Lindenstrauss).
+
+Every random sign is derived from ``(seed, name)`` through numpy's SeedSequence and the PCG64
+bit stream, whose outputs numpy guarantees not to change between versions and which do not
+depend on hardware, thread count or device. So the same seed gives the same Pi on a laptop, on
+every GPU worker of a cluster, and next year.
+
+Projectors (chosen by name, see ``make_projector``):
+
+* ``kron`` (default): Kronecker-factored per module (LoGra-style). For a linear factor with
+  weight W (out x in), per-sample gradient G_W = sum_t g_t a_t^T (g_t output gradient, a_t input
+  activation of token t). With Rademacher P_o (k_o x out) and P_i (k_i x in), scaled by
+  1/sqrt(k_o k_i),
+
+      P_o G_W P_i^T = sum_t (P_o g_t)(P_i a_t)^T,
+
+  so both sides are projected per token and the full gradient is never built. The output
+  dimension d is split evenly over modules (d_m = d / n_modules) and each d_m = k_o * k_i is
+  factored with the aspect ratio of W. (P_o (x) P_i) is itself a +-1/sqrt(k) matrix, so
+  inner products are preserved in expectation; its variance is a little higher than a dense
+  projection of the same d (measured in ``benchmarks/``).
+* ``dense``: a dense Rademacher matrix over the flattened gradient, generated block by block
+  (never stored whole); the reference projection of LESS/TRAK. Slow for millions of parameters.
+* ``none``: no projection, psi = g (d = number of LoRA parameters). For small models and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROJECTORS = ("kron", "dense", "none")
+
+
+def rademacher_signs(n: int, seed: int, name: str) -> np.ndarray:
+    """n signs in {-1, +1} (float32) from the stable key (seed, name)."""
+    digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    seq = np.random.SeedSequence([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, *words])
+    raw = np.random.PCG64(seq).random_raw((n + 63) // 64).astype("<u8")
+    bits = np.unpackbits(raw.view(np.uint8), bitorder="little")[:n]
+    return (1.0 - 2.0 * bits).astype(np.float32)
+
+
+def rademacher_matrix(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
+    """A (rows x cols) matrix of +-1 drawn from (seed, name); unscaled."""
+    return torch.from_numpy(rademacher_signs(rows * cols, seed, name).reshape(rows, cols))
+
+
+def factor_dims(d_m: int, out_features: int, in_features: int) -> tuple[int, int]:
+    """Split a module's share d_m into k_o * k_i <= d_m, k_o <= out, k_i <= in, following the
+    module's aspect ratio. A side is kept whole (identity) when its share would exceed it."""
+    if d_m >= out_features * in_features:
+        return out_features, in_features
+    best = None
+    target = math.log(out_features / in_features)
+    for k_o in range(1, min(d_m, out_features) + 1):
+        k_i = min(d_m // k_o, in_features)
+        if k_i < 1:
+            continue
+        key = (-(k_o * k_i), abs(math.log(k_o / k_i) - target))
+        if best is None or key < best[0]:
+            best = (key, (k_o, k_i))
+    return best[1]
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """A trainable linear factor: its stable name and weight shape (out, in)."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+class Projector:
+    """Maps per-module captures to a (B, dim) feature matrix. Subclasses define how."""
+
+    kind = "base"
+
+    def __init__(self, modules: list[ModuleShape], dim: int, seed: int):
+        self.modules = list(modules)
+        self.seed = int(seed)
+        self.requested_dim = int(dim)
+        self.grad_dim = sum(m.numel for m in self.modules)
+
+    def spec(self) -> dict:
+        """What another machine needs to rebuild the same projection."""
+        return {
+            "type": self.kind,
+            "dim": self.dim,
+            "requested_dim": self.requested_dim,
+            "seed": self.seed,
+            "grad_dim": self.grad_dim,
+            "modules": [[m.name, m.out_features, m.in_features] for m in self.modules],
+        }
+
+
+class NoProjector(Projector):
+    """psi = g: the flattened per-sample gradient itself."""
+
+    kind = "none"
+
+    def __init__(self, modules, dim=0, seed=0):
+        super().__init__(modules, dim, seed)
+        self.dim = self.grad_dim
+
+    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """grads: per module (B, out, in) per-sample gradients -> (B, grad_dim)."""
+        return torch.cat([g.flatten(1) for g in grads], dim=1)
+
+
+class DenseProjector(Projector):
+    """psi = R^T g / sqrt(d), R (grad_dim x d) Rademacher, generated in row blocks from
+    (seed, block index) and never held whole. The LESS/TRAK reference projection."""
+
+    kind = "dense"
+    block_rows = 8192
+
+    def __init__(self, modules, dim, seed):
+        super().__init__(modules, dim, seed)
+        self.dim = self.requested_dim
+
+    def block(self, j: int, rows: int) -> torch.Tensor:
+        return rademacher_matrix(rows, self.dim, self.seed, f"dense/{self.dim}/block{j}")
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat: (B, grad_dim) -> (B, d)."""
+        out = torch.zeros(flat.shape[0], self.dim, dtype=torch.float32, device=flat.device)
+        for j, start in enumerate(range(0, self.grad_dim, self.block_rows)):
+            stop = min(start + self.block_rows, self.grad_dim)
+            r = self.block(j, stop - start).to(flat.device)
+            out += flat[:, start:stop].float() @ r
+        return out / math.sqrt(self.dim)
+
+    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        return self.project_flat(torch.cat([g.flatten(1) for g in grads], dim=1))
+
+
+class KronProjector(Projector):
+    """Per module m: psi_m = P_o G_W P_i^T / sqrt(k_o k_i), computed from token-side
+    projections (see module docstring). dim = sum_m k_o k_i (= d unless a module is smaller
+    than its share, in which case it is kept whole)."""
+
+    kind = "kron"
+
+    def __init__(self, modules, dim, seed):
+        super().__init__(modules, dim, seed)
+        n = len(self.modules)
+        if n == 0:
+            raise ValueError("no trainable modules to project")
+        shares = [dim // n + (1 if i < dim % n else 0) for i in range(n)]
+        self.factors = [factor_dims(max(s, 1), m.out_features, m.in_features) for s, m in zip(shares, self.modules)]
+        self.dim = sum(k_o * k_i for k_o, k_i in self.factors)
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def side_matrices(self, index: int, device="cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_o, P_i) for module ``index``, each scaled by 1/sqrt(k); None where the side is
+        kept whole (identity)."""
+        key = (index, str(device))
+        if key not in self._cache:
+            m = self.modules[index]
+            k_o, k_i = self.factors[index]
+            p_o = p_i = None
+            if k_o < m.out_features:  # a side kept whole is the identity
+                p_o = rademacher_matrix(k_o, m.out_features, self.seed, f"kron/{m.name}/out/{k_o}")
+                p_o = (p_o / math.sqrt(k_o)).to(device)
+            if k_i < m.in_features:
+                p_i = rademacher_matrix(k_i, m.in_features, self.seed, f"kron/{m.name}/in/{k_i}")
+                p_i = (p_i / math.sqrt(k_i)).to(device)
+            self._cache[key] = (p_o, p_i)
+        return self._cache[key]
+
+    def project_tokens(self, index: int, out_grads: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """out_grads (B, T, out), inputs (B, T, in) -> (B, k_o * k_i) for module ``index``:
+        sum_t (P_o g_t)(P_i a_t)^T, without forming the (out x in) gradient."""
+        p_o, p_i = self.side_matrices(index, out_grads.device)
+        g = out_grads.float()
+        a = inputs.float()
+        if p_o is not None:
+            g = g @ p_o.T
+        if p_i is not None:
+            a = a @ p_i.T
+        return torch.einsum("bto,bti->boi", g, a).flatten(1)
+
+    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Same map applied to full per-sample gradients (B, out, in): P_o G P_i^T (tests)."""
+        parts = []
+        for index, g in enumerate(grads):
+            p_o, p_i = self.side_matrices(index, g.device)
+            g = g.float()
+            if p_o is not None:
+                g = p_o @ g
+            if p_i is not None:
+                g = g @ p_i.T
+            parts.append(g.flatten(1))
+        return torch.cat(parts, dim=1)
+
+
+def make_projector(kind: str, modules: list[ModuleShape], dim: int, seed: int) -> Projector:
+    """Projector by name: 'kron' (default), 'dense' or 'none'."""
+    if kind == "kron":
+        return KronProjector(modules, dim, seed)
+    if kind == "dense":
+        return DenseProjector(modules, dim, seed)
+    if kind == "none":
+        return NoProjector(modules, dim, seed)
+    raise ValueError(f"unknown projector {kind!r} (choose from {', '.join(PROJECTORS)})")

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random causal LMs for the plain-torch tests, one Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+def build_tiny_lora_model(seed: int = 0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), vocab: int = 97,
+                          lm_head_bias: bool = False):
+    """A random 2-layer Llama with LoRA (B initialised non-zero so every factor has gradient)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    if lm_head_bias:
+        head = torch.nn.Linear(32, vocab, bias=True)
+        head.weight.data.copy_(model.lm_head.weight.data)
+        torch.nn.init.normal_(head.bias, std=0.5)
+        model.lm_head = head
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_tiny_lora_model()
+
+
+def random_samples(n: int, vocab: int = 97, min_len: int = 3, max_len: int = 17, seed: int = 0, response: bool = True):
+    """Token sequences and score masks; with ``response`` only a suffix of positions is scored."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, masks = [], []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        seqs.append(torch.randint(0, vocab, (length,), generator=g).tolist())
+        start = int(torch.randint(0, length - 1, (1,), generator=g)) if response else 0
+        masks.append([0] * start + [1] * (length - start))
+    return seqs, masks
