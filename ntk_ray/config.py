@@ -1,0 +1,58 @@
+"""Typed configuration of a selection run. Every default here is the one ``--help`` shows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+MIN_DOMAIN_ROWS = 4  # fewer usable domain rows than this is an error: the kernel mean is noise
+
+
+@dataclass
+class SelectConfig:
+    # inputs and outputs
+    domain: list[str] = field(default_factory=list)
+    pool: list[str] = field(default_factory=list)
+    budget: int = 0
+    out: str = ""
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    id_column: str = "id"
+    # model
+    model: str | None = None
+    max_length: int = 512
+    on_too_long: str = "truncate"  # or "reject"
+    # warm-up (method.md defaults)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    warmup_epochs: float = 2.0
+    warmup_lr: float = 1e-4
+    warmup: str = "train"  # "train" | "fresh" (B = 0, no training)
+    adapter: str | None = None  # use this adapter instead of warming up
+    # coarse stage
+    coarse_factor: int = 4
+    coarse_k: int | None = None  # neighbours per domain sample; None = budget
+    # NTK stage
+    selector: str = "ntk"  # "ntk" | "random" | "embedding"
+    scorer: str = "cosine"
+    projector: str = "kron"
+    proj_dim: int = 8192
+    seed: int = 0
+    # execution
+    batch_tokens: int = 8192
+    actors: int | None = None
+    ray_address: str | None = None
+    keep_features: bool = False
+
+    def identity(self) -> dict:
+        """The settings that determine the result (not where or how fast it runs)."""
+        d = asdict(self)
+        for k in ("out", "actors", "ray_address", "keep_features", "batch_tokens"):
+            d.pop(k)
+        return d
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]

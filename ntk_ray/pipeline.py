@@ -1,0 +1,570 @@
+"""The selection job on Ray: the thin layer that moves batches to the math and results out.
+
+Stages (each leaves its output under ``OUT/_work/<stage>`` with a ``_SUCCESS`` marker; a rerun
+of the same command with the same config skips finished stages):
+
+  read      Ray Data: files -> ReadAndTokenize actors -> tokens/{domain,pool} Parquet
+  validate  driver, Polars: rejects, duplicate ids, domain/pool id overlap, counts
+  warmup    one Ray task (GPU if any): LoRA fine-tune on the domain set, save the adapter, and
+            compute the (small) domain side: anchor embeddings and anchor NTK features
+  embed     Ray Data: pool tokens -> Embedder actors -> embeddings (skipped when pool <= M)
+  coarse    Ray tasks per embedding shard: per-anchor top-K, merged exactly -> votes -> top M
+  features  Ray Data: candidate tokens -> Featurizer actors -> NTK features Parquet
+  score     Ray tasks per feature shard: kernel scores (and per-anchor top-k for round-robin)
+  write     driver, Polars: ranked / selected / rejects / manifest
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from .config import MIN_DOMAIN_ROWS, SelectConfig
+from .outputs import (empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic,
+                      write_parquet_atomic)
+
+
+class UsageError(ValueError):
+    """Bad input or flags: the CLI prints it as one line and exits with status 2."""
+
+
+class Progress:
+    """Per-stage progress lines and wall times."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.times: dict[str, float] = {}
+        self.started = time.time()
+
+    def log(self, message: str) -> None:
+        print(f"[ntk-ray {time.time() - self.started:7.1f}s] {message}", file=self.stream, flush=True)
+
+    def stage(self, name: str):
+        progress = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.time()
+                progress.log(f"{name}: start")
+                return self
+
+            def __exit__(self, *exc):
+                progress.times[name] = round(time.time() - self.t0, 3)
+                if exc[0] is None:
+                    progress.log(f"{name}: done in {progress.times[name]:.1f}s")
+
+        return _Stage()
+
+
+# -------------------------------------------------------------------------------------------
+# Ray plumbing
+def init_ray(address: str | None, progress: Progress) -> dict:
+    """Join a cluster (``--ray-address`` or RAY_ADDRESS, as inside ``ray job submit``/KubeRay)
+    or start an embedded local Ray sized to this machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        pass
+    elif address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, log_to_driver=False)
+    else:
+        import torch
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        total = _memory_bytes()
+        ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), include_dashboard=False,
+                 object_store_memory=int(min(2 << 30, max(256 << 20, total * 0.15))), log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.wait_for_min_actors_s = 600
+    resources = ray.cluster_resources()
+    progress.log(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
+    return resources
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def actor_plan(resources: dict, requested: int | None) -> dict:
+    """Actor pool size and per-actor resources: one actor per GPU where there are GPUs, else
+    CPU actors that leave a core for reading and writing. An actor never asks for a GPU the
+    cluster does not have (it would wait forever)."""
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    if gpus:
+        size = min(requested or gpus, gpus)
+        return {"size": size, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
+    size = requested or max(1, (cpus - 1) // 2)
+    size = max(1, min(size, cpus))
+    return {"size": size, "num_gpus": 0, "num_cpus": 1, "device": "cpu"}
+
+
+def _stage_done(work: Path, name: str) -> bool:
+    return (work / name / "_SUCCESS").exists()
+
+
+def _mark_done(work: Path, name: str, info: dict | None = None) -> None:
+    (work / name).mkdir(parents=True, exist_ok=True)
+    (work / name / "_SUCCESS").write_text(json.dumps(info or {}, default=str))
+
+
+def _stage_info(work: Path, name: str) -> dict:
+    return json.loads((work / name / "_SUCCESS").read_text() or "{}")
+
+
+def _fresh(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+# -------------------------------------------------------------------------------------------
+# the job
+def prepare_out_dir(cfg: SelectConfig, overwrite: bool) -> Path:
+    """Create OUT; refuse one that holds a run with a different config (unless overwrite).
+    The same config resumes: finished stages are reused."""
+    out = Path(cfg.out)
+    stamp = out / "_work" / "config.json"
+    if out.exists() and any(out.iterdir()):
+        if stamp.exists():
+            previous = json.loads(stamp.read_text())
+            if previous.get("fingerprint") != cfg.fingerprint() and not overwrite:
+                raise UsageError(f"--out {out} holds a run with a different config; pass --overwrite to replace it or choose another --out")
+        elif not overwrite:
+            raise UsageError(f"--out {out} exists and is not an ntk-ray run directory; pass --overwrite or choose another --out")
+        if overwrite and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != cfg.fingerprint()):
+            shutil.rmtree(out)
+    (out / "_work").mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.identity()}, indent=2))
+    return out
+
+
+def check_inputs(cfg: SelectConfig):
+    """Everything that can be checked before work starts: files, columns, flags, model."""
+    from .inputs import Columns, InputError, check_columns, resolve_paths
+    from .models import ModelError, resolve_model
+
+    if cfg.budget < 1:
+        raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
+    if cfg.scorer not in ("mean", "cosine", "max", "round-robin"):
+        raise UsageError(f"--scorer {cfg.scorer!r}: choose mean, cosine, max or round-robin")
+    if cfg.on_too_long not in ("truncate", "reject"):
+        raise UsageError(f"--on-too-long {cfg.on_too_long!r}: choose truncate or reject")
+    if cfg.max_length < 8:
+        raise UsageError(f"--max-length must be at least 8 (got {cfg.max_length})")
+    if cfg.coarse_factor < 1:
+        raise UsageError(f"--coarse-factor must be at least 1 (got {cfg.coarse_factor})")
+    cols = Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
+    try:
+        domain = resolve_paths(cfg.domain, "--domain")
+        pool = resolve_paths(cfg.pool, "--pool")
+        modes = {"domain": check_columns(domain, cols, "--domain"), "pool": check_columns(pool, cols, "--pool")}
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    try:
+        model = resolve_model(cfg.model)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    return cols, {"domain": domain, "pool": pool}, modes, model
+
+
+def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Run the whole selection; returns the manifest (also written to OUT/manifest.json)."""
+    progress = progress or Progress()
+    cols, paths, modes, model_path = check_inputs(cfg)
+    out = prepare_out_dir(cfg, overwrite)
+    work = out / "_work"
+    resources = init_ray(cfg.ray_address, progress)
+    plan = actor_plan(resources, cfg.actors)
+    progress.log(f"actors: {plan['size']} x ({'1 GPU' if plan['num_gpus'] else 'CPU'}); model {model_path}")
+
+    with progress.stage("read"):
+        read_inputs(cfg, cols, paths, modes, model_path, work, resources)
+    with progress.stage("validate"):
+        tables = validate_rows(cfg, work, paths)
+    counts = tables["counts"]
+    progress.log(f"read {counts['pool_rows']} pool rows ({counts['rejected']} rejected), "
+                 f"{counts['domain_rows']} domain rows ({counts['domain_rejected']} rejected)")
+
+    with progress.stage("warmup"):
+        warm = warmup(cfg, model_path, work, plan, tables["usable"]["domain"], progress)
+    with progress.stage("coarse"):
+        coarse = coarse_stage(cfg, model_path, work, plan, tables, warm, progress)
+    with progress.stage("features"):
+        features_stage(cfg, model_path, work, plan, coarse["candidates"], warm)
+    with progress.stage("score"):
+        scored = score_stage(cfg, work, warm, coarse["candidates"])
+    with progress.stage("write"):
+        manifest = write_outputs(cfg, out, tables, coarse, scored, warm, model_path, plan, progress)
+    if not cfg.keep_features:
+        for stage in ("embed", "features"):
+            shutil.rmtree(work / stage, ignore_errors=True)
+            (work / f"{stage}.removed").write_text("removed after the run (no --keep-features)\n")
+    return manifest
+
+
+def read_inputs(cfg, cols, paths, modes, model_path, work, resources) -> None:
+    """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
+    import ray
+
+    from .workers import ReadAndTokenize, ReadSpec
+
+    for role in ("domain", "pool"):
+        name = f"tokens/{role}"
+        if _stage_done(work, name):
+            continue
+        target = _fresh(work / name)
+        spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model_path,
+                        max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+        files = paths[role]
+        size = max(1, min(len(files), int(resources.get("CPU", 1))))
+        ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files))
+        ds = ds.map_batches(ReadAndTokenize, fn_constructor_args=(spec,), batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
+        ds.write_parquet(str(target))
+        _mark_done(work, name)
+
+
+def validate_rows(cfg: SelectConfig, work: Path, paths: dict) -> dict:
+    """Rejects (read/tokenize reasons, duplicate ids, pool ids also in the domain set), the
+    usable rows of each side, and the counts. Nothing here holds token ids."""
+    cols = ["role", "id", "key", "source", "row", "n_tokens", "truncated", "reject"]
+    frames = {}
+    for role in ("domain", "pool"):
+        df = read_parquet_dir(work / f"tokens/{role}", cols)
+        if df.is_empty():
+            df = pl.DataFrame(schema={"role": pl.String, "id": pl.String, "key": pl.Int64, "source": pl.String,
+                                      "row": pl.Int64, "n_tokens": pl.Int64, "truncated": pl.Boolean, "reject": pl.String})
+        order = {p: i for i, p in enumerate(paths[role])}
+        df = df.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order"))
+        df = df.sort(["file_order", "row"])
+        # a later usable row with an id seen before is a duplicate of the first one
+        first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
+                 .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
+        df = df.join(first, on="id", how="left").with_columns(
+            pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
+            .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
+            .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
+        frames[role] = df
+    domain_ids = frames["domain"].filter(pl.col("reject").is_null())["id"]
+    frames["pool"] = frames["pool"].with_columns(
+        pl.when(pl.col("reject").is_null() & pl.col("id").is_in(domain_ids.implode()))
+        .then(pl.lit("id also in the domain set")).otherwise(pl.col("reject")).alias("reject"))
+    usable = {r: f.filter(pl.col("reject").is_null()).drop("reject", "file_order") for r, f in frames.items()}
+    if usable["pool"]["key"].n_unique() != usable["pool"].height:
+        raise RuntimeError("two different pool ids hash to the same 64-bit key; rename one of them")
+    rejects = pl.concat([f.filter(pl.col("reject").is_not_null()) for f in frames.values()])
+    rejects = rejects.select("id", "source", "row", "role", pl.col("reject").alias("reason"))
+    counts = {
+        "pool_rows": frames["pool"].height, "domain_rows": frames["domain"].height,
+        "rejected": frames["pool"]["reject"].is_not_null().sum(),
+        "domain_rejected": frames["domain"]["reject"].is_not_null().sum(),
+        "pool_usable": usable["pool"].height, "domain_usable": usable["domain"].height,
+        "pool_truncated": int(usable["pool"]["truncated"].sum()),
+        "domain_truncated": int(usable["domain"]["truncated"].sum()),
+        "pool_tokens": int(usable["pool"]["n_tokens"].sum()),
+    }
+    if counts["pool_rows"] == 0:
+        raise UsageError(f"--pool: no rows in {', '.join(paths['pool'][:3])}")
+    if counts["domain_usable"] < MIN_DOMAIN_ROWS:
+        raise UsageError(f"--domain: {counts['domain_usable']} usable rows (of {counts['domain_rows']} read); "
+                         f"at least {MIN_DOMAIN_ROWS} are needed (see rejects in the log)")
+    if cfg.budget > counts["pool_rows"]:
+        raise UsageError(f"--budget {cfg.budget} is larger than the pool ({counts['pool_rows']} rows)")
+    return {"usable": usable, "rejects": rejects, "counts": counts}
+
+
+def _tokens(work: Path, role: str, keys: pl.DataFrame) -> tuple[list, list, list, list]:
+    """(ids, input_ids, loss_masks, score_masks) of the rows in ``keys`` (key, source, row),
+    ordered by key; for the small domain side only."""
+    df = read_parquet_dir(work / f"tokens/{role}", ["id", "key", "source", "row", "input_ids", "loss_mask", "score_mask"])
+    df = df.join(keys, on=["key", "source", "row"], how="semi")
+    df = df.sort("key")
+    return (df["id"].to_list(), df["input_ids"].to_list(), df["loss_mask"].to_list(), df["score_mask"].to_list())
+
+
+def warmup(cfg: SelectConfig, model_path: str, work: Path, plan: dict, usable_domain: pl.DataFrame, progress: Progress) -> dict:
+    """One Ray task on an accelerator worker: warm-up LoRA on the domain set, save the adapter,
+    and compute the anchors' embeddings and NTK features with the warmed-up model."""
+    import ray
+
+    stage = work / "warmup"
+    if _stage_done(work, "warmup"):
+        progress.log("warmup: reusing the finished warm-up")
+        return _load_warm(stage)
+    _fresh(stage)
+    ids, seqs, loss_masks, score_masks = _tokens(work, "domain", usable_domain.select("key", "source", "row"))
+    task = ray.remote(_warmup_task).options(num_gpus=plan["num_gpus"], num_cpus=1, max_retries=1)
+    result = ray.get(task.remote(cfg, model_path, str(stage), ids, seqs, loss_masks, score_masks, plan["device"]))
+    for line in result.pop("log"):
+        progress.log("warmup: " + line)
+    np.save(stage / "anchor_embeddings.npy", result.pop("anchor_embeddings"))
+    np.save(stage / "anchor_features.npy", result.pop("anchor_features"))
+    (stage / "info.json").write_text(json.dumps(result, default=str, indent=2))
+    _mark_done(work, "warmup")
+    return _load_warm(stage)
+
+
+def _load_warm(stage: Path) -> dict:
+    info = json.loads((stage / "info.json").read_text())
+    info["anchor_embeddings"] = np.load(stage / "anchor_embeddings.npy")
+    info["anchor_features"] = np.load(stage / "anchor_features.npy")
+    info["adapter_dir"] = str(stage / "adapter")
+    return info
+
+
+def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks, score_masks, device) -> dict:
+    """Runs on the worker. Plain torch from here on."""
+    import torch
+
+    from .features import FeatureComputer, mean_pooled_embeddings
+    from .models import attach_lora, load_adapter, load_model
+    from .training import TrainConfig, train_lora
+
+    torch.manual_seed(cfg.seed)
+    lines: list[str] = []
+    base = load_model(model_path, device=device)
+    if cfg.adapter:
+        model = load_adapter(base, cfg.adapter)
+        history = {"source": cfg.adapter}
+    else:
+        model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
+        if cfg.warmup == "train":
+            tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=min(cfg.batch_tokens, 4096), seed=cfg.seed)
+            history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append)
+        else:
+            history = {"fresh": True}
+    adapter_dir = Path(stage_dir) / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    model.eval()
+    autocast = torch.bfloat16 if device == "cuda" else None
+    embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device).numpy()
+    computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device, autocast_dtype=autocast)
+    feats = computer.features(seqs, score_masks, cfg.batch_tokens)
+    finite = np.isfinite(feats.feature.numpy()).all(axis=1)
+    if not finite.all():
+        bad = [ids[i] for i in np.nonzero(~finite)[0][:5]]
+        raise ValueError(f"--domain: non-finite gradients for {len(bad)} rows, e.g. {bad}")
+    return {"log": lines, "history": history, "anchor_ids": ids, "anchor_embeddings": embeddings,
+            "anchor_features": feats.feature.numpy(), "anchor_norms": feats.norm.numpy().tolist(),
+            "projector": computer.projector.spec() | {"modules": len(computer.shapes)},
+            "lora_parameters": computer.projector.grad_dim}
+
+
+def _usable_pool_dataset(work: Path, usable_keys: pl.DataFrame):
+    """Ray Dataset of usable pool token rows restricted to ``usable_keys`` (key, source, row)."""
+    import ray
+
+    keys_ref = ray.put(usable_keys.select("key", "source", "row").to_arrow())
+    ds = ray.data.read_parquet(str(work / "tokens/pool"), columns=["id", "key", "source", "row", "input_ids", "score_mask"])
+    return ds.map_batches(_KeepRows, fn_constructor_args=(keys_ref,), batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+
+
+class _KeepRows:
+    """Keeps the rows whose (key, source, row) is in the broadcast table."""
+
+    def __init__(self, keys_ref):
+        import ray
+
+        keys = ray.get(keys_ref) if not hasattr(keys_ref, "num_rows") else keys_ref
+        self.keep = set(zip(keys.column("key").to_pylist(), keys.column("source").to_pylist(), keys.column("row").to_pylist()))
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = zip(batch.column("key").to_pylist(), batch.column("source").to_pylist(), batch.column("row").to_pylist())
+        mask = pa.array([r in self.keep for r in rows])
+        return batch.filter(mask)
+
+
+def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
+    """Reverse-kNN votes on embeddings; candidates = top M = coarse_factor * budget."""
+    import ray
+
+    from .coarse import coarse_order, votes
+    from .workers import Embedder
+
+    pool = tables["usable"]["pool"].select("id", "key", "source", "row")
+    m = cfg.coarse_factor * cfg.budget
+    if pool.height <= m:
+        progress.log(f"coarse: skipped ({pool.height} usable pool rows <= M = {m})")
+        cand = pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
+        return {"candidates": cand, "cut": cand.head(0), "skipped": True, "M": m}
+    emb_dir = work / "embed"
+    if not _stage_done(work, "embed"):
+        _fresh(emb_dir)
+        ds = _usable_pool_dataset(work, pool)
+        ds = ds.map_batches(Embedder, fn_constructor_args=(model_path, warm["adapter_dir"], cfg.batch_tokens, plan["device"]),
+                            batch_size=256, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["size"]),
+                            num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"])
+        ds.write_parquet(str(emb_dir))
+        _mark_done(work, "embed")
+    k = min(cfg.coarse_k or cfg.budget, pool.height)
+    anchors_ref = ray.put(warm["anchor_embeddings"])
+    files = sorted(str(p) for p in emb_dir.rglob("*.parquet"))
+    topk = merge_topk_tasks(files, anchors_ref, k, "embedding", n_anchors=len(warm["anchor_embeddings"]))
+    ordered = coarse_order(pool, votes(topk))
+    progress.log(f"coarse: {pool.height} -> {m} candidates by kNN votes (K = {k} per domain sample)")
+    return {"candidates": ordered.head(m), "cut": ordered.slice(m), "skipped": False, "M": m, "K": k}
+
+
+def _topk_of_file(path: str, anchors, k: int, column: str, unit: bool):
+    from .scoring import AnchorTopK
+
+    table = pq.read_table(path, columns=["key", column])
+    x = np.asarray(table.column(column).combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+    if unit:
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.where(norm > 0, norm, 1)
+    keys = table.column("key").to_numpy()
+    return AnchorTopK(anchors.shape[0], k).update(anchors @ x.T, keys)
+
+
+def merge_topk_tasks(files, anchors_ref, k, column, n_anchors, unit=False, max_in_flight=8):
+    """Per-anchor top-k over shards as Ray tasks, merged on the driver as they finish (bounded
+    number in flight). Exact: the merge equals one full sort (``scoring.AnchorTopK``)."""
+    import ray
+
+    from .scoring import AnchorTopK
+
+    task = ray.remote(_topk_of_file)
+    merged = AnchorTopK(n_anchors, k)
+    pending = []
+    for path in files:
+        pending.append(task.remote(path, anchors_ref, k, column, unit))
+        if len(pending) >= max_in_flight:
+            done, pending = ray.wait(pending, num_returns=1)
+            merged.merge(ray.get(done[0]))
+    for ref in pending:
+        merged.merge(ray.get(ref))
+    return merged
+
+
+def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: dict) -> None:
+    """Ray Data: candidate token rows -> Featurizer actors -> features/ Parquet."""
+    import ray
+
+    from .workers import Featurizer
+
+    if _stage_done(work, "features"):
+        return
+    target = _fresh(work / "features")
+    ds = _usable_pool_dataset(work, candidates)
+    ds = ds.map_batches(Featurizer, fn_constructor_args=(model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed,
+                                                         cfg.batch_tokens, plan["device"]),
+                        batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["size"]),
+                        num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"])
+    ds.write_parquet(str(target))
+    _mark_done(work, "features")
+
+
+def _score_file(path: str, anchors, scorer: str):
+    from .scoring import AnchorKernel
+
+    table = pq.read_table(path, columns=["id", "key", "feature", "reject"])
+    x = np.asarray(table.column("feature").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+    scores = AnchorKernel(anchors).score(x, scorer)
+    return {"key": table.column("key").to_numpy(), "score": scores, "reject": table.column("reject").to_pylist()}
+
+
+def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
+    """Kernel scores for every candidate (Ray tasks over feature shards), and for round-robin
+    the per-anchor top-budget lists."""
+    import ray
+
+    files = sorted(str(p) for p in (work / "features").rglob("*.parquet"))
+    anchors = warm["anchor_features"].astype(np.float32)
+    anchors_ref = ray.put(anchors)
+    task = ray.remote(_score_file)
+    parts = ray.get([task.remote(f, anchors_ref, cfg.scorer) for f in files])
+    scores = pl.DataFrame({
+        "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
+        "score": np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0),
+        "reject": [r for p in parts for r in p["reject"]],
+    })
+    result = {"scores": scores}
+    if cfg.scorer == "round-robin":
+        from .scoring import round_robin_order
+
+        topk = merge_topk_tasks(files, ray.put(_unit(anchors)), min(cfg.budget, len(scores)), "feature",
+                                n_anchors=len(anchors), unit=True)
+        order = round_robin_order(topk, cfg.budget)
+        result["order"] = pl.DataFrame({"key": np.asarray(order, dtype=np.int64), "order": np.arange(len(order), dtype=np.int64)})
+    return result
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1)
+
+
+def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan, progress) -> dict:
+    """ranked / selected / rejects / manifest, each atomically."""
+    from . import __version__
+    from .inputs import read_original_rows
+    from .models import model_identity
+
+    scores = scored["scores"]
+    cand = coarse["candidates"].join(scores, on="key", how="left")
+    missing = cand.filter(pl.col("score").is_null() & pl.col("reject").is_null())
+    if missing.height:
+        raise RuntimeError(f"{missing.height} candidates came back from the feature stage without a score")
+    bad = cand.filter(pl.col("reject").is_not_null())
+    ntk = cand.filter(pl.col("reject").is_null()).drop("reject")
+    if "order" in scored:
+        ntk = ntk.join(scored["order"], on="key", how="left")
+    ranked = rank_rows(ntk, coarse["cut"], cfg.budget)
+    rejects = pl.concat([
+        tables["rejects"],
+        bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason")),
+    ]) if tables["rejects"].height or bad.height else empty_rejects()
+    counts = dict(tables["counts"])
+    counts["rejected"] = int(rejects.filter(pl.col("role") == "pool").height)
+    counts["ranked"] = ranked.height
+    counts["selected"] = int(ranked["selected"].sum())
+    if counts["pool_rows"] != counts["ranked"] + counts["rejected"]:
+        raise RuntimeError(f"row accounting failed: {counts}")
+    if counts["selected"] < cfg.budget:
+        progress.log(f"warning: only {counts['selected']} usable pool rows for a budget of {cfg.budget}: all are selected")
+    write_parquet_atomic(ranked, out / "ranked.parquet")
+    write_parquet_atomic(selected_rows(ranked, read_original_rows), out / "selected.parquet")
+    write_parquet_atomic(rejects.cast({"row": pl.Int64}), out / "rejects.parquet")
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("ntk-ray", "ray", "torch", "transformers", "peft", "polars", "pyarrow", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = __version__ if pkg == "ntk-ray" else None
+    manifest = {
+        "counts": counts,
+        "config": asdict(cfg),
+        "model": model_identity(cfg.model) | {"resolved": model_path},
+        "adapter": {"path": str(out / "_work/warmup/adapter"), "warmup": warm.get("history"),
+                    "lora_parameters": warm.get("lora_parameters")},
+        "projector": warm.get("projector"),
+        "coarse": {k: v for k, v in coarse.items() if k in ("skipped", "M", "K")},
+        "actors": plan,
+        "stage_seconds": progress.times,
+        "versions": versions,
+    }
+    manifest["stage_seconds"]["write"] = round(time.time() - progress.started - sum(progress.times.values()), 3)
+    write_json_atomic(manifest, out / "manifest.json")
+    return manifest

@@ -1,0 +1,171 @@
+"""Batch callables that Ray Data runs in its workers: read+tokenize, embed, NTK features.
+
+Each is a plain class (load once in ``__init__``, one pyarrow Table in, one out) that knows
+nothing about Ray, so tests call ``Cls(...)(table)`` directly. ``pipeline.py`` hands them to
+``map_batches`` on actor pools.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .scoring import stable_keys
+
+TOKENS_SCHEMA = pa.schema([
+    ("role", pa.string()), ("id", pa.string()), ("key", pa.int64()), ("source", pa.string()),
+    ("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
+    ("score_mask", pa.list_(pa.int8())), ("n_tokens", pa.int64()), ("truncated", pa.bool_()),
+    ("reject", pa.string()),
+])
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, d) float array -> Arrow fixed_size_list<float32>[d] (Polars reads it as Array)."""
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+@dataclass
+class ReadSpec:
+    role: str  # "domain" | "pool"
+    mode: str  # "text" | "prompt_response"
+    columns: object  # inputs.Columns
+    model: str | None
+    max_length: int
+    on_too_long: str
+
+
+class ReadAndTokenize:
+    """Reads whole input files (a batch of paths) and tokenizes their rows. Every row read comes
+    out, usable or with a ``reject`` reason."""
+
+    def __init__(self, spec: ReadSpec, chunk_rows: int = 2048):
+        from .models import load_tokenizer
+
+        self.spec = spec
+        self.chunk_rows = chunk_rows
+        self.tokenizer = load_tokenizer(spec.model)
+
+    def __call__(self, batch: pa.Table):
+        from .inputs import read_file_rows
+
+        for path in batch.column("path").to_pylist():
+            for chunk in read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows):
+                yield self.tokenize(chunk)
+
+    def tokenize(self, chunk: pa.Table) -> pa.Table:
+        from .tokenize import tokenize_batch
+
+        n = chunk.num_rows
+        reject = chunk.column("reject").to_pylist()
+        usable = [i for i in range(n) if reject[i] is None]
+        ids = [[] for _ in range(n)]
+        loss = [[] for _ in range(n)]
+        score = [[] for _ in range(n)]
+        n_tokens = [0] * n
+        truncated = [False] * n
+        if usable:
+            if self.spec.mode == "text":
+                texts = chunk.column("text").to_pylist()
+                tok = tokenize_batch(self.tokenizer, texts=[texts[i] for i in usable],
+                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
+            else:
+                prompts, responses = chunk.column("prompt").to_pylist(), chunk.column("response").to_pylist()
+                tok = tokenize_batch(self.tokenizer, prompts=[prompts[i] for i in usable],
+                                     responses=[responses[i] for i in usable],
+                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
+            for j, i in enumerate(usable):
+                ids[i], loss[i], score[i] = tok.input_ids[j], tok.loss_mask[j], tok.score_mask[j]
+                n_tokens[i], truncated[i] = tok.n_tokens[j], tok.truncated[j]
+                if tok.reject[j] is not None:
+                    reject[i] = tok.reject[j]
+                    ids[i], loss[i], score[i] = [], [], []
+        id_list = chunk.column("id").to_pylist()
+        return pa.table({
+            "role": pa.array([self.spec.role] * n, pa.string()),
+            "id": pa.array(id_list, pa.string()),
+            "key": pa.array(stable_keys(id_list), pa.int64()),
+            "source": chunk.column("source").cast(pa.string()),
+            "row": chunk.column("row").cast(pa.int64()),
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "loss_mask": pa.array(loss, pa.list_(pa.int8())),
+            "score_mask": pa.array(score, pa.list_(pa.int8())),
+            "n_tokens": pa.array(n_tokens, pa.int64()),
+            "truncated": pa.array(truncated, pa.bool_()),
+            "reject": pa.array(reject, pa.string()),
+        }, schema=TOKENS_SCHEMA)
+
+
+def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, lora: dict | None = None):
+    """The base model with the warmed-up adapter (trainable, so gradients reach LoRA)."""
+    from .models import attach_lora, load_adapter, load_model
+
+    base = load_model(model, device=device)
+    if adapter_dir:
+        return load_adapter(base, adapter_dir).to(device)
+    return attach_lora(base, **(lora or {})).to(device)
+
+
+def _threads():
+    n = int(os.environ.get("NTK_RAY_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+class Embedder:
+    """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised."""
+
+    def __init__(self, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192, device: str | None = None):
+        _threads()
+        self.device = device or pick_device()
+        self.model = load_adapted_model(model, adapter_dir, self.device).eval()
+        self.batch_tokens = batch_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .features import mean_pooled_embeddings
+
+        seqs = batch.column("input_ids").to_pylist()
+        emb = mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device).numpy()
+        return pa.table({"id": batch.column("id"), "key": batch.column("key"), "embedding": fixed_size_list(emb)})
+
+
+class Featurizer:
+    """NTK features psi(x) (``features.FeatureComputer``) for batches of tokenized rows. A row
+    whose gradient is not finite gets a ``reject`` reason and a zero feature instead of poisoning
+    the ranking."""
+
+    def __init__(self, model: str | None, adapter_dir: str | None, projector: str, dim: int, seed: int,
+                 batch_tokens: int = 8192, device: str | None = None):
+        from .features import FeatureComputer
+
+        _threads()
+        self.device = device or pick_device()
+        adapted = load_adapted_model(model, adapter_dir, self.device)
+        autocast = torch.bfloat16 if self.device == "cuda" else None
+        self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device,
+                                        autocast_dtype=autocast)
+        self.batch_tokens = batch_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        seqs = batch.column("input_ids").to_pylist()
+        masks = batch.column("score_mask").to_pylist()
+        out = self.computer.features(seqs, masks, self.batch_tokens)
+        feature = out.feature.numpy()
+        finite = np.isfinite(feature).all(axis=1) & np.isfinite(out.norm.numpy())
+        feature[~finite] = 0.0
+        reject = [None if ok else "non-finite gradient (NaN/inf)" for ok in finite]
+        return pa.table({
+            "id": batch.column("id"), "key": batch.column("key"),
+            "feature": fixed_size_list(feature),
+            "norm": pa.array(out.norm.numpy().astype(np.float32)),
+            "reject": pa.array(reject, pa.string()),
+        })
