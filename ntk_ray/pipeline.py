@@ -110,7 +110,7 @@ def actor_plan(resources: dict, requested: int | None) -> dict:
         return {"size": size, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
     size = requested or max(1, (cpus - 1) // 2)
     size = max(1, min(size, cpus))
-    return {"size": size, "num_gpus": 0, "num_cpus": 1, "device": "cpu"}
+    return {"size": size, "num_gpus": 0, "num_cpus": 1, "device": "cpu", "threads": max(1, cpus // size)}
 
 
 def _stage_done(work: Path, name: str) -> bool:
@@ -232,7 +232,7 @@ def read_inputs(cfg, cols, paths, modes, model_path, work, resources) -> None:
         spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model_path,
                         max_length=cfg.max_length, on_too_long=cfg.on_too_long)
         files = paths[role]
-        size = max(1, min(len(files), int(resources.get("CPU", 1))))
+        size = max(1, min(len(files), int(resources.get("CPU", 1)) - 1))  # a CPU stays free for the writes
         ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files))
         ds = ds.map_batches(ReadAndTokenize, fn_constructor_args=(spec,), batch_size=1, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
@@ -309,7 +309,9 @@ def warmup(cfg: SelectConfig, model_path: str, work: Path, plan: dict, usable_do
         return _load_warm(stage)
     _fresh(stage)
     ids, seqs, loss_masks, score_masks = _tokens(work, "domain", usable_domain.select("key", "source", "row"))
-    task = ray.remote(_warmup_task).options(num_gpus=plan["num_gpus"], num_cpus=1, max_retries=1)
+    env = {"NTK_RAY_THREADS": str(plan["threads"])} if plan.get("threads") else {}
+    task = ray.remote(_warmup_task).options(num_gpus=plan["num_gpus"], num_cpus=1, max_retries=1,
+                                            runtime_env={"env_vars": env})
     result = ray.get(task.remote(cfg, model_path, str(stage), ids, seqs, loss_masks, score_masks, plan["device"]))
     for line in result.pop("log"):
         progress.log("warmup: " + line)
@@ -336,6 +338,9 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
     from .models import attach_lora, load_adapter, load_model
     from .training import TrainConfig, train_lora
 
+    from .workers import _threads
+
+    _threads()
     torch.manual_seed(cfg.seed)
     lines: list[str] = []
     base = load_model(model_path, device=device)
@@ -366,31 +371,19 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
             "lora_parameters": computer.projector.grad_dim}
 
 
-def _usable_pool_dataset(work: Path, usable_keys: pl.DataFrame):
-    """Ray Dataset of usable pool token rows restricted to ``usable_keys`` (key, source, row)."""
+def model_map(work: Path, keep_rows: pl.DataFrame, actor_cls, args: tuple, plan: dict):
+    """Ray Data: the pool's token shards -> ``actor_cls`` actors (restricted to ``keep_rows``:
+    key, source, row) -> the dataset of their outputs. The shards are read inside the actors,
+    so no separate read tasks compete with the model actors for CPUs."""
     import ray
 
-    keys_ref = ray.put(usable_keys.select("key", "source", "row").to_arrow())
-    ds = ray.data.read_parquet(str(work / "tokens/pool"), columns=["id", "key", "source", "row", "input_ids", "score_mask"])
-    return ds.map_batches(_KeepRows, fn_constructor_args=(keys_ref,), batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
-
-
-class _KeepRows:
-    """Keeps the rows whose (key, source, row) is in the broadcast table."""
-
-    def __init__(self, keys_ref):
-        import ray
-
-        keys = ray.get(keys_ref) if not hasattr(keys_ref, "num_rows") else keys_ref
-        self.keep = set(zip(keys.column("key").to_pylist(), keys.column("source").to_pylist(), keys.column("row").to_pylist()))
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        rows = zip(batch.column("key").to_pylist(), batch.column("source").to_pylist(), batch.column("row").to_pylist())
-        mask = pa.array([r in self.keep for r in rows])
-        return batch.filter(mask)
+    shards = sorted(str(p) for p in (work / "tokens/pool").rglob("*.parquet"))
+    keep_ref = ray.put(keep_rows.select("key", "source", "row").to_arrow())
+    ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=max(1, len(shards)))
+    env = {"NTK_RAY_THREADS": str(plan["threads"])} if plan.get("threads") else {}
+    return ds.map_batches(actor_cls, fn_constructor_args=(keep_ref, *args), batch_size=1, batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_gpus=plan["num_gpus"],
+                          num_cpus=plan["num_cpus"], runtime_env={"env_vars": env})
 
 
 def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
@@ -409,10 +402,7 @@ def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
     emb_dir = work / "embed"
     if not _stage_done(work, "embed"):
         _fresh(emb_dir)
-        ds = _usable_pool_dataset(work, pool)
-        ds = ds.map_batches(Embedder, fn_constructor_args=(model_path, warm["adapter_dir"], cfg.batch_tokens, plan["device"]),
-                            batch_size=256, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["size"]),
-                            num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"])
+        ds = model_map(work, pool, Embedder, (model_path, warm["adapter_dir"], cfg.batch_tokens, plan["device"]), plan)
         ds.write_parquet(str(emb_dir))
         _mark_done(work, "embed")
     k = min(cfg.coarse_k or cfg.budget, pool.height)
@@ -465,11 +455,8 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
     if _stage_done(work, "features"):
         return
     target = _fresh(work / "features")
-    ds = _usable_pool_dataset(work, candidates)
-    ds = ds.map_batches(Featurizer, fn_constructor_args=(model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed,
-                                                         cfg.batch_tokens, plan["device"]),
-                        batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=plan["size"]),
-                        num_gpus=plan["num_gpus"], num_cpus=plan["num_cpus"])
+    ds = model_map(work, candidates, Featurizer, (model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed,
+                                                  cfg.batch_tokens, plan["device"]), plan)
     ds.write_parquet(str(target))
     _mark_done(work, "features")
 

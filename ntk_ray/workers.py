@@ -115,22 +115,60 @@ def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, 
     return attach_lora(base, **(lora or {})).to(device)
 
 
+def read_shard(path: str, columns: list[str], keep) -> pa.Table:
+    """Rows of one tokens shard whose (key, source, row) is in ``keep`` (a set)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=columns)
+    rows = zip(table.column("key").to_pylist(), table.column("source").to_pylist(), table.column("row").to_pylist())
+    return table.filter(pa.array([r in keep for r in rows], pa.bool_()))
+
+
+def _keep_set(keep) -> set:
+    """The broadcast (key, source, row) table -> a set; accepts an ObjectRef (resolved here,
+    since Ray Data does not resolve refs inside constructor arguments) or a table."""
+    if not hasattr(keep, "num_rows"):
+        import ray
+
+        keep = ray.get(keep)
+    return set(zip(keep.column("key").to_pylist(), keep.column("source").to_pylist(), keep.column("row").to_pylist()))
+
+
+class ShardMapper:
+    """Base of the model actors: a batch of shard paths in, computed tables out (one per shard),
+    restricted to the rows in the broadcast keep-set. ``process`` does the work on a table."""
+
+    columns = ["id", "key", "source", "row", "input_ids", "score_mask"]
+
+    def __call__(self, batch: pa.Table):
+        for path in batch.column("path").to_pylist():
+            table = read_shard(path, self.columns, self.keep)
+            if table.num_rows:
+                yield self.process(table)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
 def _threads():
+    """Torch threads in a CPU actor: Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which
+    would leave the other cores idle; NTK_RAY_THREADS (set by the pipeline) says how many."""
     n = int(os.environ.get("NTK_RAY_THREADS", "0") or 0)
     if n > 0:
         torch.set_num_threads(n)
 
 
-class Embedder:
+class Embedder(ShardMapper):
     """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised."""
 
-    def __init__(self, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192, device: str | None = None):
+    def __init__(self, keep, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192, device: str | None = None):
         _threads()
+        self.keep = _keep_set(keep)
         self.device = device or pick_device()
         self.model = load_adapted_model(model, adapter_dir, self.device).eval()
         self.batch_tokens = batch_tokens
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         from .features import mean_pooled_embeddings
 
         seqs = batch.column("input_ids").to_pylist()
@@ -138,16 +176,17 @@ class Embedder:
         return pa.table({"id": batch.column("id"), "key": batch.column("key"), "embedding": fixed_size_list(emb)})
 
 
-class Featurizer:
+class Featurizer(ShardMapper):
     """NTK features psi(x) (``features.FeatureComputer``) for batches of tokenized rows. A row
     whose gradient is not finite gets a ``reject`` reason and a zero feature instead of poisoning
     the ranking."""
 
-    def __init__(self, model: str | None, adapter_dir: str | None, projector: str, dim: int, seed: int,
+    def __init__(self, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int, seed: int,
                  batch_tokens: int = 8192, device: str | None = None):
         from .features import FeatureComputer
 
         _threads()
+        self.keep = _keep_set(keep)
         self.device = device or pick_device()
         adapted = load_adapted_model(model, adapter_dir, self.device)
         autocast = torch.bfloat16 if self.device == "cuda" else None
@@ -155,7 +194,7 @@ class Featurizer:
                                         autocast_dtype=autocast)
         self.batch_tokens = batch_tokens
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         seqs = batch.column("input_ids").to_pylist()
         masks = batch.column("score_mask").to_pylist()
         out = self.computer.features(seqs, masks, self.batch_tokens)
