@@ -28,13 +28,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from .config import MIN_DOMAIN_ROWS, SelectConfig
+from .accounting import UsageError, account_rows
+from .config import SelectConfig
+from .sharded import merge_topk_tasks, score_shards, unit_rows
 from .outputs import (empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic,
                       write_parquet_atomic)
-
-
-class UsageError(ValueError):
-    """Bad input or flags: the CLI prints it as one line and exits with status 2."""
 
 
 class Progress:
@@ -244,49 +242,8 @@ def validate_rows(cfg: SelectConfig, work: Path, paths: dict) -> dict:
     """Rejects (read/tokenize reasons, duplicate ids, pool ids also in the domain set), the
     usable rows of each side, and the counts. Nothing here holds token ids."""
     cols = ["role", "id", "key", "source", "row", "n_tokens", "truncated", "reject"]
-    frames = {}
-    for role in ("domain", "pool"):
-        df = read_parquet_dir(work / f"tokens/{role}", cols)
-        if df.is_empty():
-            df = pl.DataFrame(schema={"role": pl.String, "id": pl.String, "key": pl.Int64, "source": pl.String,
-                                      "row": pl.Int64, "n_tokens": pl.Int64, "truncated": pl.Boolean, "reject": pl.String})
-        order = {p: i for i, p in enumerate(paths[role])}
-        df = df.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order"))
-        df = df.sort(["file_order", "row"])
-        # a later usable row with an id seen before is a duplicate of the first one
-        first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
-                 .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
-        df = df.join(first, on="id", how="left").with_columns(
-            pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
-            .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
-            .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
-        frames[role] = df
-    domain_ids = frames["domain"].filter(pl.col("reject").is_null())["id"]
-    frames["pool"] = frames["pool"].with_columns(
-        pl.when(pl.col("reject").is_null() & pl.col("id").is_in(domain_ids.implode()))
-        .then(pl.lit("id also in the domain set")).otherwise(pl.col("reject")).alias("reject"))
-    usable = {r: f.filter(pl.col("reject").is_null()).drop("reject", "file_order") for r, f in frames.items()}
-    if usable["pool"]["key"].n_unique() != usable["pool"].height:
-        raise RuntimeError("two different pool ids hash to the same 64-bit key; rename one of them")
-    rejects = pl.concat([f.filter(pl.col("reject").is_not_null()) for f in frames.values()])
-    rejects = rejects.select("id", "source", "row", "role", pl.col("reject").alias("reason"))
-    counts = {
-        "pool_rows": frames["pool"].height, "domain_rows": frames["domain"].height,
-        "rejected": frames["pool"]["reject"].is_not_null().sum(),
-        "domain_rejected": frames["domain"]["reject"].is_not_null().sum(),
-        "pool_usable": usable["pool"].height, "domain_usable": usable["domain"].height,
-        "pool_truncated": int(usable["pool"]["truncated"].sum()),
-        "domain_truncated": int(usable["domain"]["truncated"].sum()),
-        "pool_tokens": int(usable["pool"]["n_tokens"].sum()),
-    }
-    if counts["pool_rows"] == 0:
-        raise UsageError(f"--pool: no rows in {', '.join(paths['pool'][:3])}")
-    if counts["domain_usable"] < MIN_DOMAIN_ROWS:
-        raise UsageError(f"--domain: {counts['domain_usable']} usable rows (of {counts['domain_rows']} read); "
-                         f"at least {MIN_DOMAIN_ROWS} are needed (see rejects in the log)")
-    if cfg.budget > counts["pool_rows"]:
-        raise UsageError(f"--budget {cfg.budget} is larger than the pool ({counts['pool_rows']} rows)")
-    return {"usable": usable, "rejects": rejects, "counts": counts}
+    frames = {role: read_parquet_dir(work / f"tokens/{role}", cols) for role in ("domain", "pool")}
+    return account_rows(frames, paths, cfg.budget)
 
 
 def _tokens(work: Path, role: str, keys: pl.DataFrame) -> tuple[list, list, list, list]:
@@ -414,38 +371,6 @@ def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
     return {"candidates": ordered.head(m), "cut": ordered.slice(m), "skipped": False, "M": m, "K": k}
 
 
-def _topk_of_file(path: str, anchors, k: int, column: str, unit: bool):
-    from .scoring import AnchorTopK
-
-    table = pq.read_table(path, columns=["key", column])
-    x = np.asarray(table.column(column).combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
-    if unit:
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.where(norm > 0, norm, 1)
-    keys = table.column("key").to_numpy()
-    return AnchorTopK(anchors.shape[0], k).update(anchors @ x.T, keys)
-
-
-def merge_topk_tasks(files, anchors_ref, k, column, n_anchors, unit=False, max_in_flight=8):
-    """Per-anchor top-k over shards as Ray tasks, merged on the driver as they finish (bounded
-    number in flight). Exact: the merge equals one full sort (``scoring.AnchorTopK``)."""
-    import ray
-
-    from .scoring import AnchorTopK
-
-    task = ray.remote(_topk_of_file)
-    merged = AnchorTopK(n_anchors, k)
-    pending = []
-    for path in files:
-        pending.append(task.remote(path, anchors_ref, k, column, unit))
-        if len(pending) >= max_in_flight:
-            done, pending = ray.wait(pending, num_returns=1)
-            merged.merge(ray.get(done[0]))
-    for ref in pending:
-        merged.merge(ray.get(ref))
-    return merged
-
-
 def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: dict) -> None:
     """Ray Data: candidate token rows -> Featurizer actors -> features/ Parquet."""
     import ray
@@ -461,15 +386,6 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
     _mark_done(work, "features")
 
 
-def _score_file(path: str, anchors, scorer: str):
-    from .scoring import AnchorKernel
-
-    table = pq.read_table(path, columns=["id", "key", "feature", "reject"])
-    x = np.asarray(table.column("feature").combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
-    scores = AnchorKernel(anchors).score(x, scorer)
-    return {"key": table.column("key").to_numpy(), "score": scores, "reject": table.column("reject").to_pylist()}
-
-
 def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
     """Kernel scores for every candidate (Ray tasks over feature shards), and for round-robin
     the per-anchor top-budget lists."""
@@ -478,8 +394,7 @@ def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
     files = sorted(str(p) for p in (work / "features").rglob("*.parquet"))
     anchors = warm["anchor_features"].astype(np.float32)
     anchors_ref = ray.put(anchors)
-    task = ray.remote(_score_file)
-    parts = ray.get([task.remote(f, anchors_ref, cfg.scorer) for f in files])
+    parts = score_shards(files, anchors_ref, cfg.scorer)
     scores = pl.DataFrame({
         "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
         "score": np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0),
@@ -489,16 +404,11 @@ def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
     if cfg.scorer == "round-robin":
         from .scoring import round_robin_order
 
-        topk = merge_topk_tasks(files, ray.put(_unit(anchors)), min(cfg.budget, len(scores)), "feature",
+        topk = merge_topk_tasks(files, ray.put(unit_rows(anchors)), min(cfg.budget, len(scores)), "feature",
                                 n_anchors=len(anchors), unit=True)
         order = round_robin_order(topk, cfg.budget)
         result["order"] = pl.DataFrame({"key": np.asarray(order, dtype=np.int64), "order": np.arange(len(order), dtype=np.int64)})
     return result
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1)
 
 
 def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan, progress) -> dict:

@@ -1,0 +1,70 @@
+"""Row bookkeeping after reading: rejects, duplicates, overlap, counts (Polars, no Ray).
+
+Nothing is lost: every row read is either usable (and will be ranked) or a reject with a
+reason; ``pipeline.write_outputs`` checks ``pool_rows == ranked + rejected`` at the end.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from .config import MIN_DOMAIN_ROWS
+
+
+class UsageError(ValueError):
+    """Bad input or flags: the CLI prints it as one line and exits with status 2."""
+
+
+TOKEN_META_SCHEMA = {"role": pl.String, "id": pl.String, "key": pl.Int64, "source": pl.String, "row": pl.Int64,
+                     "n_tokens": pl.Int64, "truncated": pl.Boolean, "reject": pl.String}
+
+
+def account_rows(frames: dict[str, pl.DataFrame], paths: dict[str, list[str]], budget: int) -> dict:
+    """Pure bookkeeping over the tokenized rows' metadata (``TOKEN_META_SCHEMA`` per role):
+    marks duplicates (a later usable row with an id seen before, in file order then row order)
+    and pool ids that are also domain ids as rejects, checks the counts, and returns
+    {"usable": {role: frame}, "rejects": frame, "counts": dict}."""
+    frames = dict(frames)
+    for role in ("domain", "pool"):
+        df = frames[role]
+        if df.is_empty():
+            df = pl.DataFrame(schema=TOKEN_META_SCHEMA)
+        order = {p: i for i, p in enumerate(paths[role])}
+        df = df.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order"))
+        df = df.sort(["file_order", "row"])
+        # a later usable row with an id seen before is a duplicate of the first one
+        first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
+                 .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
+        df = df.join(first, on="id", how="left").with_columns(
+            pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
+            .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
+            .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
+        frames[role] = df
+    domain_ids = frames["domain"].filter(pl.col("reject").is_null())["id"]
+    frames["pool"] = frames["pool"].with_columns(
+        pl.when(pl.col("reject").is_null() & pl.col("id").is_in(domain_ids.implode()))
+        .then(pl.lit("id also in the domain set")).otherwise(pl.col("reject")).alias("reject"))
+    usable = {r: f.filter(pl.col("reject").is_null()).drop("reject", "file_order") for r, f in frames.items()}
+    if usable["pool"]["key"].n_unique() != usable["pool"].height:
+        raise RuntimeError("two different pool ids hash to the same 64-bit key; rename one of them")
+    rejects = pl.concat([f.filter(pl.col("reject").is_not_null()) for f in frames.values()])
+    rejects = rejects.select("id", "source", "row", "role", pl.col("reject").alias("reason"))
+    counts = {
+        "pool_rows": frames["pool"].height, "domain_rows": frames["domain"].height,
+        "rejected": frames["pool"]["reject"].is_not_null().sum(),
+        "domain_rejected": frames["domain"]["reject"].is_not_null().sum(),
+        "pool_usable": usable["pool"].height, "domain_usable": usable["domain"].height,
+        "pool_truncated": int(usable["pool"]["truncated"].sum()),
+        "domain_truncated": int(usable["domain"]["truncated"].sum()),
+        "pool_tokens": int(usable["pool"]["n_tokens"].sum()),
+    }
+    if counts["pool_rows"] == 0:
+        raise UsageError(f"--pool: no rows in {', '.join(paths['pool'][:3])}")
+    if counts["domain_usable"] < MIN_DOMAIN_ROWS:
+        raise UsageError(f"--domain: {counts['domain_usable']} usable rows (of {counts['domain_rows']} read); "
+                         f"at least {MIN_DOMAIN_ROWS} are needed (see rejects in the log)")
+    if budget > counts["pool_rows"]:
+        raise UsageError(f"--budget {budget} is larger than the pool ({counts['pool_rows']} rows)")
+    return {"usable": usable, "rejects": rejects, "counts": counts}
+
+
