@@ -12,7 +12,15 @@ from .config import MIN_DOMAIN_ROWS
 
 
 class UsageError(ValueError):
-    """Bad input or flags: the CLI prints it as one line and exits with status 2."""
+    """Bad input or flags: the CLI prints it as one line and exits with status 2.
+
+    ``rejects`` (optional): the rejects found so far (``outputs.REJECTS_SCHEMA`` columns), so the caller can
+    write them to ``rejects.parquet`` for the user to see why rows were unusable.
+    """
+
+    def __init__(self, message: str, rejects: pl.DataFrame | None = None) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.rejects = rejects
 
 
 TOKEN_META_SCHEMA = {"role": pl.String, "id": pl.String, "key": pl.Int64, "source": pl.String, "row": pl.Int64,
@@ -35,7 +43,7 @@ def account_rows(frames: dict[str, pl.DataFrame], paths: dict[str, list[str]], b
         # a later usable row with an id seen before is a duplicate of the first one
         first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
                  .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
-        df = df.join(first, on="id", how="left").with_columns(
+        df = df.join(first, on="id", how="left", maintain_order="left").with_columns(
             pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
             .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
             .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
@@ -59,12 +67,36 @@ def account_rows(frames: dict[str, pl.DataFrame], paths: dict[str, list[str]], b
         "pool_tokens": int(usable["pool"]["n_tokens"].sum()),
     }
     if counts["pool_rows"] == 0:
-        raise UsageError(f"--pool: no rows in {', '.join(paths['pool'][:3])}")
+        raise UsageError(f"--pool: no rows in {_files(paths['pool'])}")
     if counts["domain_usable"] < MIN_DOMAIN_ROWS:
-        raise UsageError(f"--domain: {counts['domain_usable']} usable rows (of {counts['domain_rows']} read); "
-                         f"at least {MIN_DOMAIN_ROWS} are needed (see rejects in the log)")
+        raise UsageError(f"--domain: {counts['domain_usable']} usable rows (of {counts['domain_rows']} read in "
+                         f"{_files(paths['domain'])}); at least {MIN_DOMAIN_ROWS} are needed; "
+                         f"{reason_summary(rejects, 'domain')}", rejects=rejects)
+    if counts["pool_usable"] == 0:
+        raise UsageError(f"--pool: none of the {counts['pool_rows']} rows in {_files(paths['pool'])} is usable; "
+                         f"{reason_summary(rejects, 'pool')}", rejects=rejects)
     if budget > counts["pool_rows"]:
         raise UsageError(f"--budget {budget} is larger than the pool ({counts['pool_rows']} rows)")
     return {"usable": usable, "rejects": rejects, "counts": counts}
+
+
+def _files(paths: list[str], shown: int = 3) -> str:
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def reason_summary(rejects: pl.DataFrame, role: str, shown: int = 3) -> str:
+    """One line: how many rows of ``role`` were rejected, the commonest reasons, one example."""
+    mine = rejects.filter(pl.col("role") == role)
+    if mine.is_empty():
+        return "no rows rejected"
+    # "duplicate id (first at f:3)" and "12 tokens > --max-length 8" vary per row: group by kind
+    kind = pl.col("reason").str.replace(r" \(first at .*\)$", "").str.replace(r"^\d+ tokens >", "N tokens >")
+    top = (mine.with_columns(kind.alias("kind")).group_by("kind").len()
+           .sort(["len", "kind"], descending=[True, False]))
+    parts = [f"{n} x '{k}'" for k, n in top.head(shown).iter_rows()]
+    more = f", {top.height - shown} other reasons" if top.height > shown else ""
+    first = mine.row(0, named=True)  # account_rows keeps file order, then row order
+    return (f"rejected {mine.height}: {', '.join(parts)}{more} "
+            f"(e.g. {first['source']} row {first['row']}: {first['reason']})")
 
 

@@ -16,10 +16,11 @@ line index of a JSONL file (blank lines are not rows but do count for the number
 the line number minus one in any editor). Rows that cannot be used are never dropped: they are
 yielded with a ``reject`` reason.
 
-Who calls what: the driver calls :func:`resolve_paths` and :func:`check_columns` before any work
-starts (both raise :class:`InputError`, one line naming the flag and the file); Ray Data workers
-call :func:`read_file_rows` (one file per task); :func:`read_original_rows` rebuilds the original
-columns of the selected rows at the end.
+Who calls what: the driver calls :func:`resolve_paths`, :func:`check_columns` and
+:func:`count_rows` before any work starts (all raise :class:`InputError`, one line naming the flag
+and the file); Ray Data workers call :func:`read_file_rows` (one file per task, with
+``on_corrupt="reject"`` so a file that breaks part-way becomes rejects, not a crash);
+:func:`read_original_rows` rebuilds the original columns of the selected rows at the end.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "ROW_COLUMN",
     "SUPPORTED_SUFFIXES",
     "check_columns",
+    "count_rows",
     "fallback_id_prefixes",
     "file_name",
     "read_file_rows",
@@ -422,16 +424,22 @@ def fallback_id_prefixes(paths: Sequence[str]) -> dict[str, str]:
     """For each path, the shortest trailing part of it that no other path shares.
 
     The contract makes a missing id ``<file name>:<row>``; with Spark-style layouts
-    (``a/part-0.parquet``, ``b/part-0.parquet``) plain file names collide, so callers may pass
+    (``a/part-0.parquet``, ``b/part-0.parquet``) plain file names collide, so callers pass
     ``id_prefix=fallback_id_prefixes(paths)[path]`` to :func:`read_file_rows`, which gives
-    ``part-0.parquet`` when the name is unique and ``a/part-0.parquet`` otherwise.
+    ``part-0.parquet`` when the name is unique and ``a/part-0.parquet`` otherwise. ``paths``
+    must be every file of the run, domain and pool together: a domain ``med/train.jsonl`` and
+    a pool ``web/train.jsonl`` without id columns would otherwise give the same ids, and every
+    pool row would be rejected as "id also in the domain set". Spellings of one file (relative,
+    absolute, ``./``) get one prefix, so a file given as both domain and pool still overlaps.
     """
-    comps = {p: _components(p) or [p] for p in paths}
+    # local paths are made absolute first, so two spellings of one file get the same prefix
+    # and 'part-0.parquet' vs '../x/part-0.parquet' get 'cwd/...' and 'x/...'
+    comps = {p: _components(_identity(p)) or [p] for p in paths}
     prefixes: dict[str, str] = {}
     for path, parts in comps.items():
         for k in range(1, len(parts) + 1):
             mine = parts[-k:]
-            if all(other[-k:] != mine for q, other in comps.items() if q != path):
+            if all(other[-k:] != mine for other in comps.values() if other != parts):
                 break
         prefixes[path] = "/".join(parts[-k:])
     return prefixes
@@ -656,32 +664,46 @@ def _column_to_py(array: pa.Array) -> list[Any]:
         return values
 
 
-def _iter_parquet_records(path: str, names: Sequence[str],
-                          batch_rows: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (for reject reasons)."""
+    text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _iter_parquet_records(path: str, names: Sequence[str], batch_rows: int,
+                          on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
     """(row, {column: value}) for every row, with only those of ``names`` the file has.
 
-    Corrupt data part-way raises :class:`InputError` after the rows read so far were yielded:
-    row groups are read one by one, so every row group before the corrupt one comes through
-    (rows of the corrupt row group itself may be lost).
+    Row groups are read one by one. Corrupt data in a row group: with ``on_corrupt="raise"``
+    :class:`InputError` after the rows read so far were yielded (every row group before the
+    corrupt one comes through, rows of the corrupt one may be lost); with ``"reject"`` every
+    row of the corrupt row group not yet yielded comes as a :class:`_Bad` and reading goes on
+    with the next row group, so the file still yields exactly ``num_rows`` rows.
     """
     handle, pf = _open_parquet(path)
     row = 0
     with handle:
         present = [n for n in dict.fromkeys(names) if n in pf.schema_arrow.names]
-        try:
-            if not present:
-                for row in range(pf.metadata.num_rows):
-                    yield row, {}
-                return
-            for group in range(pf.metadata.num_row_groups):  # batches never span row groups
+        if not present:
+            for row in range(pf.metadata.num_rows):
+                yield row, {}
+            return
+        for group in range(pf.metadata.num_row_groups):  # batches never span row groups
+            group_end = row + pf.metadata.row_group(group).num_rows
+            try:
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group],
                                              columns=present, use_threads=False):
                     columns = [_column_to_py(batch.column(i)) for i in range(batch.num_columns)]
                     for values in zip(*columns):
                         yield row, dict(zip(present, values))
                         row += 1
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{path}: corrupt Parquet data after {row} good rows: {exc}") from exc
+            except (OSError, pa.ArrowException) as exc:
+                if on_corrupt != "reject":
+                    raise InputError(f"{path}: corrupt Parquet data after {row} good rows: {exc}") from exc
+                bad = _Bad(f"corrupt Parquet data in row group {group}: {_one_line(exc)}")
+                while row < group_end:
+                    yield row, bad
+                    row += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,6 +796,105 @@ def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
     raise InputError(f"{flag}: files mix column layouts: {without_pr[0]} has '{cols.text}' but not "
                      f"'{cols.prompt}'+'{cols.response}', {without_text[0]} has "
                      f"'{cols.prompt}'+'{cols.response}' but not '{cols.text}'")
+
+
+# --------------------------------------------------------------------------------------------
+# count_rows
+# --------------------------------------------------------------------------------------------
+
+_NON_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.strip() does not strip
+_NON_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*[^ \t\n\r\x0b\x0c]", re.MULTILINE)
+
+
+def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunks with a leading UTF-8 BOM removed (however the first bytes are split)."""
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= len(_BOM):
+            break
+    yield head[3:] if head.startswith(_BOM) else head
+    yield from chunks
+
+
+def _count_lines(chunks: Iterable[bytes], limit: int | None) -> int:
+    """Non-blank ``\n``-separated lines (as :func:`_iter_jsonl` yields them), by a byte scan.
+
+    Stops early once ``limit`` lines were counted. Lines are never assembled, so a huge line
+    costs no memory; complete lines inside a chunk are counted by one C-level regex pass.
+    """
+    count = 0
+    open_line = False  # the unfinished line carried over from earlier chunks has a non-blank byte
+    for chunk in _without_bom(chunks):
+        first = chunk.find(b"\n")
+        if first < 0:
+            open_line = open_line or _NON_BLANK.search(chunk) is not None
+            continue
+        if open_line or _NON_BLANK.search(chunk, 0, first):
+            count += 1
+        last = chunk.rfind(b"\n")
+        if last > first:
+            count += len(_NON_BLANK_LINE.findall(chunk, first + 1, last + 1))
+        open_line = _NON_BLANK.search(chunk, last + 1) is not None
+        if limit is not None and count >= limit:
+            return count
+    return count + open_line
+
+
+def _count_json(path: str, limit: int | None) -> int:
+    """Rows of a JSONL file (non-blank lines) or JSON array (elements, parsed), up to ``limit``."""
+    fs, fs_path = _filesystem(path)
+    try:
+        with fs.open_input_stream(fs_path) as stream:
+            chunks: Iterator[bytes] = _iter_chunks(stream)
+            is_array = False
+            if _may_be_array(file_name(path)):
+                is_array, chunks = _sniff_array(chunks)
+            if not is_array:
+                return _count_lines(chunks, limit)
+            count = 0
+            for _ in _ArrayReader(chunks, path):
+                count += 1
+                if limit is not None and count >= limit:
+                    break
+            return count
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def count_rows(paths: Sequence[str], *, flag: str | None = None, at_most: int | None = None) -> int:
+    """How many rows :func:`read_file_rows` yields for these files (rejects included), cheaply.
+
+    Parquet: the footer's row count (no data page is read). JSONL: non-blank lines, by a byte
+    scan (no JSON parsing). A ``.json`` file holding one JSON array: its elements, by a
+    streamed parse (which also finds a malformed array before any work starts).
+
+    ``at_most``: stop counting once the total reaches it and return ``at_most``; enough to
+    check "at least N rows" (``count_rows(pool, at_most=budget) < budget``) while reading
+    only the first N rows' worth of JSON, however large the input.
+
+    Raises:
+        InputError: one line naming ``flag`` (when given) and the file, for a file that cannot
+            be read (unreadable Parquet footer, malformed JSON array, I/O error).
+    """
+    if at_most is not None and at_most < 0:
+        raise ValueError(f"at_most must be >= 0, got {at_most}")
+    total = 0
+    for path in paths:
+        if at_most is not None and total >= at_most:
+            return at_most
+        left = None if at_most is None else at_most - total
+        try:
+            if _file_format(file_name(path)) == "parquet":
+                handle, pf = _open_parquet(path)
+                with handle:
+                    total += pf.metadata.num_rows
+            else:
+                total += _count_json(path, left)
+        except InputError as exc:
+            raise InputError(f"{flag}: {exc}" if flag else str(exc)) from exc
+    return total if at_most is None else min(total, at_most)
 
 
 # --------------------------------------------------------------------------------------------
@@ -895,7 +1016,7 @@ def _check_mode(mode: str) -> None:
 
 
 def read_file_rows(path: str, cols: Columns, mode: str, chunk_rows: int = 4096, *,
-                   id_prefix: str | None = None) -> Iterator[pa.Table]:
+                   id_prefix: str | None = None, on_corrupt: str = "raise") -> Iterator[pa.Table]:
     """Yield the rows of one file as :data:`OUTPUT_SCHEMA` tables of at most ``chunk_rows`` rows.
 
     Columns: ``id`` (string, never null: the id column as a string when the row has one, else
@@ -908,32 +1029,47 @@ def read_file_rows(path: str, cols: Columns, mode: str, chunk_rows: int = 4096, 
     JSONL the id is taken per line: a line without the id key gets the fallback id. An empty
     file yields one empty table (so the schema is always seen).
 
+    ``on_corrupt``: what a file that turns out to be unreadable part-way does. ``"raise"``
+    (default): see Raises. ``"reject"`` (what a long job wants: no crash, nothing silent):
+    the rows of a corrupt Parquet row group come as rejects ``corrupt Parquet data in row
+    group G: ...`` and the next row groups are still read (so a Parquet file always yields
+    its ``num_rows`` rows); any other read error (a JSON array with a syntax error, a
+    truncated compressed stream, a file that vanished) ends the file with ONE reject row, at
+    the first row not read, whose reason starts with ``unreadable rest of file:``.
+
     Raises:
-        InputError: naming the file, when it cannot be opened, or part-way after yielding what
-            could be read: corrupt Parquet data pages (every row group before the corrupt one
-            is yielded, the corrupt row group is not) or a JSON array with a syntax error (the
-            elements before it are yielded). The caller should treat the file as failed.
+        InputError: (``on_corrupt="raise"``) naming the file, when it cannot be opened, or
+            part-way after yielding what could be read: corrupt Parquet data pages (every row
+            group before the corrupt one is yielded, the corrupt row group is not) or a JSON
+            array with a syntax error (the elements before it are yielded). The caller should
+            treat the file as failed.
     """
     _check_mode(mode)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if on_corrupt not in ("raise", "reject"):
+        raise ValueError(f"on_corrupt must be 'raise' or 'reject', got {on_corrupt!r}")
     rows = _Rows(path, file_name(path) if id_prefix is None else id_prefix)
     if _file_format(file_name(path)) == "parquet":
         fields = [cols.text] if mode == MODE_TEXT else [cols.prompt, cols.response]
-        records = _iter_parquet_records(path, fields + [cols.id], chunk_rows)
+        records = _iter_parquet_records(path, fields + [cols.id], chunk_rows, on_corrupt)
     else:
         records = _iter_json_records(path)
     emitted = False
+    next_row = 0
     try:
         for row, record in records:
             rows.add(row, *_validate(record, cols, mode))
+            next_row = row + 1
             if len(rows) >= chunk_rows:
                 emitted = True
                 yield rows.flush()
-    except InputError:
-        if len(rows):
-            yield rows.flush()
-        raise
+    except InputError as exc:
+        if on_corrupt != "reject":
+            if len(rows):
+                yield rows.flush()
+            raise
+        rows.add(next_row, None, None, None, None, f"unreadable rest of file: {_one_line(exc)}")
     if len(rows) or not emitted:
         yield rows.flush()
 

@@ -27,30 +27,75 @@ REJECTS_SCHEMA = {"id": pl.String, "source": pl.String, "row": pl.Int64, "role":
 
 
 def atomic_path(path: Path) -> Path:
+    """The temporary name a file is written under before the rename: hidden, same directory
+    (so the rename is atomic), not ending in ``.parquet`` (so no glob ever picks it up)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (best effort: not every platform/file system allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into the temporary name, fsync, rename over ``path``. On any failure the
+    temporary file is removed and ``path`` is untouched: a reader sees the old file or the
+    complete new one, never a half-written one, even after a crash or power loss."""
+    path = Path(path)
     tmp = atomic_path(path)
-    df.write_parquet(tmp, compression="zstd", statistics=True)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
+    _write_atomic(path, lambda f: df.write_parquet(f, compression="zstd", statistics=True))
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+    _write_atomic(path, lambda f: f.write(data))
+
+
+def nonfinite_scores_rejected(cand: pl.DataFrame) -> pl.DataFrame:
+    """``cand`` (with ``score`` and ``reject``) where a row with a NaN/inf score and no reject
+    yet gets the reject ``non-finite score (NaN/inf)``: one bad number never enters a ranking."""
+    bad = pl.col("reject").is_null() & pl.col("score").is_not_null() & ~pl.col("score").is_finite()
+    return cand.with_columns(pl.when(bad).then(pl.lit("non-finite score (NaN/inf)"))
+                             .otherwise(pl.col("reject")).alias("reject"))
 
 
 def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int) -> pl.DataFrame:
     """The ranked table. ``ntk``: id, key, source, row, score, coarse_votes, coarse_sim, and an
     optional ``order`` (an explicit best-first position, e.g. from round-robin, that overrides
     the score order). ``coarse``: the rows cut by the coarse stage, already best first.
-    Ties in score are broken by the stable key so every run ranks identically."""
+    Ties in score are broken by the stable key so every run ranks identically. A NaN score
+    (which Polars would sort above every number) sorts last, like a null; callers should have
+    rejected such rows already (:func:`nonfinite_scores_rejected`)."""
+    by_score = pl.when(pl.col("score").is_nan()).then(None).otherwise(pl.col("score"))
     if "order" in ntk.columns:
-        ntk = ntk.sort(["order", "score", "key"], descending=[False, True, False], nulls_last=True)
+        ntk = ntk.sort([pl.col("order"), by_score, pl.col("key")], descending=[False, True, False], nulls_last=True)
     else:
-        ntk = ntk.sort(["score", "key"], descending=[True, False])
+        ntk = ntk.sort([by_score, pl.col("key")], descending=[True, False], nulls_last=True)
     ntk = ntk.with_columns(pl.lit("ntk").alias("stage"))
     coarse = coarse.with_columns(pl.lit("coarse").alias("stage"), pl.lit(None, dtype=pl.Float64).alias("score"))
     cols = ["id", "stage", "score", "coarse_votes", "coarse_sim", "source", "row"]

@@ -38,13 +38,13 @@ from .outputs import (empty_rejects, rank_rows, read_parquet_dir, selected_rows,
 class Progress:
     """Per-stage progress lines and wall times."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
         self.stream = stream
         self.times: dict[str, float] = {}
         self.started = time.time()
 
     def log(self, message: str) -> None:
-        print(f"[ntk-ray {time.time() - self.started:7.1f}s] {message}", file=self.stream, flush=True)
+        print(f"[ntk-ray {time.time() - self.started:7.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
 
     def stage(self, name: str):
         progress = self
@@ -187,6 +187,9 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     cols, paths, modes, model_path = check_inputs(cfg)
     out = prepare_out_dir(cfg, overwrite)
     work = out / "_work"
+    if _stage_done(work, "write") and (out / "manifest.json").exists():
+        progress.log(f"this run is already complete: outputs in {out} (nothing recomputed)")
+        return json.loads((out / "manifest.json").read_text())
     resources = init_ray(cfg.ray_address, progress)
     plan = actor_plan(resources, cfg.actors)
     progress.log(f"actors: {plan['size']} x ({'1 GPU' if plan['num_gpus'] else 'CPU'}); model {model_path}")
@@ -212,7 +215,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     if not cfg.keep_features:
         for stage in ("embed", "features"):
             shutil.rmtree(work / stage, ignore_errors=True)
-            (work / f"{stage}.removed").write_text("removed after the run (no --keep-features)\n")
+    _mark_done(work, "write")
     return manifest
 
 

@@ -52,3 +52,15 @@ def random_samples(n: int, vocab: int = 97, min_len: int = 3, max_len: int = 17,
         start = int(torch.randint(0, length - 1, (1,), generator=g)) if response else 0
         masks.append([0] * start + [1] * (length - start))
     return seqs, masks
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (CPU only, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=300 * 2**20,
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()

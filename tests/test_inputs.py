@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import tempfile
 import json
 from pathlib import Path
 
@@ -455,3 +456,116 @@ def test_glob_skips_hidden_and_underscore_names_unless_spelled_out(tree: Path) -
         got = resolve_paths(base + "/**/*.jsonl", "--pool")
         assert got == [base + "/b.jsonl"]
         assert resolve_paths(base + "/_tmp/*.jsonl", "--pool") == [base + "/_tmp/y.jsonl"]
+
+
+# ---- count_rows --------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ntk_ray.inputs import count_rows  # noqa: E402
+
+_LINES = [b'{"text": "a"}', b'{"text": "\xe4\xb8\xad"}', b"", b"  ", b"\t\r", b"\r", b"\x0b\x0c", b"{broken",
+          b'{"text": "\xff"}', b"\xef\xbb\xbf", b" 5 ", b'{"text": "b"}\r', b"\xc2\xa0"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=st.lists(st.sampled_from(_LINES), max_size=12), bom=st.booleans(), trailing=st.booleans(),
+       chunk=st.sampled_from([1, 2, 3, 5, 1 << 20]), at_most=st.one_of(st.none(), st.integers(0, 8)))
+def test_count_rows_matches_read_file_rows_for_any_jsonl(lines, bom, trailing, chunk, at_most) -> None:
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines) + (b"\n" if trailing and lines else b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.jsonl"
+        path.write_bytes(data)
+        expected = len(read_all(str(path)))
+        old = inputs._CHUNK_BYTES
+        inputs._CHUNK_BYTES = chunk
+        try:
+            got = count_rows([str(path)], at_most=at_most)
+        finally:
+            inputs._CHUNK_BYTES = old
+    assert got == (expected if at_most is None else min(expected, at_most))
+
+
+def test_count_rows_parquet_json_array_compressed_and_several_files(tmp_path: Path) -> None:
+    pq_path = write_parquet(tmp_path / "a.parquet", {"text": [f"t{i}" for i in range(7)]}, row_group_size=3)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes(BAD_JSONL)
+    arr = tmp_path / "c.json"
+    arr.write_text(json.dumps([{"text": "x"}, 5, {"text": ""}]))
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "x"}\n\n{"text": "y"}\n'))
+    paths = [pq_path, str(jsonl), str(arr), str(gz)]
+    expected = sum(len(read_all(p)) for p in paths)
+    assert count_rows(paths) == expected == 7 + len(EXPECTED_REJECTS) + 3 + 2
+    assert count_rows(paths, at_most=9) == 9
+    assert count_rows(paths, at_most=10**6) == expected
+    assert count_rows([]) == 0
+
+
+def test_count_rows_errors_name_the_flag_and_the_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"text": "a"}, {"text" "b"}]')
+    message = input_error(lambda: count_rows([str(broken)], flag="--pool"))
+    assert message.startswith("--pool: ") and "broken.json: malformed JSON array at element 1" in message
+    # with at_most reached before the broken element, the file is not read that far
+    assert count_rows([str(broken)], flag="--pool", at_most=1) == 1
+    truncated = tmp_path / "t.parquet"
+    write_parquet(truncated, {"text": ["a", "b"]})
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    message = input_error(lambda: count_rows([str(truncated)], flag="--domain"))
+    assert message.startswith("--domain: ") and "t.parquet is not a readable Parquet file" in message
+
+
+# ---- on_corrupt="reject": a file that breaks part-way gives rejects, never a crash ------------------
+
+def _corrupt_second_row_group(path: Path) -> str:
+    write_parquet(path, {"text": [f"row {i} " * 20 for i in range(300)]}, row_group_size=100, compression="none")
+    offset = pq.ParquetFile(str(path)).metadata.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_corrupt_parquet_row_group_becomes_rejects_and_reading_goes_on(tmp_path: Path) -> None:
+    path = _corrupt_second_row_group(tmp_path / "corrupt.parquet")
+    rows = read_all(path, chunk_rows=64, on_corrupt="reject")
+    assert [r["row"] for r in rows] == list(range(300)) and count_rows([path]) == 300
+    assert all(r["reject"] is None for r in rows[:100] + rows[200:])
+    assert all(r["reject"].startswith("corrupt Parquet data in row group 1: ") for r in rows[100:200])
+    assert all("\n" not in r["reject"] for r in rows[100:200])
+
+
+def test_malformed_json_array_ends_with_one_reject_row(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('[{"text": "a"}, {"text": "b"}, {"text" "c"}, {"text": "d"}]')
+    rows = read_all(str(path), on_corrupt="reject")
+    assert [(r["row"], r["text"]) for r in rows[:2]] == [(0, "a"), (1, "b")]
+    assert len(rows) == 3 and rows[2]["row"] == 2 and rows[2]["id"] == "broken.json:2"
+    assert rows[2]["reject"].startswith("unreadable rest of file: ") and "element 2" in rows[2]["reject"]
+
+
+def test_truncated_gzip_jsonl_ends_with_one_reject_row(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(b'{"text": "row %d"}\n' % i for i in range(2000)))[:-200])
+    rows = read_all(str(path), on_corrupt="reject")
+    assert rows[-1]["reject"].startswith("unreadable rest of file: ")
+    assert all(r["reject"] is None for r in rows[:-1]) and [r["row"] for r in rows] == list(range(len(rows)))
+    with pytest.raises(InputError):
+        read_all(str(path))
+
+
+def test_on_corrupt_is_checked() -> None:
+    with pytest.raises(ValueError, match="on_corrupt"):
+        next(read_file_rows("x.jsonl", Columns(), "text", on_corrupt="ignore"))
+
+
+def test_fallback_id_prefixes_use_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    write_jsonl(tmp_path / "x" / "part.jsonl", [{"text": "a"}])
+    write_jsonl(tmp_path / "y" / "part.jsonl", [{"text": "b"}])
+    # the same file spelled twice gets one prefix; the other file another
+    got = fallback_id_prefixes(["part.jsonl", "./part.jsonl", "../y/part.jsonl"])
+    assert got == {"part.jsonl": "x/part.jsonl", "./part.jsonl": "x/part.jsonl", "../y/part.jsonl": "y/part.jsonl"}

@@ -1,0 +1,39 @@
+"""Entrypoint for `ray job submit` (and KubeRay RayJobs): run `ntk-ray select` on the cluster.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/select.py --domain DOMAIN --pool POOL --budget N --out OUT [options]
+
+All arguments are those of `ntk-ray select --help`. Inside a job Ray sets RAY_ADDRESS, so
+`ntk_ray.pipeline.init_ray` joins the running cluster (plain `ray.init()`, no local resources)
+instead of starting an embedded Ray. Paths (--domain, --pool, --out) must be readable and
+writable from every node: shared storage on a real cluster.
+
+The file is named like the standard library's ``select`` module, so jobs/ is taken off sys.path
+before anything is imported.
+
+The package does not have to be installed: the repository root (the job's working_dir, which
+Ray also puts on the workers' sys.path) goes first on sys.path, so the uploaded code is used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# `python jobs/select.py` puts jobs/ first on sys.path, where this file would shadow the
+# standard library's `select` module (imported by subprocess, asyncio, ray, ...): drop it.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ntk_ray.cli import main as cli_main
+
+    return cli_main(["select", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

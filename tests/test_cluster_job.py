@@ -1,0 +1,177 @@
+"""End to end on a real (local) multi-node Ray cluster: `ray job submit ... python jobs/select.py`.
+
+A head node (1 CPU) and a worker node (2 CPUs) are started as separate `ray start` processes on
+this machine, each with its own free ports and a short temp dir (AF_UNIX paths must stay under
+107 bytes). The job is submitted with the repository as working_dir, exactly as on a real
+cluster, so it also checks that jobs/select.py finds the uploaded package and that
+``pipeline.init_ray`` joins the cluster (RAY_ADDRESS set by the job) instead of starting its own.
+
+Teardown never uses `ray stop` (that stops every Ray on the machine, including other people's):
+it terminates, by pid, the processes whose command line names this test's temp dir and their
+descendants, and it runs even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `ray` and the `python` job entrypoints run
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _cluster_processes(temp_dir: str):
+    """Processes of this test's cluster: command line names ``temp_dir``, plus all their
+    descendants (job drivers, workers). Matched by our unique temp dir, never by a name."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _teardown(temp_dir: str, started: list[subprocess.Popen]) -> None:
+    import psutil
+
+    for proc in started:  # `ray start` itself returns quickly; just in case it is still around
+        if proc.poll() is None:
+            proc.kill()
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        procs = _cluster_processes(temp_dir)
+        if not procs:
+            break
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=wait)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(var, None)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # job entrypoints resolve `python` here
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
+    from ntk_ray.demo import make_demo_split
+
+    t0 = time.time()
+    data = tmp_path / "data"
+    make_demo_split(data, n_domain=8, n_pool=60, seed=0)
+    out = tmp_path / "out"
+
+    temp_dir = f"/tmp/ntkr-{os.getpid()}"
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    (gcs, dash, client, head_agent, head_grpc, head_rt, head_metrics,
+     wk_agent, wk_grpc, wk_rt, wk_metrics) = _free_ports(11)
+    env = _env()
+    ray = str(BIN / "ray")
+    # one temp dir per node: nodes sharing one would share runtime_resources/, and a node's
+    # runtime-env agent would delete the working_dir copy the other node's job driver runs in
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--object-store-memory={200 * 2**20}",
+              "--num-gpus=0"]
+    started: list[subprocess.Popen] = []
+    try:
+        _run([ray, "start", "--head", "--num-cpus=1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+              f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+              f"--dashboard-agent-listen-port={head_agent}", f"--dashboard-agent-grpc-port={head_grpc}",
+              f"--runtime-env-agent-port={head_rt}", f"--metrics-export-port={head_metrics}", f"--temp-dir={temp_dir}/h", *common], env, 120)
+        _run([ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+              f"--dashboard-agent-listen-port={wk_agent}", f"--dashboard-agent-grpc-port={wk_grpc}",
+              f"--runtime-env-agent-port={wk_rt}", f"--metrics-export-port={wk_metrics}", f"--temp-dir={temp_dir}/w", *common], env, 120)
+        t_cluster = time.time()
+
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        address = f"http://127.0.0.1:{dash}"
+        client_api = JobSubmissionClient(address)
+        deadline = time.time() + 60
+        while True:  # wait until both nodes are registered
+            nodes = json.loads(_run([ray, "list", "nodes", f"--address={address}", "--format=json"], env, 60).stdout)
+            if sum(n.get("state") == "ALIVE" for n in nodes) == 2 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert sum(n.get("state") == "ALIVE" for n in nodes) == 2, nodes
+
+        job_id = f"ntkr-{os.getpid()}"
+        _run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", f"--submission-id={job_id}",
+              "--no-wait", "--", "python", "jobs/select.py",
+              "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.parquet"), "--budget", "5",
+              "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5", "--proj-dim", "256"], env, 120)
+        status = None
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            status = client_api.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(2)
+        logs = client_api.get_job_logs(job_id)
+        assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n{logs[-6000:]}"
+        t_job = time.time()
+    finally:
+        _teardown(temp_dir, started)
+    assert not _cluster_processes(temp_dir)
+
+    # the job joined the 3-CPU cluster rather than starting an embedded Ray on the head
+    assert "ray: 3 CPUs, 0 GPUs" in logs, logs[-3000:]
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    rejects = pl.read_parquet(out / "rejects.parquet")
+    selected = pl.read_parquet(out / "selected.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_rejected = rejects.filter(pl.col("role") == "pool").height
+    assert ranked.height == 60 - n_rejected
+    assert sorted(ranked["rank"].to_list()) == list(range(1, ranked.height + 1))
+    assert ranked["id"].n_unique() == ranked.height
+    assert int(ranked["selected"].sum()) == 5 == selected.height
+    assert set(selected["id"]) == set(ranked.filter(pl.col("rank") <= 5)["id"])
+    assert manifest["counts"]["selected"] == 5 and manifest["counts"]["pool_rows"] == 60
+    assert manifest["coarse"]["skipped"] is False  # 60 rows > M = 4 x 5: the kNN-vote stage ran
+    print("\nstage seconds:", manifest["stage_seconds"])
+    print(f"cluster job test: data + cluster start {t_cluster - t0:.1f}s, job {t_job - t_cluster:.1f}s, "
+          f"total with teardown {time.time() - t0:.1f}s")

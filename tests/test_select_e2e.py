@@ -1,0 +1,107 @@
+"""`ntk-ray select` end to end through Ray on the bundled corpus and the real demo model."""
+
+import json
+
+import polars as pl
+import pytest
+
+from ntk_ray.cli import main
+from ntk_ray.demo import make_demo_split
+
+pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
+
+BUDGET = 6
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    split = make_demo_split(d / "data", n_domain=8, n_eval=8, n_pool=60, seed=0)
+    # a second pool file with rows that must be rejected, not lost
+    extra = d / "data" / "extra.jsonl"
+    lines = [
+        json.dumps({"id": "x-good", "prompt": "What does \"bread\" mean?", "response": "food made from flour and water"}),
+        "{broken json",
+        json.dumps({"id": "x-empty", "prompt": "Define it.", "response": "   "}),
+        json.dumps({"id": "x-good", "prompt": "again", "response": "a duplicate id"}),
+    ]
+    extra.write_text("\n".join(lines) + "\n")
+    return d, split
+
+
+def run_select(data_dir, out, *extra):
+    args = ["select", "--domain", str(data_dir / "data" / "domain.jsonl"),
+            "--pool", str(data_dir / "data" / "pool.parquet"), str(data_dir / "data" / "extra.jsonl"),
+            "--budget", str(BUDGET), "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5",
+            "--proj-dim", "256", "--coarse-factor", "3", *extra]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, demo_data):
+    d, _ = demo_data
+    out = d / "run1"
+    assert run_select(d, out) == 0
+    return out
+
+
+def test_outputs_follow_the_contract(first_run):
+    out = first_run
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    rejects = pl.read_parquet(out / "rejects.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["pool_rows"] == 64
+    assert counts["pool_rows"] == counts["ranked"] + counts["rejected"]
+    assert ranked["rank"].to_list() == list(range(1, ranked.height + 1))
+    assert ranked["id"].n_unique() == ranked.height
+    assert ranked.schema["rank"] == pl.Int64 and ranked.schema["score"] == pl.Float64
+    assert ranked["selected"].sum() == BUDGET == counts["selected"]
+    assert ranked.filter(pl.col("selected"))["rank"].max() == BUDGET
+    stages = ranked["stage"].to_list()
+    assert stages == sorted(stages, key=lambda s: s != "ntk")  # every ntk row above every coarse row
+    assert ranked.filter(pl.col("stage") == "ntk").height == 3 * BUDGET
+    assert ranked.filter(pl.col("stage") == "ntk")["score"].null_count() == 0
+    scores = ranked.filter(pl.col("stage") == "ntk")["score"].to_list()
+    assert scores == sorted(scores, reverse=True)
+    # the bad rows of extra.jsonl are rejected with reasons, not lost
+    pool_rejects = rejects.filter(pl.col("role") == "pool")
+    assert pool_rejects.height == counts["rejected"] == 3
+    reasons = " | ".join(pool_rejects["reason"].to_list())
+    assert "broken JSON" in reasons and "empty response" in reasons and "duplicate id" in reasons
+    # every input row exactly once across ranked and rejects
+    seen = sorted(ranked["source"].to_list() + pool_rejects["source"].to_list())
+    assert len(seen) == 64
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert selected.height == BUDGET
+    assert {"id", "prompt", "response", "label", "rank", "score"} <= set(selected.columns)
+    assert selected["rank"].to_list() == list(range(1, BUDGET + 1))
+    assert manifest["projector"]["type"] == "kron" and manifest["projector"]["seed"] == 0
+    assert set(manifest["stage_seconds"]) >= {"read", "warmup", "coarse", "features", "score", "write"}
+
+
+def test_rerun_of_a_complete_run_recomputes_nothing(first_run, demo_data, capsys):
+    d, _ = demo_data
+    before = pl.read_parquet(first_run / "ranked.parquet")
+    assert run_select(d, first_run) == 0
+    err = capsys.readouterr().err
+    assert "already complete" in err
+    after = pl.read_parquet(first_run / "ranked.parquet")
+    assert after["id"].to_list() == before["id"].to_list()
+
+
+def test_same_seed_gives_the_same_ranking_with_other_batching(first_run, demo_data):
+    d, _ = demo_data
+    out = d / "run2"
+    assert run_select(d, out, "--batch-tokens", "300") == 0
+    a = pl.read_parquet(first_run / "ranked.parquet")
+    b = pl.read_parquet(out / "ranked.parquet")
+    assert b["id"].to_list() == a["id"].to_list()
+    assert max(abs(x - y) for x, y in zip(a["score"].drop_nulls(), b["score"].drop_nulls())) < 1e-4 * max(abs(x) for x in a["score"].drop_nulls())
+
+
+def test_a_different_config_into_the_same_out_is_refused(first_run, demo_data, capsys):
+    d, _ = demo_data
+    assert run_select(d, first_run, "--seed", "5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different config" in err[0]
