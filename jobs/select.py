@@ -24,14 +24,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # `python jobs/select.py` puts jobs/ first on sys.path, where this file would shadow the
 # standard library's `select` module (imported by subprocess, asyncio, ray, ...): drop it.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# The repository root goes first, ahead of any installed (or editable) copy of the package.
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) not in (HERE, ROOT)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    import ntk_ray
     from ntk_ray.cli import main as cli_main
 
+    print(f"[jobs/select.py] ntk_ray {ntk_ray.__version__} from {os.path.dirname(ntk_ray.__file__)}",
+          file=sys.stderr, flush=True)
     return cli_main(["select", *(sys.argv[1:] if argv is None else argv)])
 
 

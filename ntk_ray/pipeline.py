@@ -221,24 +221,31 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
 
 def read_inputs(cfg, cols, paths, modes, model_path, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
-    import ray
-
-    from .workers import ReadAndTokenize, ReadSpec
+    from .workers import ReadSpec
 
     for role in ("domain", "pool"):
         name = f"tokens/{role}"
         if _stage_done(work, name):
             continue
-        target = _fresh(work / name)
         spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model_path,
                         max_length=cfg.max_length, on_too_long=cfg.on_too_long)
-        files = paths[role]
-        size = max(1, min(len(files), int(resources.get("CPU", 1)) - 1))  # a CPU stays free for the writes
-        ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files))
-        ds = ds.map_batches(ReadAndTokenize, fn_constructor_args=(spec,), batch_size=1, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
-        ds.write_parquet(str(target))
+        read_files(paths[role], spec, work / name, resources)
         _mark_done(work, name)
+
+
+def read_files(files: list[str], spec, target: Path, resources: dict) -> None:
+    """Ray Data: files -> ReadAndTokenize actors, which write token shards into ``target``
+    (resuming: files with a done-marker there are skipped)."""
+    import ray
+
+    from .workers import ReadAndTokenize
+
+    target.mkdir(parents=True, exist_ok=True)
+    size = max(1, min(len(files), int(resources.get("CPU", 1)) - 1))  # a CPU stays free for the driver
+    ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
+    ds = ds.map_batches(ReadAndTokenize, fn_constructor_args=(spec, str(target)), batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=size), num_cpus=1)
+    ds.take_all()
 
 
 def validate_rows(cfg: SelectConfig, work: Path, paths: dict) -> dict:
@@ -331,19 +338,22 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
             "lora_parameters": computer.projector.grad_dim}
 
 
-def model_map(work: Path, keep_rows: pl.DataFrame, actor_cls, args: tuple, plan: dict):
-    """Ray Data: the pool's token shards -> ``actor_cls`` actors (restricted to ``keep_rows``:
-    key, source, row) -> the dataset of their outputs. The shards are read inside the actors,
-    so no separate read tasks compete with the model actors for CPUs."""
+def model_map(tokens_dir: Path, target: Path, keep_rows: pl.DataFrame, actor_cls, args: tuple, plan: dict) -> None:
+    """Ray Data: token shards -> ``actor_cls`` actors (restricted to ``keep_rows``: key, source,
+    row), which write one output shard per token shard into ``target``. The shards are read
+    inside the actors, so no separate read tasks compete with the model actors for CPUs, and
+    shards finished by an earlier, interrupted run are skipped."""
     import ray
 
-    shards = sorted(str(p) for p in (work / "tokens/pool").rglob("*.parquet"))
+    target.mkdir(parents=True, exist_ok=True)
+    shards = sorted(str(p) for p in tokens_dir.glob("*.parquet"))
     keep_ref = ray.put(keep_rows.select("key", "source", "row").to_arrow())
     ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=max(1, len(shards)))
     env = {"NTK_RAY_THREADS": str(plan["threads"])} if plan.get("threads") else {}
-    return ds.map_batches(actor_cls, fn_constructor_args=(keep_ref, *args), batch_size=1, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_gpus=plan["num_gpus"],
-                          num_cpus=plan["num_cpus"], runtime_env={"env_vars": env})
+    ds = ds.map_batches(actor_cls, fn_constructor_args=(str(target), keep_ref, *args), batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_gpus=plan["num_gpus"],
+                        num_cpus=plan["num_cpus"], runtime_env={"env_vars": env})
+    ds.take_all()
 
 
 def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
@@ -361,13 +371,11 @@ def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
         return {"candidates": cand, "cut": cand.head(0), "skipped": True, "M": m}
     emb_dir = work / "embed"
     if not _stage_done(work, "embed"):
-        _fresh(emb_dir)
-        ds = model_map(work, pool, Embedder, (model_path, warm["adapter_dir"], cfg.batch_tokens, plan["device"]), plan)
-        ds.write_parquet(str(emb_dir))
+        model_map(work / "tokens/pool", emb_dir, pool, Embedder, (model_path, warm["adapter_dir"], cfg.batch_tokens, plan["device"]), plan)
         _mark_done(work, "embed")
     k = min(cfg.coarse_k or cfg.budget, pool.height)
     anchors_ref = ray.put(warm["anchor_embeddings"])
-    files = sorted(str(p) for p in emb_dir.rglob("*.parquet"))
+    files = sorted(str(p) for p in emb_dir.glob("*.parquet"))
     topk = merge_topk_tasks(files, anchors_ref, k, "embedding", n_anchors=len(warm["anchor_embeddings"]))
     ordered = coarse_order(pool, votes(topk))
     progress.log(f"coarse: {pool.height} -> {m} candidates by kNN votes (K = {k} per domain sample)")
@@ -382,10 +390,8 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
 
     if _stage_done(work, "features"):
         return
-    target = _fresh(work / "features")
-    ds = model_map(work, candidates, Featurizer, (model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed,
-                                                  cfg.batch_tokens, plan["device"]), plan)
-    ds.write_parquet(str(target))
+    model_map(work / "tokens/pool", work / "features", candidates, Featurizer,
+              (model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens, plan["device"]), plan)
     _mark_done(work, "features")
 
 
@@ -394,7 +400,7 @@ def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
     the per-anchor top-budget lists."""
     import ray
 
-    files = sorted(str(p) for p in (work / "features").rglob("*.parquet"))
+    files = sorted(str(p) for p in (work / "features").glob("*.parquet"))
     anchors = warm["anchor_features"].astype(np.float32)
     anchors_ref = ray.put(anchors)
     parts = score_shards(files, anchors_ref, cfg.scorer)

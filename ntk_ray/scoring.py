@@ -83,26 +83,65 @@ class AnchorKernel:
 
 
 class AnchorTopK:
-    """Exact running top-k per anchor of (score, key); mergeable across shards."""
+    """Exact running top-k per anchor of (score, key); mergeable across shards.
+
+    Memory is O(anchors x k) for the state plus O(rows_per_chunk x width) scratch: blocks and
+    merges are reduced a chunk of anchor rows at a time, a block is cut to its own top-k before
+    it meets the state, and the block's keys are never broadcast to (anchors x B)."""
+
+    # scratch entries (anchor rows x candidates) reduced at once; ~8 bytes each, a few times
+    chunk_entries = 1 << 22
 
     def __init__(self, n_anchors: int, k: int):
         self.k = int(k)
         self.scores = np.empty((n_anchors, 0), dtype=np.float64)
         self.keys = np.empty((n_anchors, 0), dtype=np.int64)
 
+    def _chunks(self, width: int):
+        rows = self.scores.shape[0]
+        step = max(1, self.chunk_entries // max(1, width))
+        for start in range(0, rows, step):
+            yield slice(start, min(rows, start + step))
+
     def update(self, scores: np.ndarray, keys: np.ndarray) -> "AnchorTopK":
         """Add a block: scores (anchors x B) for rows with ``keys`` (B,)."""
-        block = np.asarray(scores, dtype=np.float64)
-        block_keys = np.broadcast_to(np.asarray(keys, dtype=np.int64), block.shape)
-        scores = np.concatenate([self.scores, block], axis=1)
-        keys = np.concatenate([self.keys, block_keys], axis=1)
-        self.scores, self.keys = _top_k_rows(scores, keys, self.k)
+        block = np.asarray(scores)
+        if block.dtype != np.float32:  # float32 kernel blocks are selected as they are (exact)
+            block = block.astype(np.float64, copy=False)
+        block_keys = np.asarray(keys, dtype=np.int64)
+        if block.ndim != 2 or block.shape[0] != self.scores.shape[0] or block_keys.shape[-1] != block.shape[1]:
+            raise ValueError(f"block of shape {block.shape} for {self.scores.shape[0]} anchors and keys of shape {block_keys.shape}")
+        if block_keys.ndim == 2 and block_keys.shape[0] == 1:
+            block_keys = block_keys[0]
+        elif block_keys.ndim != 1:
+            block_keys = np.broadcast_to(block_keys, block.shape)
+        have = self.scores.shape[1]
+        out_w = min(self.k, have + block.shape[1])
+        out_s = np.empty((block.shape[0], out_w), dtype=np.float64)
+        out_k = np.empty((block.shape[0], out_w), dtype=np.int64)
+        for rows in self._chunks(block.shape[1] + have):
+            # the block's own top-k first (no (anchors x B) keys or float64 copy), then the state
+            s, k = _top_k_rows(block[rows], block_keys if block_keys.ndim == 1 else block_keys[rows], self.k)
+            if have:
+                s, k = _top_k_rows(np.concatenate([self.scores[rows], s], axis=1),
+                                   np.concatenate([self.keys[rows], np.broadcast_to(k, s.shape)], axis=1), self.k)
+            out_s[rows], out_k[rows] = s, k
+        self.scores, self.keys = out_s, out_k
         return self
 
     def merge(self, other: "AnchorTopK") -> "AnchorTopK":
-        scores = np.concatenate([self.scores, other.scores], axis=1)
-        keys = np.concatenate([self.keys, other.keys], axis=1)
-        self.scores, self.keys = _top_k_rows(scores, keys, self.k)
+        scores, keys = other.scores, other.keys
+        if scores.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"{scores.shape[0]} anchors merged into a state of {self.scores.shape[0]}")
+        width = self.scores.shape[1] + scores.shape[1]
+        out_s = np.empty((scores.shape[0], min(self.k, width)), dtype=np.float64)
+        out_k = np.empty((scores.shape[0], min(self.k, width)), dtype=np.int64)
+        for rows in self._chunks(width):
+            # always copies: the state never aliases ``other`` (possibly a read-only object-store buffer)
+            s, k = _top_k_rows(np.concatenate([self.scores[rows], scores[rows]], axis=1),
+                               np.concatenate([self.keys[rows], keys[rows]], axis=1), self.k)
+            out_s[rows], out_k[rows] = s, k
+        self.scores, self.keys = out_s, out_k
         return self
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
@@ -112,19 +151,22 @@ class AnchorTopK:
 
 
 def _top_k_rows(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k best by (score desc, key asc). argpartition picks a top-k set; rows where
-    a tie straddles the k-th place are redone with a full lexsort so the choice is exact."""
+    """Per row, the k best by (score desc, key asc). ``keys`` is (width,) shared by every row
+    or (rows x width). argpartition picks a top-k set; rows where a tie straddles the k-th place
+    are redone with a full lexsort so the choice is exact."""
+    shared = keys.ndim == 1
     width = scores.shape[1]
     if width <= k:
-        return scores, keys
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return scores, (np.broadcast_to(keys, scores.shape) if shared else keys)
+    part = np.argpartition(np.negative(scores), k - 1, axis=1)[:, :k]
     top_s = np.take_along_axis(scores, part, 1)
-    top_k = np.take_along_axis(keys, part, 1)
+    top_k = keys[part] if shared else np.take_along_axis(keys, part, 1)
     threshold = top_s.min(axis=1)
-    ambiguous = np.nonzero((scores >= threshold[:, None]).sum(axis=1) > k)[0]
+    ambiguous = np.nonzero(np.count_nonzero(scores >= threshold[:, None], axis=1) > k)[0]
     for r in ambiguous:
-        order = np.lexsort((keys[r], -scores[r]))[:k]
-        top_s[r], top_k[r] = scores[r, order], keys[r, order]
+        row_keys = keys if shared else keys[r]
+        order = np.lexsort((row_keys, -scores[r]))[:k]
+        top_s[r], top_k[r] = scores[r, order], row_keys[order]
     return top_s, top_k
 
 

@@ -7,8 +7,10 @@ nothing about Ray, so tests call ``Cls(...)(table)`` directly. ``pipeline.py`` h
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -44,23 +46,45 @@ class ReadSpec:
     on_too_long: str
 
 
-class ReadAndTokenize:
-    """Reads whole input files (a batch of paths) and tokenizes their rows. Every row read comes
-    out, usable or with a ``reject`` reason."""
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Write a Parquet shard under a temporary name, then rename: a shard that exists is whole."""
+    import pyarrow.parquet as pq
 
-    def __init__(self, spec: ReadSpec, chunk_rows: int = 2048):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class ReadAndTokenize:
+    """Reads whole input files and tokenizes their rows into ``out_dir`` shards
+    ``<file index>-<chunk>.parquet``; a ``<file index>.done`` marker is written once a file is
+    complete, and a rerun skips files that have one (resume). Every row read comes out, usable
+    or with a ``reject`` reason."""
+
+    def __init__(self, spec: ReadSpec, out_dir: str | None = None, chunk_rows: int = 2048):
         from .models import load_tokenizer
 
         self.spec = spec
+        self.out_dir = Path(out_dir) if out_dir else None
         self.chunk_rows = chunk_rows
         self.tokenizer = load_tokenizer(spec.model)
 
-    def __call__(self, batch: pa.Table):
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from .inputs import read_file_rows
 
-        for path in batch.column("path").to_pylist():
-            for chunk in read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows):
-                yield self.tokenize(chunk)
+        done = []
+        for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):
+            marker = self.out_dir / f"{index:06d}.done"
+            if not marker.exists():
+                for stale in self.out_dir.glob(f"{index:06d}-*.parquet"):
+                    stale.unlink()  # a file interrupted half-way is read again from its start
+                rows = 0
+                for c, chunk in enumerate(read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows)):
+                    write_table_atomic(self.tokenize(chunk), self.out_dir / f"{index:06d}-{c:06d}.parquet")
+                    rows += chunk.num_rows
+                marker.write_text(json.dumps({"path": path, "rows": rows}))
+            done.append(json.loads(marker.read_text()))
+        return pa.table({"path": [d["path"] for d in done], "rows": [d["rows"] for d in done]})
 
     def tokenize(self, chunk: pa.Table) -> pa.Table:
         from .tokenize import tokenize_batch
@@ -135,16 +159,38 @@ def _keep_set(keep) -> set:
 
 
 class ShardMapper:
-    """Base of the model actors: a batch of shard paths in, computed tables out (one per shard),
-    restricted to the rows in the broadcast keep-set. ``process`` does the work on a table."""
+    """Base of the model actors: a batch of token-shard paths in; for each, the rows in the
+    broadcast keep-set go through ``process`` and the result is written atomically to
+    ``out_dir/<shard name>`` (or an ``.empty`` marker). Shards already written are skipped, so
+    a rerun after a crash resumes where it stopped. Returns one summary row per shard."""
 
     columns = ["id", "key", "source", "row", "input_ids", "score_mask"]
+    out_dir: Path
+    metadata: dict | None = None
 
-    def __call__(self, batch: pa.Table):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
         for path in batch.column("path").to_pylist():
-            table = read_shard(path, self.columns, self.keep)
-            if table.num_rows:
-                yield self.process(table)
+            target = self.out_dir / Path(path).name
+            empty = target.with_suffix(".empty")
+            if target.exists():
+                import pyarrow.parquet as pq
+
+                n = pq.ParquetFile(target).metadata.num_rows
+            elif empty.exists():
+                n = 0
+            else:
+                table = read_shard(path, self.columns, self.keep)
+                n = table.num_rows
+                if n:
+                    result = self.process(table)
+                    if self.metadata:
+                        result = result.replace_schema_metadata({k.encode(): v.encode() for k, v in self.metadata.items()})
+                    write_table_atomic(result, target)
+                else:
+                    empty.write_text("")
+            rows.append((path, n))
+        return pa.table({"path": [r[0] for r in rows], "rows": [r[1] for r in rows]})
 
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
@@ -161,8 +207,10 @@ def _threads():
 class Embedder(ShardMapper):
     """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised."""
 
-    def __init__(self, keep, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192, device: str | None = None):
+    def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
+                 device: str | None = None):
         _threads()
+        self.out_dir = Path(out_dir)
         self.keep = _keep_set(keep)
         self.device = device or pick_device()
         self.model = load_adapted_model(model, adapter_dir, self.device).eval()
@@ -181,11 +229,12 @@ class Featurizer(ShardMapper):
     whose gradient is not finite gets a ``reject`` reason and a zero feature instead of poisoning
     the ranking."""
 
-    def __init__(self, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int, seed: int,
-                 batch_tokens: int = 8192, device: str | None = None):
+    def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int,
+                 seed: int, batch_tokens: int = 8192, device: str | None = None):
         from .features import FeatureComputer
 
         _threads()
+        self.out_dir = Path(out_dir)
         self.keep = _keep_set(keep)
         self.device = device or pick_device()
         adapted = load_adapted_model(model, adapter_dir, self.device)
@@ -193,6 +242,7 @@ class Featurizer(ShardMapper):
         self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device,
                                         autocast_dtype=autocast)
         self.batch_tokens = batch_tokens
+        self.metadata = {"ntk_ray.projector": json.dumps(self.computer.projector.spec())}
 
     def process(self, batch: pa.Table) -> pa.Table:
         seqs = batch.column("input_ids").to_pylist()
@@ -204,6 +254,7 @@ class Featurizer(ShardMapper):
         reject = [None if ok else "non-finite gradient (NaN/inf)" for ok in finite]
         return pa.table({
             "id": batch.column("id"), "key": batch.column("key"),
+            "source": batch.column("source"), "row": batch.column("row"),
             "feature": fixed_size_list(feature),
             "norm": pa.array(out.norm.numpy().astype(np.float32)),
             "reject": pa.array(reject, pa.string()),

@@ -160,6 +160,9 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
 
     # the job joined the 3-CPU cluster rather than starting an embedded Ray on the head
     assert "ray: 3 CPUs, 0 GPUs" in logs, logs[-3000:]
+    # ... and ran the package uploaded as working_dir, not an installed copy
+    origin = next(line for line in logs.splitlines() if line.startswith("[jobs/select.py] ntk_ray"))
+    assert "working_dir_files" in origin and str(REPO) not in origin, origin
     ranked = pl.read_parquet(out / "ranked.parquet")
     rejects = pl.read_parquet(out / "rejects.parquet")
     selected = pl.read_parquet(out / "selected.parquet")
