@@ -112,6 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--warmup-epochs", type=float, default=1.0)
     d.add_argument("--overwrite", action="store_true")
 
+    ft = sub.add_parser("features", help="NTK features of any data, as Parquet shards (to score later with `score`)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Projected LoRA gradients psi(x) of every usable row of --data, written as Parquet shards into "
+                                    "--out (id, feature, norm, key, source, row, reject; projector spec and adapter hash in the file "
+                                    "metadata). Featurise a pool once, then score it against any domain featurised with the same "
+                                    "--adapter, --projector, --proj-dim and --seed.",
+                        epilog="example:\n  ntk-ray features --data 'pool/*.parquet' --adapter runs/med/_work/warmup/adapter --out feats/pool\n"
+                               "  ntk-ray features --data med.jsonl --adapter runs/med/_work/warmup/adapter --out feats/med\n"
+                               "  ntk-ray score --features feats/pool --anchors feats/med --budget 9000 --out runs/med-rescored")
+    ft.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    ft.add_argument("--out", required=True, metavar="DIR")
+    ft.add_argument("--adapter", default=None, metavar="DIR", help="peft adapter (e.g. OUT/_work/warmup/adapter of a select run); "
+                    "default: a fresh adapter drawn from --seed (B = 0)")
+    _add_model_args(ft)
+    ft.add_argument("--projector", choices=["kron", "dense", "none"], default="kron")
+    ft.add_argument("--proj-dim", type=int, default=8192)
+    ft.add_argument("--lora-r", type=int, default=16)
+    ft.add_argument("--lora-alpha", type=int, default=32)
+    ft.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    ft.add_argument("--batch-tokens", type=int, default=8192)
+    ft.add_argument("--actors", type=int, default=None)
+    ft.add_argument("--ray-address", default=None)
+    ft.add_argument("--overwrite", action="store_true")
+
+    sc = sub.add_parser("score", help="rank a feature directory against the anchors of another",
+                        description="Scores every row of --features against the rows of --anchors (both made by `ntk-ray features`, "
+                                    "or by `select --keep-features`: OUT/_work/features and OUT/_work/anchor_features) and writes "
+                                    "ranked.parquet, selected.parquet, rejects.parquet and manifest.json into --out.")
+    sc.add_argument("--features", required=True, metavar="DIR")
+    sc.add_argument("--anchors", required=True, metavar="DIR")
+    sc.add_argument("--budget", type=int, required=True, metavar="N")
+    sc.add_argument("--out", required=True, metavar="DIR")
+    sc.add_argument("--scorer", choices=["cosine", "mean", "max", "round-robin"], default="cosine")
+    sc.add_argument("--ray-address", default=None)
+    sc.add_argument("--overwrite", action="store_true")
+
     f = sub.add_parser("finetune", help="LoRA fine-tune on one or more data files and save the adapter")
     f.add_argument("--train", nargs="+", required=True, metavar="PATH")
     f.add_argument("--out", required=True, metavar="DIR", help="where the adapter is saved")
@@ -234,6 +270,24 @@ def main(argv=None) -> int:
             return 0
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "features":
+            from .feature_jobs import run_features
+            from .inputs import Columns
+
+            cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
+            m = run_features(args.data, args.out, model=args.model, adapter=args.adapter, projector=args.projector,
+                             proj_dim=args.proj_dim, seed=args.seed, max_length=args.max_length, on_too_long=args.on_too_long,
+                             columns=cols, batch_tokens=args.batch_tokens, actors=args.actors, ray_address=args.ray_address,
+                             lora={"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets)},
+                             overwrite=args.overwrite)
+            print(json.dumps({"out": args.out, **m["counts"], "seconds": m["stage_seconds"]}))
+            return 0
+        if args.command == "score":
+            from .feature_jobs import run_score
+
+            m = run_score(args.features, args.anchors, args.budget, args.out, args.scorer, args.ray_address, args.overwrite)
+            print(json.dumps({"out": args.out, **m["counts"]}))
+            return 0
         if args.command == "finetune":
             return cmd_finetune(args)
         if args.command == "evaluate":

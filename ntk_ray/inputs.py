@@ -803,7 +803,7 @@ def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 _NON_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.strip() does not strip
-_BLANK_LINE = re.compile(rb"^[ \t\r\x0b\x0c]*\n", re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")  # a newline, then a blank line (faster than ^...$)
 
 
 def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -836,7 +836,7 @@ def _count_lines(chunks: Iterable[bytes], limit: int | None) -> int:
             count += 1
         last = chunk.rfind(b"\n")
         if last > first:  # the complete lines in between: all of them, less the blank ones
-            count += chunk.count(b"\n", first + 1, last + 1) - len(_BLANK_LINE.findall(chunk, first + 1, last + 1))
+            count += chunk.count(b"\n", first + 1, last + 1) - len(_BLANK_LINE.findall(chunk, first, last + 1))
         open_line = _NON_BLANK.search(chunk, last + 1) is not None
         if limit is not None and count >= limit:
             return count

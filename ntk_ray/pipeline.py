@@ -133,22 +133,25 @@ def _fresh(path: Path) -> Path:
 
 # -------------------------------------------------------------------------------------------
 # the job
-def prepare_out_dir(cfg: SelectConfig, overwrite: bool) -> Path:
+def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool) -> Path:
     """Create OUT; refuse one that holds a run with a different config (unless overwrite).
     The same config resumes: finished stages are reused."""
-    out = Path(cfg.out)
+    import hashlib
+
+    out = Path(out)
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     stamp = out / "_work" / "config.json"
     if out.exists() and any(out.iterdir()):
         if stamp.exists():
             previous = json.loads(stamp.read_text())
-            if previous.get("fingerprint") != cfg.fingerprint() and not overwrite:
+            if previous.get("fingerprint") != fingerprint and not overwrite:
                 raise UsageError(f"--out {out} holds a run with a different config; pass --overwrite to replace it or choose another --out")
         elif not overwrite:
             raise UsageError(f"--out {out} exists and is not an ntk-ray run directory; pass --overwrite or choose another --out")
-        if overwrite and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != cfg.fingerprint()):
+        if overwrite and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint):
             shutil.rmtree(out)
     (out / "_work").mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.identity()}, indent=2))
+    stamp.write_text(json.dumps({"fingerprint": fingerprint, "config": identity}, indent=2, default=str))
     return out
 
 
@@ -185,7 +188,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     """Run the whole selection; returns the manifest (also written to OUT/manifest.json)."""
     progress = progress or Progress()
     cols, paths, modes, model_path = check_inputs(cfg)
-    out = prepare_out_dir(cfg, overwrite)
+    out = prepare_out_dir(cfg.out, cfg.identity(), overwrite)
     work = out / "_work"
     if _stage_done(work, "write") and (out / "manifest.json").exists():
         progress.log(f"this run is already complete: outputs in {out} (nothing recomputed)")
@@ -212,7 +215,9 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
         scored = score_stage(cfg, work, warm, coarse["candidates"])
     with progress.stage("write"):
         manifest = write_outputs(cfg, out, tables, coarse, scored, warm, model_path, plan, progress)
-    if not cfg.keep_features:
+    if cfg.keep_features:
+        export_features(work, warm, tables["usable"]["domain"])
+    else:
         for stage in ("embed", "features"):
             shutil.rmtree(work / stage, ignore_errors=True)
     _mark_done(work, "write")
@@ -289,6 +294,31 @@ def warmup(cfg: SelectConfig, model_path: str, work: Path, plan: dict, usable_do
     return _load_warm(stage)
 
 
+def export_features(work: Path, warm: dict, usable_domain: pl.DataFrame) -> None:
+    """--keep-features: the pool features in features/ and the anchors in anchor_features/,
+    both in the `ntk-ray features` format (adapter hash in the spec), for `ntk-ray score`."""
+    import pyarrow as pa
+
+    from .feature_jobs import SPEC_KEY, adapter_hash, stamp_adapter
+    from .workers import fixed_size_list, write_table_atomic
+
+    digest = adapter_hash(warm["adapter_dir"])
+    stamp_adapter(feature_files(work / "features"), digest)
+    ids = warm["anchor_ids"]
+    where = usable_domain.select("id", "key", "source", "row")
+    where = pl.DataFrame({"id": ids}).join(where, on="id", how="left")
+    spec = dict(warm["projector_spec"], adapter_sha256=digest)
+    table = pa.table({"id": pa.array(ids, pa.string()), "key": pa.array(where["key"].to_list(), pa.int64()),
+                      "source": pa.array(where["source"].to_list(), pa.string()),
+                      "row": pa.array(where["row"].to_list(), pa.int64()),
+                      "feature": fixed_size_list(warm["anchor_features"]),
+                      "norm": pa.array(np.asarray(warm["anchor_norms"], dtype=np.float32)),
+                      "reject": pa.array([None] * len(ids), pa.string())})
+    target = work / "anchor_features"
+    target.mkdir(exist_ok=True)
+    write_table_atomic(table.replace_schema_metadata({SPEC_KEY: json.dumps(spec).encode()}), target / "anchors.parquet")
+
+
 def _load_warm(stage: Path) -> dict:
     info = json.loads((stage / "info.json").read_text())
     info["anchor_embeddings"] = np.load(stage / "anchor_embeddings.npy")
@@ -335,6 +365,7 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
     return {"log": lines, "history": history, "anchor_ids": ids, "anchor_embeddings": embeddings,
             "anchor_features": feats.feature.numpy(), "anchor_norms": feats.norm.numpy().tolist(),
             "projector": computer.projector.spec() | {"modules": len(computer.shapes)},
+            "projector_spec": computer.projector.spec(),
             "lora_parameters": computer.projector.grad_dim}
 
 
@@ -396,26 +427,35 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
 
 
 def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
-    """Kernel scores for every candidate (Ray tasks over feature shards), and for round-robin
-    the per-anchor top-budget lists."""
+    """Kernel scores for every candidate against the warm-up's anchor features."""
+    files = feature_files(work / "features")
+    return score_features(files, warm["anchor_features"], cfg.scorer, cfg.budget)
+
+
+def feature_files(directory: Path) -> list[str]:
+    """The feature shards of a directory (names starting with '_' or '.' are not shards)."""
+    return sorted(str(p) for p in Path(directory).glob("*.parquet") if not p.name.startswith(("_", ".")))
+
+
+def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: int) -> dict:
+    """Scores of every row of the feature shards (Ray tasks over shards); for round-robin also
+    the picking order from the exact per-anchor top-``budget`` lists."""
     import ray
 
-    files = sorted(str(p) for p in (work / "features").glob("*.parquet"))
-    anchors = warm["anchor_features"].astype(np.float32)
-    anchors_ref = ray.put(anchors)
-    parts = score_shards(files, anchors_ref, cfg.scorer)
+    anchors = np.asarray(anchors, dtype=np.float32)
+    parts = score_shards(files, ray.put(anchors), scorer)
     scores = pl.DataFrame({
         "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
         "score": np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0),
         "reject": [r for p in parts for r in p["reject"]],
     })
     result = {"scores": scores}
-    if cfg.scorer == "round-robin":
+    if scorer == "round-robin":
         from .scoring import round_robin_order
 
-        topk = merge_topk_tasks(files, ray.put(unit_rows(anchors)), min(cfg.budget, len(scores)), "feature",
-                                n_anchors=len(anchors), unit=True)
-        order = round_robin_order(topk, cfg.budget)
+        k = max(1, min(budget, len(scores)))
+        topk = merge_topk_tasks(files, ray.put(unit_rows(anchors)), k, "feature", n_anchors=len(anchors), unit=True)
+        order = round_robin_order(topk, budget)
         result["order"] = pl.DataFrame({"key": np.asarray(order, dtype=np.int64), "order": np.arange(len(order), dtype=np.int64)})
     return result
 

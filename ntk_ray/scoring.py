@@ -85,20 +85,59 @@ class AnchorKernel:
 class AnchorTopK:
     """Exact running top-k per anchor of (score, key); mergeable across shards.
 
-    Memory is O(anchors x k) for the state plus O(rows_per_chunk x width) scratch: blocks and
-    merges are reduced a chunk of anchor rows at a time, a block is cut to its own top-k before
-    it meets the state, and the block's keys are never broadcast to (anchors x B)."""
+    ``scores`` / ``keys`` (anchors x w, w <= k) hold each anchor's best w entries, unordered
+    (``sorted()`` orders them). Memory is O(anchors x k) for the state plus O(rows_per_chunk x
+    width) scratch: blocks and merges are reduced a chunk of anchor rows at a time and a block's
+    keys are never broadcast to (anchors x B). Once the state is full, a block is first cut by
+    one comparison to the entries at or above each anchor's current k-th best score (nothing
+    below it can ever get in); those few candidates are buffered and folded into the state
+    only when about k/2 per anchor have piled up, so on a large pool the cost per block is the
+    comparison, not a re-selection of the whole (anchors x k) state."""
 
     # scratch entries (anchor rows x candidates) reduced at once; ~8 bytes each, a few times
     chunk_entries = 1 << 22
 
     def __init__(self, n_anchors: int, k: int):
         self.k = int(k)
-        self.scores = np.empty((n_anchors, 0), dtype=np.float64)
-        self.keys = np.empty((n_anchors, 0), dtype=np.int64)
+        self._scores = np.empty((n_anchors, 0), dtype=np.float64)
+        self._keys = np.empty((n_anchors, 0), dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # packed candidates, -inf padded
+        self._pending_width = 0
+        self._threshold = None  # each anchor's k-th best score while the state is full
+
+    # the state, with buffered candidates folded in first
+    @property
+    def scores(self) -> np.ndarray:
+        self._flush()
+        return self._scores
+
+    @property
+    def keys(self) -> np.ndarray:
+        self._flush()
+        return self._keys
+
+    @property
+    def n_anchors(self) -> int:
+        return self._scores.shape[0]
+
+    def __getstate__(self):
+        self._flush()
+        return {"k": self.k, "scores": self._scores, "keys": self._keys}
+
+    def __setstate__(self, state):
+        self.__init__(state["scores"].shape[0], state["k"])
+        self._set(np.asarray(state["scores"], dtype=np.float64), np.asarray(state["keys"], dtype=np.int64))
+
+    def _set(self, scores: np.ndarray, keys: np.ndarray) -> None:
+        self._scores, self._keys = scores, keys
+        self._threshold = None
+        if self.k > 0 and scores.shape[1] == self.k:
+            threshold = scores.min(axis=1)
+            if np.isfinite(threshold).all():
+                self._threshold = threshold
 
     def _chunks(self, width: int):
-        rows = self.scores.shape[0]
+        rows = self.n_anchors
         step = max(1, self.chunk_entries // max(1, width))
         for start in range(0, rows, step):
             yield slice(start, min(rows, start + step))
@@ -109,45 +148,108 @@ class AnchorTopK:
         if block.dtype != np.float32:  # float32 kernel blocks are selected as they are (exact)
             block = block.astype(np.float64, copy=False)
         block_keys = np.asarray(keys, dtype=np.int64)
-        if block.ndim != 2 or block.shape[0] != self.scores.shape[0] or block_keys.shape[-1] != block.shape[1]:
-            raise ValueError(f"block of shape {block.shape} for {self.scores.shape[0]} anchors and keys of shape {block_keys.shape}")
+        if block.ndim != 2 or block.shape[0] != self.n_anchors or block_keys.shape[-1] != block.shape[1]:
+            raise ValueError(f"block of shape {block.shape} for {self.n_anchors} anchors and keys of shape {block_keys.shape}")
         if block_keys.ndim == 2 and block_keys.shape[0] == 1:
             block_keys = block_keys[0]
         elif block_keys.ndim != 1:
             block_keys = np.broadcast_to(block_keys, block.shape)
-        have = self.scores.shape[1]
-        out_w = min(self.k, have + block.shape[1])
-        out_s = np.empty((block.shape[0], out_w), dtype=np.float64)
-        out_k = np.empty((block.shape[0], out_w), dtype=np.int64)
-        for rows in self._chunks(block.shape[1] + have):
-            # the block's own top-k first (no (anchors x B) keys or float64 copy), then the state
-            s, k = _top_k_rows(block[rows], block_keys if block_keys.ndim == 1 else block_keys[rows], self.k)
-            if have:
-                s, k = _top_k_rows(np.concatenate([self.scores[rows], s], axis=1),
-                                   np.concatenate([self.keys[rows], np.broadcast_to(k, s.shape)], axis=1), self.k)
-            out_s[rows], out_k[rows] = s, k
-        self.scores, self.keys = out_s, out_k
-        return self
+        if block.shape[1] == 0:
+            return self
+        if self._threshold is not None:
+            packed = _above(block, block_keys, self._threshold)
+            if packed is None:  # nothing can get in
+                return self
+            if 2 * packed[0].shape[1] <= block.shape[1]:
+                self._pending.append(packed)
+                self._pending_width += packed[0].shape[1]
+                if self._pending_width >= max(1, self.k // 2):
+                    self._flush()
+                return self
+        self._flush()
+        return self._absorb(block, block_keys)
 
     def merge(self, other: "AnchorTopK") -> "AnchorTopK":
-        scores, keys = other.scores, other.keys
-        if scores.shape[0] != self.scores.shape[0]:
-            raise ValueError(f"{scores.shape[0]} anchors merged into a state of {self.scores.shape[0]}")
-        width = self.scores.shape[1] + scores.shape[1]
-        out_s = np.empty((scores.shape[0], min(self.k, width)), dtype=np.float64)
-        out_k = np.empty((scores.shape[0], min(self.k, width)), dtype=np.int64)
-        for rows in self._chunks(width):
-            # always copies: the state never aliases ``other`` (possibly a read-only object-store buffer)
-            s, k = _top_k_rows(np.concatenate([self.scores[rows], scores[rows]], axis=1),
-                               np.concatenate([self.keys[rows], keys[rows]], axis=1), self.k)
-            out_s[rows], out_k[rows] = s, k
-        self.scores, self.keys = out_s, out_k
+        if other.n_anchors != self.n_anchors:
+            raise ValueError(f"{other.n_anchors} anchors merged into a state of {self.n_anchors}")
+        self._flush()
+        return self._absorb(other.scores, other.keys)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_width = self._pending, [], 0
+        if len(pending) == 1:
+            cand_s, cand_k = pending[0]
+        else:
+            cand_s = np.concatenate([p[0] for p in pending], axis=1)
+            cand_k = np.concatenate([p[1] for p in pending], axis=1)
+        del pending
+        # the state is full with finite scores, so the -inf pads can never get in
+        self._absorb(cand_s, cand_k)
+
+    def _absorb(self, scores: np.ndarray, keys: np.ndarray) -> "AnchorTopK":
+        """Merge candidates (anchors x w; keys (w,) or (anchors x w)) into the state, a chunk of
+        anchor rows at a time. Always builds new arrays: the state never aliases its input
+        (possibly a read-only object-store buffer)."""
+        have = self._scores.shape[1]
+        out_w = min(self.k, have + scores.shape[1])
+        out_s = np.empty((scores.shape[0], out_w), dtype=np.float64)
+        out_k = np.empty((scores.shape[0], out_w), dtype=np.int64)
+        for rows in self._chunks(have + scores.shape[1]):
+            out_s[rows], out_k[rows] = _merge_rows(self._scores[rows], self._keys[rows], scores[rows],
+                                                   keys if keys.ndim == 1 else keys[rows], self.k)
+        self._set(out_s, out_k)
         return self
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
         """(scores, keys) per anchor ordered by score descending, key ascending."""
-        order = np.lexsort((self.keys, -self.scores), axis=1)
-        return np.take_along_axis(self.scores, order, 1), np.take_along_axis(self.keys, order, 1)
+        scores, keys = self.scores, self.keys
+        order = np.lexsort((keys, -scores), axis=1)
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
+
+
+def _above(cand_s: np.ndarray, cand_k: np.ndarray, threshold: np.ndarray):
+    """Per row, the candidates scoring >= the row's threshold, packed to the left of a
+    (rows x widest) float64 array padded with -inf (keys (rows x widest), pads 0); None when
+    there are none."""
+    mask = cand_s >= threshold[:, None]
+    counts = np.count_nonzero(mask, axis=1)
+    widest = int(counts.max()) if counts.size else 0
+    if widest == 0:
+        return None
+    r, col = np.nonzero(mask)  # row-major: grouped by row
+    pos = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    packed_s = np.full((cand_s.shape[0], widest), -np.inf)
+    packed_k = np.zeros((cand_s.shape[0], widest), dtype=np.int64)
+    packed_s[r, pos] = cand_s[r, col]
+    packed_k[r, pos] = cand_k[col] if cand_k.ndim == 1 else cand_k[r, col]
+    return packed_s, packed_k
+
+
+def _merge_rows(state_s, state_k, cand_s, cand_k, k: int):
+    """The k best by (score desc, key asc) of each row's state (rows x w, w <= k, exactly its
+    own top-w) and candidates (rows x c; keys (c,) shared by all rows or (rows x c)).
+
+    When the state is full, a candidate below the row's current k-th best score can never get
+    in, so only candidates >= that threshold are kept (packed, padded with -inf) before the
+    selection: on a large pool almost every candidate is dropped by one comparison."""
+    rows, c = cand_s.shape
+    if c == 0:
+        return state_s, state_k
+    if state_s.shape[1] == k and k > 0:
+        threshold = state_s.min(axis=1)
+        if np.isfinite(threshold).all():
+            packed = _above(cand_s, cand_k, threshold)
+            if packed is None:
+                return state_s, state_k
+            if 2 * packed[0].shape[1] <= c:
+                cand_s, cand_k = packed
+    if cand_s.shape[1] > k or cand_k.ndim == 1:
+        cand_s, cand_k = _top_k_rows(cand_s, cand_k, k)  # the candidates' own top-k first
+    if state_s.shape[1] == 0:
+        return cand_s, cand_k
+    return _top_k_rows(np.concatenate([state_s, cand_s], axis=1), np.concatenate([state_k, cand_k], axis=1), k)
 
 
 def _top_k_rows(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -47,10 +47,11 @@ def _cluster_processes(temp_dir: str):
     descendants (job drivers, workers). Matched by our unique temp dir, never by a name."""
     import psutil
 
+    marker = temp_dir.rstrip("/") + "/"  # /tmp/ntkr-12/ must not match /tmp/ntkr-123/
     found = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+            if any(marker in part for part in (p.info["cmdline"] or [])):
                 found[p.pid] = p
                 for c in p.children(recursive=True):
                     found[c.pid] = c

@@ -41,7 +41,7 @@ def run_select(data_dir, out, *extra):
 def first_run(ray_session, demo_data):
     d, _ = demo_data
     out = d / "run1"
-    assert run_select(d, out) == 0
+    assert run_select(d, out, "--keep-features") == 0
     return out
 
 
@@ -105,3 +105,30 @@ def test_a_different_config_into_the_same_out_is_refused(first_run, demo_data, c
     assert run_select(d, first_run, "--seed", "5") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different config" in err[0]
+
+
+def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, tmp_path):
+    work = first_run / "_work"
+    out = tmp_path / "rescored"
+    assert main(["score", "--features", str(work / "features"), "--anchors", str(work / "anchor_features"),
+                 "--budget", str(BUDGET), "--out", str(out)]) == 0
+    select_ntk = pl.read_parquet(first_run / "ranked.parquet").filter(pl.col("stage") == "ntk")
+    rescored = pl.read_parquet(out / "ranked.parquet")
+    assert rescored["id"].to_list() == select_ntk["id"].to_list()
+    assert pl.read_parquet(out / "selected.parquet").height == BUDGET
+
+
+def test_features_command_recomputes_the_same_anchor_features(first_run, demo_data, tmp_path):
+    import numpy as np
+
+    from ntk_ray.sharded import read_vectors
+
+    d, _ = demo_data
+    out = tmp_path / "feats"
+    assert main(["features", "--data", str(d / "data" / "domain.jsonl"), "--adapter", str(first_run / "_work/warmup/adapter"),
+                 "--out", str(out), "--max-length", "48", "--proj-dim", "256"]) == 0
+    t_new, x_new = read_vectors(next(p for p in map(str, out.glob("*.parquet")) if "/_" not in p and "/." not in p), "feature", ("id",))
+    t_old, x_old = read_vectors(str(first_run / "_work/anchor_features/anchors.parquet"), "feature", ("id",))
+    new = dict(zip(t_new.column("id").to_pylist(), x_new))
+    for i, v in zip(t_old.column("id").to_pylist(), x_old):
+        np.testing.assert_allclose(new[i], v, rtol=1e-3, atol=1e-3 * np.abs(v).max())
