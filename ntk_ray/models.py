@@ -412,6 +412,40 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)  # peft's rule for a list of names
 
 
+def _check_targets(model, targets) -> None:
+    """ModelError naming the Linear module names that exist when a target matches none."""
+    linear = _linear_leaf_names(model)
+    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
+    if missing:
+        present = ", ".join(sorted(set(linear.values()))) or "none"
+        raise ModelError(f"--lora-targets: model has no modules named {missing} for LoRA; "
+                         f"Linear modules present: {present}")
+
+
+def check_lora_targets(model: str | None, targets) -> None:
+    """Before any work starts: a ModelError (one line) when the model has no config.json or a
+    LoRA target matches none of its Linear modules (naming those that exist). The model is
+    built on the meta device from its config: no weight is read or allocated, so this takes
+    about a second even for a large model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ModelError("--lora-targets: no LoRA target modules given")
+    resolved = resolve_model(model)
+    _check_local_dir(resolved, "model")
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of {model or DEMO_MODEL}: {_first_line(e)}") from e
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"--model {model or DEMO_MODEL}: not a causal LM transformers can build: {_first_line(e)}") from e
+    _check_targets(skeleton, targets)
+
+
 def attach_lora(
     model,
     r: int = 16,
@@ -437,11 +471,7 @@ def attach_lora(
         raise ModelError("no LoRA target modules given")
     if r < 1:
         raise ModelError(f"LoRA rank must be >= 1 (got {r})")
-    linear = _linear_leaf_names(model)
-    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
-    if missing:
-        present = ", ".join(sorted(set(linear.values()))) or "none"
-        raise ModelError(f"model has no modules named {missing} for LoRA; Linear modules present: {present}")
+    _check_targets(model, targets)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=r,

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from .accounting import UsageError, account_rows
 from .config import SelectConfig
 from .sharded import merge_topk_tasks, score_shards, unit_rows
-from .outputs import (empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic,
-                      write_parquet_atomic)
+from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
+                      write_json_atomic, write_parquet_atomic)
 
 
 class Progress:
@@ -156,9 +156,11 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool) -> Path:
 
 
 def check_inputs(cfg: SelectConfig):
-    """Everything that can be checked before work starts: files, columns, flags, model."""
-    from .inputs import Columns, InputError, check_columns, resolve_paths
-    from .models import ModelError, resolve_model
+    """Everything that can be checked before work starts: files, columns, row counts, flags,
+    model, tokenizer and LoRA targets. Raises UsageError (one line) and starts nothing."""
+    from .config import MIN_DOMAIN_ROWS
+    from .inputs import Columns, InputError, check_columns, count_rows, resolve_paths
+    from .models import ModelError, check_lora_targets, load_tokenizer, resolve_model
 
     if cfg.budget < 1:
         raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
@@ -170,17 +172,30 @@ def check_inputs(cfg: SelectConfig):
         raise UsageError(f"--max-length must be at least 8 (got {cfg.max_length})")
     if cfg.coarse_factor < 1:
         raise UsageError(f"--coarse-factor must be at least 1 (got {cfg.coarse_factor})")
+    if cfg.adapter and not (Path(cfg.adapter).expanduser() / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {cfg.adapter}: no adapter_config.json (not a saved LoRA adapter)")
     cols = Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
     try:
         domain = resolve_paths(cfg.domain, "--domain")
         pool = resolve_paths(cfg.pool, "--pool")
         modes = {"domain": check_columns(domain, cols, "--domain"), "pool": check_columns(pool, cols, "--pool")}
+        # cheap counts (Parquet footers; JSON only as far as needed)
+        n_domain = count_rows(domain, flag="--domain", at_most=MIN_DOMAIN_ROWS)
+        n_pool = count_rows(pool, flag="--pool", at_most=cfg.budget)
     except InputError as e:
         raise UsageError(str(e)) from None
+    if n_domain < MIN_DOMAIN_ROWS:
+        raise UsageError(f"--domain: {n_domain} rows in {', '.join(domain[:3])}; at least {MIN_DOMAIN_ROWS} are needed")
+    if n_pool < cfg.budget:
+        raise UsageError(f"--budget {cfg.budget} is larger than the pool ({n_pool} rows in {', '.join(pool[:3])})")
     try:
         model = resolve_model(cfg.model)
+        load_tokenizer(cfg.model)  # no tokenizer files; no pad, eos or unk token
+        if not cfg.adapter:
+            check_lora_targets(cfg.model, cfg.lora_targets)
     except ModelError as e:
-        raise UsageError(str(e)) from None
+        message = str(e)
+        raise UsageError(message if message.startswith("--") else f"--model: {message}") from None
     return cols, {"domain": domain, "pool": pool}, modes, model
 
 
@@ -226,14 +241,17 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
 
 def read_inputs(cfg, cols, paths, modes, model_path, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
+    from .inputs import fallback_id_prefixes
     from .workers import ReadSpec
 
+    prefixes = fallback_id_prefixes(paths["domain"] + paths["pool"])  # over both roles: see its docstring
     for role in ("domain", "pool"):
         name = f"tokens/{role}"
         if _stage_done(work, name):
             continue
         spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model_path,
-                        max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+                        max_length=cfg.max_length, on_too_long=cfg.on_too_long,
+                        id_prefixes={p: prefixes[p] for p in paths[role]})
         read_files(paths[role], spec, work / name, resources)
         _mark_done(work, name)
 
@@ -258,7 +276,13 @@ def validate_rows(cfg: SelectConfig, work: Path, paths: dict) -> dict:
     usable rows of each side, and the counts. Nothing here holds token ids."""
     cols = ["role", "id", "key", "source", "row", "n_tokens", "truncated", "reject"]
     frames = {role: read_parquet_dir(work / f"tokens/{role}", cols) for role in ("domain", "pool")}
-    return account_rows(frames, paths, cfg.budget)
+    try:
+        return account_rows(frames, paths, cfg.budget)
+    except UsageError as e:
+        if e.rejects is not None:  # let the user see why: OUT/rejects.parquet
+            write_parquet_atomic(e.rejects.cast({"row": pl.Int64}), work.parent / "rejects.parquet")
+            raise UsageError(f"{e} (all rejects: {work.parent / 'rejects.parquet'})") from None
+        raise
 
 
 def _tokens(work: Path, role: str, keys: pl.DataFrame) -> tuple[list, list, list, list]:
@@ -381,6 +405,7 @@ def model_map(tokens_dir: Path, target: Path, keep_rows: pl.DataFrame, actor_cls
     keep_ref = ray.put(keep_rows.select("key", "source", "row").to_arrow())
     ds = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=max(1, len(shards)))
     env = {"NTK_RAY_THREADS": str(plan["threads"])} if plan.get("threads") else {}
+    env.update(plan.get("extra_env", {}))
     ds = ds.map_batches(actor_cls, fn_constructor_args=(str(target), keep_ref, *args), batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=plan["size"]), num_gpus=plan["num_gpus"],
                         num_cpus=plan["num_cpus"], runtime_env={"env_vars": env})
@@ -467,7 +492,7 @@ def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan
     from .models import model_identity
 
     scores = scored["scores"]
-    cand = coarse["candidates"].join(scores, on="key", how="left")
+    cand = nonfinite_scores_rejected(coarse["candidates"].join(scores, on="key", how="left"))
     missing = cand.filter(pl.col("score").is_null() & pl.col("reject").is_null())
     if missing.height:
         raise RuntimeError(f"{missing.height} candidates came back from the feature stage without a score")

@@ -44,6 +44,7 @@ class ReadSpec:
     model: str | None
     max_length: int
     on_too_long: str
+    id_prefixes: dict | None = None  # path -> fallback id prefix (inputs.fallback_id_prefixes of domain + pool)
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -79,7 +80,9 @@ class ReadAndTokenize:
                 for stale in self.out_dir.glob(f"{index:06d}-*.parquet"):
                     stale.unlink()  # a file interrupted half-way is read again from its start
                 rows = 0
-                for c, chunk in enumerate(read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows)):
+                chunks = read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows,
+                                        id_prefix=(self.spec.id_prefixes or {}).get(path), on_corrupt="reject")
+                for c, chunk in enumerate(chunks):
                     write_table_atomic(self.tokenize(chunk), self.out_dir / f"{index:06d}-{c:06d}.parquet")
                     rows += chunk.num_rows
                 marker.write_text(json.dumps({"path": path, "rows": rows}))
@@ -171,6 +174,7 @@ class ShardMapper:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for path in batch.column("path").to_pylist():
+            _inject_fault_once()
             target = self.out_dir / Path(path).name
             empty = target.with_suffix(".empty")
             if target.exists():
@@ -194,6 +198,15 @@ class ShardMapper:
 
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
+
+
+def _inject_fault_once() -> None:
+    """Fault injection for tests: when NTK_RAY_FAULT_ONCE names a file that does not exist yet,
+    create it and kill this worker process (as a preempted node or OOM kill would)."""
+    marker = os.environ.get("NTK_RAY_FAULT_ONCE")
+    if marker and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
 
 
 def _threads():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -64,3 +65,49 @@ def ray_session():
                  log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole job on tiny real data (bundled corpus + demo model), shared by the e2e/resume tests
+BUDGET = 6
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    from ntk_ray.demo import make_demo_split
+
+    d = tmp_path_factory.mktemp("e2e")
+    split = make_demo_split(d / "data", n_domain=8, n_eval=8, n_pool=60, seed=0)
+    # a second pool file with rows that must be rejected, not lost
+    extra = d / "data" / "extra.jsonl"
+    lines = [
+        json.dumps({"id": "x-good", "prompt": "What does \"bread\" mean?", "response": "food made from flour and water"}),
+        "{broken json",
+        json.dumps({"id": "x-empty", "prompt": "Define it.", "response": "   "}),
+        json.dumps({"id": "x-good", "prompt": "again", "response": "a duplicate id"}),
+    ]
+    extra.write_text("\n".join(lines) + "\n")
+    return d, split
+
+
+def select_args(data_dir, out, *extra) -> list[str]:
+    return ["select", "--domain", str(data_dir / "data" / "domain.jsonl"),
+            "--pool", str(data_dir / "data" / "pool.parquet"), str(data_dir / "data" / "extra.jsonl"),
+            "--budget", str(BUDGET), "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5",
+            "--proj-dim", "256", "--coarse-factor", "3", *extra]
+
+
+def run_select(data_dir, out, *extra) -> int:
+    from ntk_ray.cli import main
+
+    return main(select_args(data_dir, out, *extra))
+
+
+@pytest.fixture(scope="session")
+def first_run(ray_session, demo_data):
+    d, _ = demo_data
+    out = d / "run1"
+    assert run_select(d, out, "--keep-features") == 0
+    return out
+
+

@@ -5,44 +5,10 @@ import json
 import polars as pl
 import pytest
 
+from conftest import BUDGET, run_select
 from ntk_ray.cli import main
-from ntk_ray.demo import make_demo_split
 
 pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
-
-BUDGET = 6
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
-    split = make_demo_split(d / "data", n_domain=8, n_eval=8, n_pool=60, seed=0)
-    # a second pool file with rows that must be rejected, not lost
-    extra = d / "data" / "extra.jsonl"
-    lines = [
-        json.dumps({"id": "x-good", "prompt": "What does \"bread\" mean?", "response": "food made from flour and water"}),
-        "{broken json",
-        json.dumps({"id": "x-empty", "prompt": "Define it.", "response": "   "}),
-        json.dumps({"id": "x-good", "prompt": "again", "response": "a duplicate id"}),
-    ]
-    extra.write_text("\n".join(lines) + "\n")
-    return d, split
-
-
-def run_select(data_dir, out, *extra):
-    args = ["select", "--domain", str(data_dir / "data" / "domain.jsonl"),
-            "--pool", str(data_dir / "data" / "pool.parquet"), str(data_dir / "data" / "extra.jsonl"),
-            "--budget", str(BUDGET), "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5",
-            "--proj-dim", "256", "--coarse-factor", "3", *extra]
-    return main(args)
-
-
-@pytest.fixture(scope="module")
-def first_run(ray_session, demo_data):
-    d, _ = demo_data
-    out = d / "run1"
-    assert run_select(d, out, "--keep-features") == 0
-    return out
 
 
 def test_outputs_follow_the_contract(first_run):
