@@ -56,16 +56,6 @@ def test_rerun_of_a_complete_run_recomputes_nothing(first_run, demo_data, capsys
     assert after["id"].to_list() == before["id"].to_list()
 
 
-def test_same_seed_gives_the_same_ranking_with_other_batching(first_run, demo_data):
-    d, _ = demo_data
-    out = d / "run2"
-    assert run_select(d, out, "--batch-tokens", "300") == 0
-    a = pl.read_parquet(first_run / "ranked.parquet")
-    b = pl.read_parquet(out / "ranked.parquet")
-    assert b["id"].to_list() == a["id"].to_list()
-    assert max(abs(x - y) for x, y in zip(a["score"].drop_nulls(), b["score"].drop_nulls())) < 1e-4 * max(abs(x) for x in a["score"].drop_nulls())
-
-
 def test_a_different_config_into_the_same_out_is_refused(first_run, demo_data, capsys):
     d, _ = demo_data
     assert run_select(d, first_run, "--seed", "5") == 2
