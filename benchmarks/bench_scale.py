@@ -46,13 +46,17 @@ MiB = 2**20
 
 
 class MemorySampler:
-    """Peak summed PSS / RSS of this process and all its descendants, sampled in a thread."""
+    """Peak summed PSS / RSS of this process and all its descendants, sampled in a thread, and
+    the CPU seconds they used meanwhile (robust to other load on a shared machine)."""
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.me = psutil.Process()
         self.peak_pss = self.peak_rss = 0
         self.peak_procs = 0
+        self.cpu_start: dict = {}
+        self.cpu_last: dict = {}
+        self.load = []
         self._stop = threading.Event()
         self._thread = None
 
@@ -60,22 +64,33 @@ class MemorySampler:
         pss = rss = n = 0
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
-                info = p.memory_full_info()
+                with p.oneshot():
+                    info = p.memory_full_info()
+                    cpu = p.cpu_times()
+                    ident = (p.pid, p.create_time())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
             n += 1
+            self.cpu_last[ident] = cpu.user + cpu.system
         return pss, rss, n
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self.cpu_start.get(k, 0.0) for k, v in self.cpu_last.items())
 
     def _run(self):
         while not self._stop.is_set():
             pss, rss, n = self.sample()
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
             self.peak_procs = max(self.peak_procs, n)
+            self.load.append(os.getloadavg()[0])
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        self.sample()
+        self.cpu_start = dict(self.cpu_last)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -162,6 +177,7 @@ def run_size(rows: int, args) -> dict:
         assert ordered.height == rows and candidates.height == min(rows, 4 * k)
         assert topk.keys.shape == (args.anchors, k)
         result["coarse_pss"], result["coarse_rss"] = mem.peak_pss / MiB, mem.peak_rss / MiB
+        result["coarse_cpu"], result["coarse_load"] = mem.cpu_seconds, float(np.mean(mem.load or [0]))
         del topk, table, pool, ordered, candidates
 
         feat_anchors = rng.standard_normal((args.anchors, args.feat_dim), dtype=np.float32)
@@ -176,6 +192,7 @@ def run_size(rows: int, args) -> dict:
             result["score_s"] = time.time() - t
         assert scores.height == rows and scores["reject"].null_count() == rows
         result["score_pss"], result["score_rss"] = mem.peak_pss / MiB, mem.peak_rss / MiB
+        result["score_cpu"], result["score_load"] = mem.cpu_seconds, float(np.mean(mem.load or [0]))
         result["procs"] = mem.peak_procs
         del parts, scores
     finally:
@@ -201,13 +218,17 @@ def table(results: list[dict], args, verdict: str) -> str:
         f"- shards of {args.shard_rows} rows, snappy Parquet, written by Ray tasks (time not included below).",
         "- memory: peak over the stage of the summed PSS (and RSS) of the driver and every Ray process "
         "(0.2 s samples); idle = the same sum with Ray up and nothing running.",
+        "- rows/s is wall time; rows/CPU-s divides by the CPU seconds the driver and the Ray processes used "
+        "in the stage (it does not depend on other load); load = mean 1-minute load average during the stage.",
         "",
-        "| rows | shards | coarse rows/s | score rows/s | idle PSS MiB | coarse peak PSS MiB | score peak PSS MiB "
-        "| peak PSS MiB | peak RSS MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| rows | shards | coarse s | coarse rows/s | coarse rows/CPU-s | score s | score rows/s | score rows/CPU-s "
+        "| load | idle PSS MiB | coarse peak PSS MiB | score peak PSS MiB | peak PSS MiB | peak RSS MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        lines.append(f"| {r['rows']:,} | {r['shards']} | {r['rows'] / r['coarse_s']:,.0f} | {r['rows'] / r['score_s']:,.0f} "
+        lines.append(f"| {r['rows']:,} | {r['shards']} | {r['coarse_s']:.1f} | {r['rows'] / r['coarse_s']:,.0f} "
+                     f"| {r['rows'] / r['coarse_cpu']:,.0f} | {r['score_s']:.1f} | {r['rows'] / r['score_s']:,.0f} "
+                     f"| {r['rows'] / r['score_cpu']:,.0f} | {max(r['coarse_load'], r['score_load']):.1f} "
                      f"| {r['idle_pss_mib']:,.0f} | {r['coarse_pss']:,.0f} | {r['score_pss']:,.0f} | {r['peak_pss']:,.0f} "
                      f"| {r['peak_rss']:,.0f} |")
     lines += ["", verdict, ""]
@@ -248,8 +269,10 @@ def main(argv=None) -> int:
             r = run_size(rows, args)
             results.append(r)
             print(f"{rows:>9,} rows: write {r['write_s']:.1f}s ({r['shards']} shards, {r['disk_mib']:,.0f} MiB) | "
-                  f"coarse {r['coarse_s']:.1f}s = {rows / r['coarse_s']:,.0f} rows/s, peak PSS {r['coarse_pss']:,.0f} MiB | "
-                  f"score {r['score_s']:.1f}s = {rows / r['score_s']:,.0f} rows/s, peak PSS {r['score_pss']:,.0f} MiB | "
+                  f"coarse {r['coarse_s']:.1f}s = {rows / r['coarse_s']:,.0f} rows/s ({rows / r['coarse_cpu']:,.0f}/CPU-s), "
+                  f"peak PSS {r['coarse_pss']:,.0f} MiB | score {r['score_s']:.1f}s = {rows / r['score_s']:,.0f} rows/s "
+                  f"({rows / r['score_cpu']:,.0f}/CPU-s), peak PSS {r['score_pss']:,.0f} MiB | "
+                  f"load {r['coarse_load']:.1f}/{r['score_load']:.1f} | "
                   f"idle PSS {r['idle_pss_mib']:,.0f} MiB, peak RSS {r['peak_rss']:,.0f} MiB", flush=True)
     finally:
         shutil.rmtree(args.data_dir, ignore_errors=True)

@@ -58,7 +58,7 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
     plan = actor_plan(resources, actors)
     with progress.stage("read"):
         if not _stage_done(work, "tokens"):
-            read_files(files, ReadSpec("data", mode, columns, model_path, max_length, on_too_long), work / "tokens", resources)
+            read_files(files, ReadSpec("data", mode, columns, model, max_length, on_too_long), work / "tokens", resources)
             _mark_done(work, "tokens")
     meta = read_parquet_dir(work / "tokens", ["id", "key", "source", "row", "reject"])
     order = {p: i for i, p in enumerate(files)}
@@ -79,7 +79,7 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
     with progress.stage("features"):
         if not _stage_done(work, "features"):
             model_map(work / "tokens", out_dir, usable, Featurizer,
-                      (model_path, adapter, projector, proj_dim, seed, batch_tokens, plan["device"]), plan)
+                      (model, adapter, projector, proj_dim, seed, batch_tokens, plan["device"]), plan)
             _mark_done(work, "features")
     shards = feature_files(out_dir)
     stamp_adapter(shards, adapter_hash(adapter))

@@ -202,6 +202,9 @@ def check_inputs(cfg: SelectConfig):
 def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | None = None) -> dict:
     """Run the whole selection; returns the manifest (also written to OUT/manifest.json)."""
     progress = progress or Progress()
+    # the driver resolves the model once (converting the demo GGUF if needed) to fail early;
+    # workers are handed cfg.model and resolve it themselves, so a node that does not share
+    # this machine's cache directory converts or finds its own copy
     cols, paths, modes, model_path = check_inputs(cfg)
     out = prepare_out_dir(cfg.out, cfg.identity(), overwrite)
     work = out / "_work"
@@ -213,7 +216,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     progress.log(f"actors: {plan['size']} x ({'1 GPU' if plan['num_gpus'] else 'CPU'}); model {model_path}")
 
     with progress.stage("read"):
-        read_inputs(cfg, cols, paths, modes, model_path, work, resources)
+        read_inputs(cfg, cols, paths, modes, cfg.model, work, resources)
     with progress.stage("validate"):
         tables = validate_rows(cfg, work, paths)
     counts = tables["counts"]
@@ -221,11 +224,11 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
                  f"{counts['domain_rows']} domain rows ({counts['domain_rejected']} rejected)")
 
     with progress.stage("warmup"):
-        warm = warmup(cfg, model_path, work, plan, tables["usable"]["domain"], progress)
+        warm = warmup(cfg, cfg.model, work, plan, tables["usable"]["domain"], progress)
     with progress.stage("coarse"):
-        coarse = coarse_stage(cfg, model_path, work, plan, tables, warm, progress)
+        coarse = coarse_stage(cfg, cfg.model, work, plan, tables, warm, progress)
     with progress.stage("features"):
-        features_stage(cfg, model_path, work, plan, coarse["candidates"], warm)
+        features_stage(cfg, cfg.model, work, plan, coarse["candidates"], warm)
     with progress.stage("score"):
         scored = score_stage(cfg, work, warm, coarse["candidates"])
     with progress.stage("write"):
@@ -239,7 +242,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     return manifest
 
 
-def read_inputs(cfg, cols, paths, modes, model_path, work, resources) -> None:
+def read_inputs(cfg, cols, paths, modes, cfg.model, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
     from .inputs import fallback_id_prefixes
     from .workers import ReadSpec

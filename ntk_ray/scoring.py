@@ -91,11 +91,11 @@ class AnchorTopK:
     keys are never broadcast to (anchors x B). Once the state is full, a block is first cut by
     one comparison to the entries at or above each anchor's current k-th best score (nothing
     below it can ever get in); those few candidates are buffered and folded into the state
-    only when about k/2 per anchor have piled up, so on a large pool the cost per block is the
+    only when about k per anchor have piled up, so on a large pool the cost per block is the
     comparison, not a re-selection of the whole (anchors x k) state."""
 
     # scratch entries (anchor rows x candidates) reduced at once; ~8 bytes each, a few times
-    chunk_entries = 1 << 22
+    chunk_entries = 1 << 21
 
     def __init__(self, n_anchors: int, k: int):
         self.k = int(k)
@@ -163,7 +163,7 @@ class AnchorTopK:
             if 2 * packed[0].shape[1] <= block.shape[1]:
                 self._pending.append(packed)
                 self._pending_width += packed[0].shape[1]
-                if self._pending_width >= max(1, self.k // 2):
+                if self._pending_width >= max(1, self.k):
                     self._flush()
                 return self
         self._flush()
@@ -185,10 +185,11 @@ class AnchorTopK:
             cand_s = np.concatenate([p[0] for p in pending], axis=1)
             cand_k = np.concatenate([p[1] for p in pending], axis=1)
         del pending
-        # the state is full with finite scores, so the -inf pads can never get in
-        self._absorb(cand_s, cand_k)
+        # already cut by the threshold; the state is full with finite scores, so the -inf pads
+        # can never get in
+        self._absorb(cand_s, cand_k, prune=False)
 
-    def _absorb(self, scores: np.ndarray, keys: np.ndarray) -> "AnchorTopK":
+    def _absorb(self, scores: np.ndarray, keys: np.ndarray, prune: bool = True) -> "AnchorTopK":
         """Merge candidates (anchors x w; keys (w,) or (anchors x w)) into the state, a chunk of
         anchor rows at a time. Always builds new arrays: the state never aliases its input
         (possibly a read-only object-store buffer)."""
@@ -198,7 +199,7 @@ class AnchorTopK:
         out_k = np.empty((scores.shape[0], out_w), dtype=np.int64)
         for rows in self._chunks(have + scores.shape[1]):
             out_s[rows], out_k[rows] = _merge_rows(self._scores[rows], self._keys[rows], scores[rows],
-                                                   keys if keys.ndim == 1 else keys[rows], self.k)
+                                                   keys if keys.ndim == 1 else keys[rows], self.k, prune)
         self._set(out_s, out_k)
         return self
 
@@ -210,24 +211,36 @@ class AnchorTopK:
 
 
 def _above(cand_s: np.ndarray, cand_k: np.ndarray, threshold: np.ndarray):
-    """Per row, the candidates scoring >= the row's threshold, packed to the left of a
-    (rows x widest) float64 array padded with -inf (keys (rows x widest), pads 0); None when
-    there are none."""
+    """Per row, the candidates scoring >= the row's threshold (a superset is fine: it only
+    filters), packed to the left of a (rows x widest) float64 array padded with -inf (keys
+    (rows x widest), pads 0); None when there are none."""
+    if cand_s.dtype == np.float32:
+        # compare in float32 (no float64 copy of the block) against the threshold rounded down
+        t32 = threshold.astype(np.float32)
+        low = t32 > threshold
+        t32[low] = np.nextafter(t32[low], np.float32(-np.inf))
+        threshold = t32
     mask = cand_s >= threshold[:, None]
     counts = np.count_nonzero(mask, axis=1)
     widest = int(counts.max()) if counts.size else 0
     if widest == 0:
         return None
-    r, col = np.nonzero(mask)  # row-major: grouped by row
-    pos = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    packed_s = np.full((cand_s.shape[0], widest), -np.inf)
-    packed_k = np.zeros((cand_s.shape[0], widest), dtype=np.int64)
-    packed_s[r, pos] = cand_s[r, col]
-    packed_k[r, pos] = cand_k[col] if cand_k.ndim == 1 else cand_k[r, col]
-    return packed_s, packed_k
+    rows, width = cand_s.shape
+    flat = np.flatnonzero(mask)  # row-major: grouped by row
+    r = flat // width
+    pos = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    dest = r * widest + pos
+    packed_s = np.full(rows * widest, -np.inf)
+    packed_k = np.zeros(rows * widest, dtype=np.int64)
+    packed_s[dest] = cand_s.reshape(-1)[flat] if cand_s.flags.c_contiguous else cand_s[mask]
+    if cand_k.ndim == 1:
+        packed_k[dest] = cand_k[flat - r * width]
+    else:
+        packed_k[dest] = cand_k[mask]
+    return packed_s.reshape(rows, widest), packed_k.reshape(rows, widest)
 
 
-def _merge_rows(state_s, state_k, cand_s, cand_k, k: int):
+def _merge_rows(state_s, state_k, cand_s, cand_k, k: int, prune: bool = True):
     """The k best by (score desc, key asc) of each row's state (rows x w, w <= k, exactly its
     own top-w) and candidates (rows x c; keys (c,) shared by all rows or (rows x c)).
 
@@ -237,7 +250,7 @@ def _merge_rows(state_s, state_k, cand_s, cand_k, k: int):
     rows, c = cand_s.shape
     if c == 0:
         return state_s, state_k
-    if state_s.shape[1] == k and k > 0:
+    if prune and state_s.shape[1] == k and k > 0:
         threshold = state_s.min(axis=1)
         if np.isfinite(threshold).all():
             packed = _above(cand_s, cand_k, threshold)
@@ -245,8 +258,13 @@ def _merge_rows(state_s, state_k, cand_s, cand_k, k: int):
                 return state_s, state_k
             if 2 * packed[0].shape[1] <= c:
                 cand_s, cand_k = packed
-    if cand_s.shape[1] > k or cand_k.ndim == 1:
-        cand_s, cand_k = _top_k_rows(cand_s, cand_k, k)  # the candidates' own top-k first
+    if cand_s.shape[1] > k and (cand_k.ndim == 1 or state_s.shape[1] == 0):
+        # a wide block with shared keys (or no state yet): its own top-k first. Not for -inf
+        # padded candidates against a full state: a row with fewer than k real candidates would
+        # look tied at -inf and take the slow exact path.
+        cand_s, cand_k = _top_k_rows(cand_s, cand_k, k)
+    if cand_k.ndim == 1:
+        cand_k = np.broadcast_to(cand_k, cand_s.shape)
     if state_s.shape[1] == 0:
         return cand_s, cand_k
     return _top_k_rows(np.concatenate([state_s, cand_s], axis=1), np.concatenate([state_k, cand_k], axis=1), k)

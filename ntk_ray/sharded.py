@@ -55,12 +55,14 @@ def iter_vectors(path: str, column: str, extra: tuple[str, ...], batch_rows: int
 
 
 def _vector_width(f: pq.ParquetFile, column: str) -> int:
-    field = f.schema_arrow.field(column)
-    size = getattr(field.type, "list_size", None)
+    size = getattr(f.schema_arrow.field(column).type, "list_size", None)
     if size:
         return int(size)
-    first = next(f.iter_batches(batch_size=1, columns=[column]), None)  # variable-size lists: ask a row
-    return max(1, len(first.column(column)[0])) if first is not None and first.num_rows else 1
+    try:  # variable-size lists or an extension type: ask the first row
+        first = next(f.iter_batches(batch_size=1, columns=[column]), None)
+        return max(1, _matrix(first.column(column), 1).shape[1]) if first is not None and first.num_rows else 1
+    except Exception:
+        return 1024
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -61,12 +61,9 @@ def _cluster_processes(temp_dir: str):
     return list(found.values())
 
 
-def _teardown(temp_dir: str, started: list[subprocess.Popen]) -> None:
+def _teardown(temp_dir: str) -> None:
     import psutil
 
-    for proc in started:  # `ray start` itself returns quickly; just in case it is still around
-        if proc.poll() is None:
-            proc.kill()
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         procs = _cluster_processes(temp_dir)
         if not procs:
@@ -117,15 +114,16 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
     # runtime-env agent would delete the working_dir copy the other node's job driver runs in
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--object-store-memory={200 * 2**20}",
               "--num-gpus=0"]
-    started: list[subprocess.Popen] = []
     try:
         _run([ray, "start", "--head", "--num-cpus=1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
               f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
               f"--dashboard-agent-listen-port={head_agent}", f"--dashboard-agent-grpc-port={head_grpc}",
-              f"--runtime-env-agent-port={head_rt}", f"--metrics-export-port={head_metrics}", f"--temp-dir={temp_dir}/h", *common], env, 120)
+              f"--runtime-env-agent-port={head_rt}", f"--metrics-export-port={head_metrics}",
+              f"--temp-dir={temp_dir}/h", *common], env, 120)
         _run([ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
               f"--dashboard-agent-listen-port={wk_agent}", f"--dashboard-agent-grpc-port={wk_grpc}",
-              f"--runtime-env-agent-port={wk_rt}", f"--metrics-export-port={wk_metrics}", f"--temp-dir={temp_dir}/w", *common], env, 120)
+              f"--runtime-env-agent-port={wk_rt}", f"--metrics-export-port={wk_metrics}",
+              f"--temp-dir={temp_dir}/w", *common], env, 120)
         t_cluster = time.time()
 
         from ray.job_submission import JobStatus, JobSubmissionClient
@@ -156,7 +154,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
         assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n{logs[-6000:]}"
         t_job = time.time()
     finally:
-        _teardown(temp_dir, started)
+        _teardown(temp_dir)
     assert not _cluster_processes(temp_dir)
 
     # the job joined the 3-CPU cluster rather than starting an embedded Ray on the head

@@ -23,22 +23,6 @@ N_ANCHORS, DIM = 7, 12
 SHARD_ROWS = (40, 1, 75, 33, 0, 51)  # an empty shard and a one-row shard too
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One Ray for the module (reuses a Ray someone already started in this process)."""
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200 * 2**20,
-             log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _vectors(x: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel(), pa.float32()), x.shape[1])
 
