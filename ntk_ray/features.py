@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -119,22 +120,69 @@ def pack_by_tokens(lengths: list[int], max_tokens: int, max_rows: int = 256) -> 
     return batches
 
 
+def pack_tight(lengths: list[int], max_tokens: int, max_rows: int = 256, batch_cost_tokens: int | None = None) -> list[list[int]]:
+    """Batches for the feature passes, where batch composition does not change any result:
+    the rows sorted longest first (as ``pack_by_tokens``) and cut into the contiguous runs that
+    minimise padded tokens + ``batch_cost_tokens`` per batch (default max_tokens // 32, the
+    fixed cost of a batch in token units), each within ``max_tokens`` padded tokens and
+    ``max_rows`` rows. ``pack_by_tokens`` fills every batch to the budget, so a few long rows
+    pad a whole batch of short ones; this wastes less (exact dynamic programme, O(n * rows)).
+    Deterministic for given lengths. Training keeps ``pack_by_tokens`` (its batches are steps)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    cost = max(max_tokens // 32, 1) if batch_cost_tokens is None else batch_cost_tokens
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    width = np.asarray([lengths[i] for i in order], dtype=np.int64)  # non-increasing
+    best = np.zeros(n + 1, dtype=np.float64)
+    start = np.zeros(n + 1, dtype=np.int64)
+    # a batch [s, e) of the sorted rows has width width[s]; it may hold rows s..e-1 when
+    # width[s] * (e - s) <= max_tokens (or e - s == 1) and e - s <= max_rows
+    fits = np.maximum(np.minimum(max_tokens // np.maximum(width, 1), max_rows), 1)
+    for e in range(1, n + 1):
+        lo = max(0, e - max_rows)
+        s = np.arange(lo, e)
+        ok = fits[lo:e] >= e - s
+        total = np.where(ok, best[lo:e] + width[lo:e] * (e - s) + cost, np.inf)
+        j = int(np.argmin(total))  # first minimum: deterministic
+        best[e], start[e] = total[j], lo + j
+    cuts, e = [], n
+    while e > 0:
+        cuts.append((int(start[e]), e))
+        e = int(start[e])
+    return [[order[k] for k in range(s, e)] for s, e in reversed(cuts)]
+
+
 # ---------------------------------------------------------------------------------------------
 # shortcut 2: batched per-sample gradients
 class GradientCapture:
     """Hooks on the trainable linears that hand (inputs, output gradients) of every module to a
-    callback during backward. Inputs at padded positions are zeroed with the attention mask."""
+    callback during backward.
+
+    ``grad_targets()`` names the tensors to differentiate with respect to so that every hooked
+    output receives its gradient but no weight gradient is computed (the per-sample work needs
+    only the output gradients): the outputs of the modules whose input is not the output of
+    another hooked module. For LoRA that is the ``lora_A`` outputs; the gradient on the way to them
+    passes through every ``lora_B`` output, whose hooks fire too. The callback also gets the
+    token mask; padded positions are zeroed there, on whichever side is cheaper."""
 
     def __init__(self, modules: list[nn.Linear]):
         self.modules = modules
-        self.inputs: list[torch.Tensor | None] = [None] * len(modules)
-        self.results: list[torch.Tensor | None] = [None] * len(modules)
+        n = len(modules)
+        self.inputs: list[torch.Tensor | None] = [None] * n
+        self.outputs: list[torch.Tensor | None] = [None] * n
+        self.fed: list[bool] = [False] * n  # input is another hooked module's output
+        self.results: list[torch.Tensor | None] = [None] * n
         self.on_backward = None  # callable(index, inputs, out_grads) -> tensor
         self.token_mask: torch.Tensor | None = None
+        self._output_index: dict[int, int] = {}
+        self.called: list[bool] = [False] * n
 
     @contextlib.contextmanager
     def active(self, on_backward, token_mask: torch.Tensor):
         self.on_backward, self.token_mask = on_backward, token_mask
+        self.results = [None] * len(self.modules)
+        self.called = [False] * len(self.modules)
         handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self.modules)]
         try:
             yield self
@@ -142,21 +190,46 @@ class GradientCapture:
             for h in handles:
                 h.remove()
             self.inputs = [None] * len(self.modules)
+            self.outputs = [None] * len(self.modules)
+            self._output_index = {}
             self.on_backward = self.token_mask = None
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        """Tensors whose gradients reach every hooked output (see the class docstring)."""
+        return [o for o, fed in zip(self.outputs, self.fed) if o is not None and not fed]
 
     def _forward_hook(self, index: int):
         def hook(module, args, output):
-            x = args[0].detach()
-            self.inputs[index] = x * self.token_mask.unsqueeze(-1).to(x.dtype)
+            self.called[index] = True
+            x = args[0]
+            # ids are unique here: every recorded output stays alive until the context exits
+            self.fed[index] = id(x) in self._output_index
+            self.inputs[index] = x.detach()
 
             def grad_hook(grad):
                 self.results[index] = self.on_backward(index, self.inputs[index], grad.detach())
                 self.inputs[index] = None  # free activations as soon as they are used
 
             if output.requires_grad:
+                self.outputs[index] = output
+                self._output_index[id(output)] = index
                 output.register_hook(grad_hook)
 
         return hook
+
+
+def _mask_smaller_side(inputs: torch.Tensor, out_grads: torch.Tensor, token_mask: torch.Tensor):
+    """Zero the padded positions of the side with fewer features (the product g_t a_t^T is zero
+    at a position either way); float32 copies of both sides."""
+    mask = token_mask.unsqueeze(-1)
+    if out_grads.shape[-1] <= inputs.shape[-1]:
+        return inputs.float(), out_grads.float() * mask.to(torch.float32)
+    return inputs.float() * mask.to(torch.float32), out_grads.float()
+
+
+def per_sample_gradient(inputs: torch.Tensor, out_grads: torch.Tensor) -> torch.Tensor:
+    """(B, out, in) per-sample dF/dW = sum_t g_t a_t^T of one linear factor (one bmm)."""
+    return torch.bmm(out_grads.transpose(1, 2), inputs)
 
 
 @dataclass
@@ -207,41 +280,63 @@ class FeatureComputer:
         return summed_logit_objective(hidden, score_mask, self.w_sum, self.b_sum)
 
     def features_padded(self, input_ids, attention_mask, score_mask) -> FeatureBatch:
-        """psi, ||g|| and F for one padded batch: one forward, one backward."""
-        norms = torch.zeros(input_ids.shape[0], device=self.device)
+        """psi, ||g|| and F for one padded batch: one forward, one backward.
+
+        The backward is taken with respect to the hooked module outputs
+        (``GradientCapture.grad_targets``), not the LoRA weights, so autograd skips the
+        weight-gradient matmuls that nothing here uses. Per module, the Kronecker projector picks
+        the cheaper exact route (``KronProjector.project_module``)."""
+        n_rows = input_ids.shape[0]
+        norms = torch.zeros(n_rows, device=self.device)
         projector = self.projector
+        want_norm = self.compute_norm
+        token_mask = attention_mask
 
         def on_backward(index, inputs, out_grads):
-            out_grads = out_grads.float()
-            inputs = inputs.float()
-            full = None
-            if self.compute_norm or projector.kind != "kron":
-                full = torch.einsum("bto,bti->boi", out_grads, inputs)  # per-sample dF/dW
-                if self.compute_norm:
-                    norms.add_(full.pow(2).sum(dim=(1, 2)))
+            a, g = _mask_smaller_side(inputs, out_grads, token_mask)
             if projector.kind == "kron":
-                return projector.project_tokens(index, out_grads, inputs)
+                psi, sq_norm = projector.project_module(index, g, a, want_norm)
+                if sq_norm is not None:
+                    norms.add_(sq_norm)
+                return psi
+            full = per_sample_gradient(a, g)  # per-sample dF/dW (B, out, in)
+            if want_norm:
+                norms.add_(full.pow(2).sum(dim=(1, 2)))
             return full
 
         with self.capture.active(on_backward, attention_mask):
             objective = self.objective(input_ids, attention_mask, score_mask)
-            torch.autograd.grad(objective.sum(), self.params)
-        parts = list(self.capture.results)
-        self.capture.results = [None] * len(self.linears)
+            targets = self.capture.grad_targets()
+            if targets:
+                torch.autograd.grad(objective.sum(), targets, allow_unused=True)
+            parts = list(self.capture.results)
+        for index, part in enumerate(parts):
+            if part is None:
+                if not self.capture.called[index]:
+                    raise ValueError(f"trainable module {self.shapes[index].name} is not used by the decoder's forward "
+                                     "(LoRA on the LM head is not supported: F is taken through the head's column-sum)")
+                parts[index] = self._zero_part(index, n_rows)  # F does not depend on it: zero gradient
         if projector.kind == "kron":
             feature = torch.cat(parts, dim=1)
         else:
             feature = projector.project_full(parts)
         return FeatureBatch(feature.float(), norms.sqrt(), objective.detach().float())
 
+    def _zero_part(self, index: int, n_rows: int) -> torch.Tensor:
+        shape = self.shapes[index]
+        if self.projector.kind == "kron":
+            k_o, k_i = self.projector.factors[index]
+            return torch.zeros(n_rows, k_o * k_i, device=self.device)
+        return torch.zeros(n_rows, shape.out_features, shape.in_features, device=self.device)
+
     def features(self, sequences: list[list[int]], score_masks: list[list[int]], max_tokens: int = 8192) -> FeatureBatch:
         """psi for any number of samples, packed into batches of at most ``max_tokens`` padded
-        tokens; rows come back in input order."""
+        tokens (``pack_tight``); rows come back in input order."""
         n = len(sequences)
         feature = torch.zeros(n, self.dim)
         norm = torch.zeros(n)
         objective = torch.zeros(n)
-        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+        for batch in pack_tight([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
             out = self.features_padded(ids, attn, mask)
             index = torch.as_tensor(batch)
@@ -255,7 +350,7 @@ class FeatureComputer:
     def mean_gradient(self, sequences, score_masks, max_tokens: int = 8192) -> list[torch.Tensor]:
         """g_bar = mean over samples of g(x), per trainable weight (one backward per batch)."""
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+        for batch in pack_tight([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
             grads = torch.autograd.grad(self.objective(ids, attn, mask).sum(), self.params)
             for t, g in zip(total, grads):
@@ -274,7 +369,7 @@ class FeatureComputer:
         primals = {n: p.detach() for n, p in trainable.items()}
         tangents = {n: by_param[id(p)].to(p.device, p.dtype) for n, p in trainable.items()}
         out = torch.zeros(len(sequences))
-        for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
+        for batch in pack_tight([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
 
             def objective_of(p):

@@ -39,14 +39,18 @@ import torch
 PROJECTORS = ("kron", "dense", "none")
 
 
+_SIGNS_OF_BYTE = (1.0 - 2.0 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")).astype(np.float32)
+
+
 def rademacher_signs(n: int, seed: int, name: str) -> np.ndarray:
     """n signs in {-1, +1} (float32) from the stable key (seed, name)."""
     digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
     words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
     seq = np.random.SeedSequence([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, *words])
     raw = np.random.PCG64(seq).random_raw((n + 63) // 64).astype("<u8")
-    bits = np.unpackbits(raw.view(np.uint8), bitorder="little")[:n]
-    return (1.0 - 2.0 * bits).astype(np.float32)
+    # bit j of byte k is sign 8k + j (little bit order): one table lookup per byte gives its 8
+    # signs as float32, the same values as unpackbits(bitorder="little") -> 1 - 2 * bit
+    return _SIGNS_OF_BYTE[raw.view(np.uint8)].reshape(-1)[:n]
 
 
 def rademacher_matrix(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
@@ -194,6 +198,56 @@ class KronProjector(Projector):
             a = a @ p_i.T
         return torch.einsum("bto,bti->boi", g, a).flatten(1)
 
+    def project_module(self, index: int, out_grads: torch.Tensor, inputs: torch.Tensor,
+                       want_norm: bool = False, route: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """psi_m (B, k_o * k_i) of module ``index`` from its captures, by the cheaper of two exact
+        routes, and the squared per-sample gradient norm ||G_W||_F^2 (B,) when ``want_norm``.
+
+        * tokens: project each token's two sides, then sum_t (P_o g_t)(P_i a_t)^T
+          (``project_tokens``); the norm then comes from the Gram form
+          ||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s).
+        * full: build the per-sample gradient G_W = sum_t g_t a_t^T (one bmm), take its norm,
+          and project it, P_o G_W P_i^T. For LoRA factors (one side of size r) this is the
+          cheaper route: the gradient has only r x in entries, fewer than the token projection's
+          multiply-adds per token.
+
+        The choice is by multiply-add count, per batch (T = padded tokens per row); ``route``
+        ("tokens" or "full") forces one (tests)."""
+        o, i = out_grads.shape[-1], inputs.shape[-1]
+        t = out_grads.shape[1]
+        k_o, k_i = self.factors[index]
+        p_o, p_i = self.side_matrices(index, out_grads.device)
+        side = (o * k_o if p_o is not None else 0) + (i * k_i if p_i is not None else 0)
+        tokens = t * (side + k_o * k_i) + (t * t * (o + i + 1) if want_norm else 0)
+        full = t * o * i + _full_projection_cost(o, i, k_o, k_i, p_o is not None, p_i is not None)
+        if route not in (None, "tokens", "full"):
+            raise ValueError(f"unknown route {route!r}")
+        if route == "tokens" or (route is None and tokens < full):
+            psi = self.project_tokens(index, out_grads, inputs)
+            sq = None
+            if want_norm:
+                g, a = out_grads.float(), inputs.float()
+                sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2))
+            return psi, sq
+        g = torch.bmm(out_grads.float().transpose(1, 2), inputs.float())  # (B, out, in)
+        sq = g.pow(2).sum(dim=(1, 2)) if want_norm else None
+        return self._project_gradient(g, p_o, p_i).flatten(1), sq
+
+    @staticmethod
+    def _project_gradient(g: torch.Tensor, p_o: torch.Tensor | None, p_i: torch.Tensor | None) -> torch.Tensor:
+        """P_o g P_i^T for g (B, out, in), multiplying in the cheaper order."""
+        if p_o is None and p_i is None:
+            return g
+        if p_i is None:
+            return p_o @ g
+        if p_o is None:
+            return g @ p_i.T
+        k_o, o = p_o.shape
+        k_i, i = p_i.shape
+        if k_o * o * i + k_o * i * k_i <= o * i * k_i + k_o * o * k_i:
+            return (p_o @ g) @ p_i.T
+        return p_o @ (g @ p_i.T)
+
     def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Same map applied to full per-sample gradients (B, out, in): P_o G P_i^T (tests)."""
         parts = []
@@ -206,6 +260,17 @@ class KronProjector(Projector):
                 g = g @ p_i.T
             parts.append(g.flatten(1))
         return torch.cat(parts, dim=1)
+
+
+def _full_projection_cost(o: int, i: int, k_o: int, k_i: int, has_o: bool, has_i: bool) -> int:
+    """Multiply-adds of P_o G P_i^T for one (o x in) gradient, in the cheaper order."""
+    if has_o and has_i:
+        return min(k_o * o * i + k_o * i * k_i, o * i * k_i + k_o * o * k_i)
+    if has_o:
+        return k_o * o * i
+    if has_i:
+        return o * i * k_i
+    return 0
 
 
 def make_projector(kind: str, modules: list[ModuleShape], dim: int, seed: int) -> Projector:

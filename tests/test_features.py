@@ -104,3 +104,93 @@ def test_pack_by_tokens_respects_budget_and_covers_every_row():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 60
+
+
+@pytest.mark.parametrize("route", ["tokens", "full"])
+@pytest.mark.parametrize("compute_norm", [True, False])
+def test_kron_routes_equal_projected_reference(tiny_model, route, compute_norm):
+    """Both exact routes of KronProjector.project_module (token-side projection with the Gram
+    norm, or the per-sample gradient then P_o G P_i^T) against the projected reference."""
+    from ntk_ray.projection import KronProjector
+
+    seqs, masks = random_samples(7, seed=9)
+    ref = reference_gradients(tiny_model, seqs, masks)
+    fc = FeatureComputer(tiny_model, projector="kron", dim=40, seed=5, compute_norm=compute_norm)
+    calls = []
+
+    def forced(index, out_grads, inputs, want_norm=False):
+        calls.append(index)
+        return KronProjector.project_module(fc.projector, index, out_grads, inputs, want_norm, route=route)
+
+    fc.projector.project_module = forced
+    out = fc.features(seqs, masks, max_tokens=50)  # several batches with padding
+    assert calls
+    sizes = [s.numel for s in fc.shapes]
+    full = [g.reshape(-1, s.out_features, s.in_features) for g, s in zip(ref.split(sizes, dim=1), fc.shapes)]
+    torch.testing.assert_close(out.feature, fc.projector.project_full(full), rtol=1e-4, atol=1e-5)
+    if compute_norm:
+        torch.testing.assert_close(out.norm, ref.norm(dim=1), rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.all(out.norm == 0)
+
+
+def test_features_leave_lora_weight_grads_alone(tiny_model):
+    """The feature backward differentiates w.r.t. module outputs: no .grad is written."""
+    seqs, masks = random_samples(3, seed=10)
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in params)
+    FeatureComputer(tiny_model, projector="kron", dim=32).features(seqs, masks)
+    assert all(p.grad is None for p in params)
+
+
+def test_lora_outside_the_decoder_is_an_error():
+    model = build_tiny_lora_model(targets=("q_proj", "lm_head"))
+    seqs, masks = random_samples(2, seed=11)
+    with pytest.raises(ValueError, match="not used by the decoder"):
+        FeatureComputer(model, projector="kron", dim=32).features(seqs, masks)
+
+
+def test_pack_tight_covers_rows_within_budget_and_pads_no_more():
+    from ntk_ray.features import pack_tight
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        lengths = torch.randint(1, 130, (n,), generator=g).tolist()
+        budget = int(torch.randint(100, 3000, (1,), generator=g))
+        for max_rows in (256, 7):
+            batches = pack_tight(lengths, budget, max_rows=max_rows)
+            assert sorted(i for b in batches for i in b) == list(range(n))
+            for b in batches:
+                assert len(b) <= max_rows
+                assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= budget
+            assert batches == pack_tight(lengths, budget, max_rows=max_rows)  # deterministic
+
+            def padded(bs):
+                return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+            old = pack_by_tokens(lengths, budget, max_rows=max_rows)
+            cost = max(budget // 32, 1)
+            assert padded(batches) + cost * len(batches) <= padded(old) + cost * len(old)
+    assert pack_tight([], 100) == []
+
+
+def test_rademacher_signs_are_the_documented_bit_stream():
+    """The sign generator must not change between versions (the projection is keyed on it):
+    bit j of byte k of the PCG64 raw stream (little-endian) gives sign 8k + j = 1 - 2 * bit."""
+    import hashlib
+
+    import numpy as np
+
+    from ntk_ray.projection import rademacher_signs
+
+    for n, seed, name in [(1, 0, "a"), (63, 1, "b"), (64, 2, "c"), (1000, 2**40 + 3, "kron/x/in/7")]:
+        digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
+        words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+        seq = np.random.SeedSequence([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, *words])
+        raw = np.random.PCG64(seq).random_raw((n + 63) // 64).astype("<u8")
+        bits = np.unpackbits(raw.view(np.uint8), bitorder="little")[:n]
+        expected = (1.0 - 2.0 * bits).astype(np.float32)
+        got = rademacher_signs(n, seed, name)
+        assert got.dtype == np.float32 and got.shape == (n,)
+        assert np.array_equal(got, expected)
