@@ -242,7 +242,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     return manifest
 
 
-def read_inputs(cfg, cols, paths, modes, cfg.model, work, resources) -> None:
+def read_inputs(cfg, cols, paths, modes, model, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
     from .inputs import fallback_id_prefixes
     from .workers import ReadSpec
@@ -252,7 +252,7 @@ def read_inputs(cfg, cols, paths, modes, cfg.model, work, resources) -> None:
         name = f"tokens/{role}"
         if _stage_done(work, name):
             continue
-        spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model_path,
+        spec = ReadSpec(role=role, mode=modes[role], columns=cols, model=model,
                         max_length=cfg.max_length, on_too_long=cfg.on_too_long,
                         id_prefixes={p: prefixes[p] for p in paths[role]})
         read_files(paths[role], spec, work / name, resources)
