@@ -27,6 +27,20 @@ TOKEN_META_SCHEMA = {"role": pl.String, "id": pl.String, "key": pl.Int64, "sourc
                      "n_tokens": pl.Int64, "truncated": pl.Boolean, "reject": pl.String}
 
 
+def mark_duplicates(df: pl.DataFrame, files: list[str]) -> pl.DataFrame:
+    """Rows in file order (``files``), then row order, with a ``file_order`` column; a later
+    usable row whose id was seen before gets the reject "duplicate id (first at file:row)"."""
+    order = {p: i for i, p in enumerate(files)}
+    df = df.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order"))
+    df = df.sort(["file_order", "row"])
+    first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
+             .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
+    return df.join(first, on="id", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
+        .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
+        .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
+
+
 def account_rows(frames: dict[str, pl.DataFrame], paths: dict[str, list[str]], budget: int) -> dict:
     """Pure bookkeeping over the tokenized rows' metadata (``TOKEN_META_SCHEMA`` per role):
     marks duplicates (a later usable row with an id seen before, in file order then row order)
@@ -37,16 +51,7 @@ def account_rows(frames: dict[str, pl.DataFrame], paths: dict[str, list[str]], b
         df = frames[role]
         if df.is_empty():
             df = pl.DataFrame(schema=TOKEN_META_SCHEMA)
-        order = {p: i for i, p in enumerate(paths[role])}
-        df = df.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order"))
-        df = df.sort(["file_order", "row"])
-        # a later usable row with an id seen before is a duplicate of the first one
-        first = (df.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True)
-                 .agg(pl.col("source").first().alias("first_source"), pl.col("row").first().alias("first_row")))
-        df = df.join(first, on="id", how="left", maintain_order="left").with_columns(
-            pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("first_source")) | (pl.col("row") != pl.col("first_row"))))
-            .then(pl.format("duplicate id (first at {}:{})", pl.col("first_source"), pl.col("first_row")))
-            .otherwise(pl.col("reject")).alias("reject")).drop("first_source", "first_row")
+        df = mark_duplicates(df, paths[role])
         frames[role] = df
     domain_ids = frames["domain"].filter(pl.col("reject").is_null())["id"]
     frames["pool"] = frames["pool"].with_columns(

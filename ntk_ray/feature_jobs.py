@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from .accounting import UsageError
+from .accounting import UsageError, mark_duplicates
 from .outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
 from .pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
                        prepare_out_dir, read_files, score_features)
@@ -61,13 +61,7 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
             read_files(files, ReadSpec("data", mode, columns, model, max_length, on_too_long), work / "tokens", resources)
             _mark_done(work, "tokens")
     meta = read_parquet_dir(work / "tokens", ["id", "key", "source", "row", "reject"])
-    order = {p: i for i, p in enumerate(files)}
-    meta = meta.with_columns(pl.col("source").replace_strict(order, default=len(order)).alias("file_order")).sort("file_order", "row")
-    first = meta.filter(pl.col("reject").is_null()).group_by("id", maintain_order=True).agg(
-        pl.col("source").first().alias("fs"), pl.col("row").first().alias("fr"))
-    meta = meta.join(first, on="id", how="left").with_columns(
-        pl.when(pl.col("reject").is_null() & ((pl.col("source") != pl.col("fs")) | (pl.col("row") != pl.col("fr"))))
-        .then(pl.format("duplicate id (first at {}:{})", pl.col("fs"), pl.col("fr"))).otherwise(pl.col("reject")).alias("reject"))
+    meta = mark_duplicates(meta, files)
     usable = meta.filter(pl.col("reject").is_null())
     if usable.is_empty():
         raise UsageError(f"--data: no usable rows in {', '.join(files[:3])}")
