@@ -30,6 +30,7 @@ class SelectConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     warmup_epochs: float = 2.0
     warmup_lr: float = 1e-4
+    warmup_batch_tokens: int = 4096  # padded tokens per training step: part of the result, unlike --batch-tokens
     warmup: str = "train"  # "train" | "fresh" (B = 0, no training)
     adapter: str | None = None  # use this adapter instead of warming up
     # coarse stage

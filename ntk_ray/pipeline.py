@@ -374,7 +374,7 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
     else:
         model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
         if cfg.warmup == "train":
-            tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=min(cfg.batch_tokens, 4096), seed=cfg.seed)
+            tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=cfg.warmup_batch_tokens, seed=cfg.seed)
             history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append)
         else:
             history = {"fresh": True}
