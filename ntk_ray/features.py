@@ -16,7 +16,11 @@ Shortcuts, each named where it happens below:
    (causal attention masks padding, norms are per token), so one backward of sum_b F(x_b) gives
    every sample's output gradients. For a linear LoRA factor W with input activations a_t and
    output gradients g_t, dF(x)/dW = sum_{t in x} g_t a_t^T. Hooks capture a and g per module and
-   the projector works on them directly (the Kronecker projector never builds the gradient).
+   the projector works on them directly. The backward is taken with respect to the module
+   outputs, not the weights, so autograd skips the (unused) LoRA weight-gradient matmuls. The
+   Kronecker projector picks, per module and batch, the cheaper exact route: project both sides
+   per token, or build the small per-sample gradient (r x in for LoRA) and project that.
+   Batches are packed by ``pack_tight`` (least padding; batch composition never changes a result).
 3. Exact mean scores by forward-mode JVP (``mean_scores_jvp``): mean_a <g(x), g(a)> =
    <g(x), g_bar> is the directional derivative of F(x) along g_bar = d(mean_a F(a))/d theta,
    so one backward over the anchors and one JVP per pool batch give exact, unprojected scores.
@@ -250,7 +254,7 @@ class FeatureComputer:
 
     def __init__(self, model: nn.Module, projector: str = "kron", dim: int = 8192, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 compute_norm: bool = True):
+                 compute_norm: bool = True, batch_cost_tokens: int | None = None):
         self.model = model.eval()
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
@@ -263,6 +267,24 @@ class FeatureComputer:
         self.shapes = module_shapes(model)
         self.projector: Projector = make_projector(projector, self.shapes, dim, seed)
         self.capture = GradientCapture(self.linears)
+        # fixed cost of one batch in padded-token units, for ``pack_tight``: small on CPU (the
+        # model's matmuls dominate from a few hundred tokens on), larger on accelerators (Python
+        # and kernel-launch overhead per batch); a dense projection regenerates its whole matrix
+        # per batch, so there the fewest batches win
+        self.batch_cost_tokens = batch_cost_tokens
+
+    def batches(self, lengths: list[int], max_tokens: int) -> list[list[int]]:
+        """The batches (row indices) that ``features`` / ``mean_gradient`` / ``mean_scores_jvp``
+        use for rows of these lengths (``pack_tight``)."""
+        cost = self.batch_cost_tokens
+        if cost is None:
+            if self.projector.kind == "dense":
+                cost = 4 * max_tokens
+            elif self.device.type == "cpu":
+                cost = 32
+            else:
+                cost = max(max_tokens // 4, 1)
+        return pack_tight(lengths, max_tokens, batch_cost_tokens=cost)
 
     @property
     def dim(self) -> int:
@@ -331,12 +353,12 @@ class FeatureComputer:
 
     def features(self, sequences: list[list[int]], score_masks: list[list[int]], max_tokens: int = 8192) -> FeatureBatch:
         """psi for any number of samples, packed into batches of at most ``max_tokens`` padded
-        tokens (``pack_tight``); rows come back in input order."""
+        tokens (``batches``); rows come back in input order."""
         n = len(sequences)
         feature = torch.zeros(n, self.dim)
         norm = torch.zeros(n)
         objective = torch.zeros(n)
-        for batch in pack_tight([len(s) for s in sequences], max_tokens):
+        for batch in self.batches([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
             out = self.features_padded(ids, attn, mask)
             index = torch.as_tensor(batch)
@@ -350,7 +372,7 @@ class FeatureComputer:
     def mean_gradient(self, sequences, score_masks, max_tokens: int = 8192) -> list[torch.Tensor]:
         """g_bar = mean over samples of g(x), per trainable weight (one backward per batch)."""
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        for batch in pack_tight([len(s) for s in sequences], max_tokens):
+        for batch in self.batches([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
             grads = torch.autograd.grad(self.objective(ids, attn, mask).sum(), self.params)
             for t, g in zip(total, grads):
@@ -369,7 +391,7 @@ class FeatureComputer:
         primals = {n: p.detach() for n, p in trainable.items()}
         tangents = {n: by_param[id(p)].to(p.device, p.dtype) for n, p in trainable.items()}
         out = torch.zeros(len(sequences))
-        for batch in pack_tight([len(s) for s in sequences], max_tokens):
+        for batch in self.batches([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
 
             def objective_of(p):
