@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # The slow reference rows (LESS-style, dense) regenerate a 3.9M x 8192 Rademacher matrix on
 # the host per projection (~0.5 min each): 16 samples = one projection each. The projection
 # error study and the CLI row are CPU-side and done in the CPU benchmark.
-timeout 480 "$PY" benchmarks/bench_features.py --random-arch --device cuda --bf16 \
+timeout 540 "$PY" benchmarks/bench_features.py --random-arch --device cuda --bf16 \
     --samples 512 --max-length 512 --max-tokens 16384 --anchors 64 \
     --less-samples 16 --dense-samples 16 --repeats 2 \
     --pool-rows 100000 --skip error cli "$@"

@@ -17,11 +17,15 @@ Projectors (chosen by name, see ``make_projector``):
 
       P_o G_W P_i^T = sum_t (P_o g_t)(P_i a_t)^T,
 
-  so both sides are projected per token and the full gradient is never built. The output
+  so both sides can be projected per token without building the full gradient; for LoRA
+  factors (one side r) building the small per-sample gradient and projecting it is cheaper,
+  and ``project_module`` takes whichever exact route costs less. The output
   dimension d is split evenly over modules (d_m = d / n_modules) and each d_m = k_o * k_i is
   factored with the aspect ratio of W. (P_o (x) P_i) is itself a +-1/sqrt(k) matrix, so
-  inner products are preserved in expectation; its variance is a little higher than a dense
-  projection of the same d (measured in ``benchmarks/``).
+  inner products are preserved in expectation, but its variance is higher than a dense
+  projection of the same d: on the demo model's LoRA gradients (r = 16, so k_o = 1 or k_i = 1
+  at d = 8192) about 5x the dense error at d = 8192, shrinking more slowly with d
+  (``benchmarks/bench_features.py``, ``benchmarks/results/features_cpu.md``).
 * ``dense``: a dense Rademacher matrix over the flattened gradient, generated block by block
   (never stored whole); the reference projection of LESS/TRAK. Slow for millions of parameters.
 * ``none``: no projection, psi = g (d = number of LoRA parameters). For small models and tests.
