@@ -36,6 +36,9 @@ outputs in --out:
   rejects.parquet   id, source, row, role, reason of every row read but not ranked
   manifest.json     counts, config, model, adapter, projector, stage times, versions
 
+Baselines: --selector random|bm25|embedding|less ranks the whole pool with another selector
+(same outputs; `stage` names the selector), to check on your own data that ntk earns its cost.
+
 Rerunning the same command into the same --out reuses finished stages; a different config
 into an existing --out is refused unless --overwrite.
 
@@ -86,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", choices=["train", "fresh"], default="train",
                    help="train: warm up on the domain set (default); fresh: a new adapter with B = 0")
     g.add_argument("--adapter", default=None, metavar="DIR", help="use this trained peft adapter instead of warming up")
+    g = s.add_argument_group("selector")
+    g.add_argument("--selector", choices=["ntk", "random", "bm25", "embedding", "less"], default="ntk",
+                   help="ntk (default): warm-up, coarse kNN votes, NTK kernel scores. Baselines to compare with, each "
+                        "ranking the whole pool: random (seeded); bm25 (lexical, on token ids; no model pass); embedding "
+                        "(RDS+: round-robin over anchors by cosine of the warmed-up model's mean-pooled hidden states); "
+                        "less (LESS: Adam-preconditioned loss gradients, max cosine over anchors; a backward pass per "
+                        "pool row, the most expensive)")
     g = s.add_argument_group("coarse stage")
     g.add_argument("--coarse-factor", type=int, default=4, help="keep coarse-factor x budget rows for the NTK stage (default 4)")
     g.add_argument("--coarse-k", type=int, default=None, help="neighbours per domain sample (default: the budget)")
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_argument_group("execution")
     g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     g.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs-1 / 2 on CPU)")
+    g.add_argument("--accelerator", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="auto (default): GPU actors if the cluster has GPUs now, else CPU actors; gpu: GPU actors even "
+                        "if none are up yet (a KubeRay GPU group autoscaling from zero; give --actors); cpu: never GPUs")
+    g.add_argument("--wait-for-resources", type=float, default=600, metavar="SECONDS",
+                   help="how long a stage may wait for its actors to start (e.g. GPU nodes being added) before "
+                        "failing instead of hanging (default 600; Ray Data's no-progress timeout is at least 1800)")
     g.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward/backward batch (default 8192)")
     g.add_argument("--keep-features", action="store_true", help="keep the NTK feature shards in OUT/_work/features")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a different run")
@@ -179,8 +195,9 @@ def select_config(args) -> SelectConfig:
         model=args.model, max_length=args.max_length, on_too_long=args.on_too_long, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=list(args.lora_targets), warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, warmup=args.warmup, adapter=args.adapter, coarse_factor=args.coarse_factor,
-        coarse_k=args.coarse_k, scorer=args.scorer, projector=args.projector, proj_dim=args.proj_dim, seed=args.seed,
-        batch_tokens=args.batch_tokens, actors=args.actors, ray_address=args.ray_address, keep_features=args.keep_features)
+        coarse_k=args.coarse_k, selector=args.selector, scorer=args.scorer, projector=args.projector, proj_dim=args.proj_dim, seed=args.seed,
+        batch_tokens=args.batch_tokens, actors=args.actors, accelerator=args.accelerator,
+        wait_for_resources=args.wait_for_resources, ray_address=args.ray_address, keep_features=args.keep_features)
 
 
 def print_summary(manifest: dict, out: str, stream=sys.stdout) -> None:

@@ -37,7 +37,7 @@ class SelectConfig:
     coarse_factor: int = 4
     coarse_k: int | None = None  # neighbours per domain sample; None = budget
     # NTK stage
-    selector: str = "ntk"  # "ntk" | "random" | "embedding"
+    selector: str = "ntk"  # "ntk" | "random" | "bm25" | "embedding" | "less" (selector_stages.py)
     scorer: str = "cosine"
     projector: str = "kron"
     proj_dim: int = 8192
@@ -45,13 +45,15 @@ class SelectConfig:
     # execution
     batch_tokens: int = 8192
     actors: int | None = None
+    accelerator: str = "auto"  # "auto" | "gpu" | "cpu" (pipeline.actor_plan)
+    wait_for_resources: float = 600.0  # seconds a stage may wait for actors / progress
     ray_address: str | None = None
     keep_features: bool = False
 
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "actors", "ray_address", "keep_features", "batch_tokens"):
+        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "keep_features", "batch_tokens"):
             d.pop(k)
         return d
 

@@ -84,10 +84,11 @@ def nonfinite_scores_rejected(cand: pl.DataFrame) -> pl.DataFrame:
                              .otherwise(pl.col("reject")).alias("reject"))
 
 
-def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int) -> pl.DataFrame:
+def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int, stage: str = "ntk") -> pl.DataFrame:
     """The ranked table. ``ntk``: id, key, source, row, score, coarse_votes, coarse_sim, and an
     optional ``order`` (an explicit best-first position, e.g. from round-robin, that overrides
     the score order). ``coarse``: the rows cut by the coarse stage, already best first.
+    ``stage`` labels the scored rows: ``ntk``, or the baseline selector's name.
     Ties in score are broken by the stable key so every run ranks identically. A NaN score
     (which Polars would sort above every number) sorts last, like a null; callers should have
     rejected such rows already (:func:`nonfinite_scores_rejected`)."""
@@ -96,7 +97,7 @@ def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int) -> pl.DataFr
         ntk = ntk.sort([pl.col("order"), by_score, pl.col("key")], descending=[False, True, False], nulls_last=True)
     else:
         ntk = ntk.sort([by_score, pl.col("key")], descending=[True, False], nulls_last=True)
-    ntk = ntk.with_columns(pl.lit("ntk").alias("stage"))
+    ntk = ntk.with_columns(pl.lit(stage).alias("stage"))
     coarse = coarse.with_columns(pl.lit("coarse").alias("stage"), pl.lit(None, dtype=pl.Float64).alias("score"))
     cols = ["id", "stage", "score", "coarse_votes", "coarse_sim", "source", "row"]
     ranked = pl.concat([ntk.select(cols).cast({k: RANKED_SCHEMA[k] for k in cols}),

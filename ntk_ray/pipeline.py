@@ -12,6 +12,9 @@ of the same command with the same config skips finished stages):
   features  Ray Data: candidate tokens -> Featurizer actors -> NTK features Parquet
   score     Ray tasks per feature shard: kernel scores (and per-anchor top-k for round-robin)
   write     driver, Polars: ranked / selected / rejects / manifest
+
+``--selector random|bm25|embedding|less`` replaces warmup..score by ``baseline_stages``
+(``selector_stages.py``): the baselines every selection should be compared with.
 """
 
 from __future__ import annotations
@@ -65,9 +68,14 @@ class Progress:
 
 # -------------------------------------------------------------------------------------------
 # Ray plumbing
-def init_ray(address: str | None, progress: Progress) -> dict:
+def init_ray(address: str | None, progress: Progress, wait_s: float = 600) -> dict:
     """Join a cluster (``--ray-address`` or RAY_ADDRESS, as inside ``ray job submit``/KubeRay)
-    or start an embedded local Ray sized to this machine."""
+    or start an embedded local Ray sized to this machine.
+
+    ``wait_s`` (``--wait-for-resources``): how long a stage may wait for its actors to start
+    (``DataContext.wait_for_min_actors_s``) and for any progress at all
+    (``execution_no_progress_timeout_s``, at least Ray's default 1800 s) before failing with
+    a timeout instead of hanging; raise it when an autoscaling cluster must first add GPU nodes."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -84,7 +92,8 @@ def init_ray(address: str | None, progress: Progress) -> dict:
                  object_store_memory=int(min(2 << 30, max(256 << 20, total * 0.15))), log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.wait_for_min_actors_s = 600
+    ctx.wait_for_min_actors_s = int(wait_s)
+    ctx.execution_no_progress_timeout_s = max(1800.0, float(wait_s))
     resources = ray.cluster_resources()
     progress.log(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
     return resources
@@ -97,13 +106,22 @@ def _memory_bytes() -> int:
         return 8 << 30
 
 
-def actor_plan(resources: dict, requested: int | None) -> dict:
-    """Actor pool size and per-actor resources: one actor per GPU where there are GPUs, else
-    CPU actors that leave a core for reading and writing. An actor never asks for a GPU the
-    cluster does not have (it would wait forever)."""
+def actor_plan(resources: dict, requested: int | None, accelerator: str = "auto") -> dict:
+    """Actor pool size and per-actor resources.
+
+    ``auto``: one actor per GPU where the cluster has GPUs now, else CPU actors that leave a
+    core for reading and writing; an actor never asks for a GPU the cluster does not have (it
+    would wait forever). ``gpu``: GPU actors (``requested`` of them, default one per GPU present,
+    at least 1) even when the cluster has no GPU yet: for a KubeRay cluster that autoscales a
+    GPU worker group up from zero (see ``--wait-for-resources``). ``cpu``: CPU actors even
+    where there are GPUs."""
+    if accelerator not in ("auto", "gpu", "cpu"):
+        raise UsageError(f"--accelerator {accelerator!r}: choose auto, gpu or cpu")
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    if gpus:
+    if accelerator == "gpu":
+        return {"size": max(1, requested or gpus), "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
+    if gpus and accelerator == "auto":
         size = min(requested or gpus, gpus)
         return {"size": size, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
     size = requested or max(1, (cpus - 1) // 2)
@@ -166,6 +184,10 @@ def check_inputs(cfg: SelectConfig):
         raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
     if cfg.scorer not in ("mean", "cosine", "max", "round-robin"):
         raise UsageError(f"--scorer {cfg.scorer!r}: choose mean, cosine, max or round-robin")
+    if cfg.selector not in ("ntk", "random", "bm25", "embedding", "less"):
+        raise UsageError(f"--selector {cfg.selector!r}: choose ntk, random, bm25, embedding or less")
+    if cfg.selector == "less" and (cfg.adapter or cfg.warmup != "train"):
+        raise UsageError("--selector less needs the warm-up's optimizer state: drop --adapter / --warmup fresh")
     if cfg.on_too_long not in ("truncate", "reject"):
         raise UsageError(f"--on-too-long {cfg.on_too_long!r}: choose truncate or reject")
     if cfg.max_length < 8:
@@ -211,8 +233,8 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     if _stage_done(work, "write") and (out / "manifest.json").exists():
         progress.log(f"this run is already complete: outputs in {out} (nothing recomputed)")
         return json.loads((out / "manifest.json").read_text())
-    resources = init_ray(cfg.ray_address, progress)
-    plan = actor_plan(resources, cfg.actors)
+    resources = init_ray(cfg.ray_address, progress, cfg.wait_for_resources)
+    plan = actor_plan(resources, cfg.actors, cfg.accelerator)
     progress.log(f"actors: {plan['size']} x ({'1 GPU' if plan['num_gpus'] else 'CPU'}); model {model_path}")
 
     with progress.stage("read"):
@@ -223,17 +245,20 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     progress.log(f"read {counts['pool_rows']} pool rows ({counts['rejected']} rejected), "
                  f"{counts['domain_rows']} domain rows ({counts['domain_rejected']} rejected)")
 
-    with progress.stage("warmup"):
-        warm = warmup(cfg, cfg.model, work, plan, tables["usable"]["domain"], progress)
-    with progress.stage("coarse"):
-        coarse = coarse_stage(cfg, cfg.model, work, plan, tables, warm, progress)
-    with progress.stage("features"):
-        features_stage(cfg, cfg.model, work, plan, coarse["candidates"], warm)
-    with progress.stage("score"):
-        scored = score_stage(cfg, work, warm, coarse["candidates"])
+    if cfg.selector == "ntk":
+        with progress.stage("warmup"):
+            warm = warmup(cfg, cfg.model, work, plan, tables["usable"]["domain"], progress)
+        with progress.stage("coarse"):
+            coarse = coarse_stage(cfg, cfg.model, work, plan, tables, warm, progress)
+        with progress.stage("features"):
+            features_stage(cfg, cfg.model, work, plan, coarse["candidates"], warm)
+        with progress.stage("score"):
+            scored = score_stage(cfg, work, warm, coarse["candidates"])
+    else:
+        coarse, scored, warm = baseline_stages(cfg, work, plan, tables, progress)
     with progress.stage("write"):
         manifest = write_outputs(cfg, out, tables, coarse, scored, warm, model_path, plan, progress)
-    if cfg.keep_features:
+    if cfg.keep_features and cfg.selector in ("ntk", "less"):
         export_features(work, warm, tables["usable"]["domain"])
     else:
         for stage in ("embed", "features"):
@@ -351,6 +376,8 @@ def _load_warm(stage: Path) -> dict:
     info["anchor_embeddings"] = np.load(stage / "anchor_embeddings.npy")
     info["anchor_features"] = np.load(stage / "anchor_features.npy")
     info["adapter_dir"] = str(stage / "adapter")
+    if (stage / "adam_moments.pt").exists():
+        info["adam_moments"] = str(stage / "adam_moments.pt")
     return info
 
 
@@ -375,16 +402,26 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
         model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
         if cfg.warmup == "train":
             tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=cfg.warmup_batch_tokens, seed=cfg.seed)
-            history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append)
+            less = cfg.selector == "less"
+            history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append,
+                                 **({"keep_optimizer_state": True} if less else {}))
+            if less:  # LESS preconditions pool gradients with the warm-up's Adam moments
+                from .training import save_adam_moments
+
+                save_adam_moments(Path(stage_dir) / "adam_moments.pt", history.pop("adam"))
         else:
             history = {"fresh": True}
+    if cfg.selector == "less" and not (Path(stage_dir) / "adam_moments.pt").exists():
+        raise ValueError("--selector less needs the warm-up's optimizer state: not available with --adapter or --warmup fresh")
     adapter_dir = Path(stage_dir) / "adapter"
     model.save_pretrained(str(adapter_dir))
     model.eval()
     autocast = torch.bfloat16 if device == "cuda" else None
     embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device).numpy()
-    computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device, autocast_dtype=autocast)
-    feats = computer.features(seqs, score_masks, cfg.batch_tokens)
+    options = {"objective": "loss"} if cfg.selector == "less" else {}  # LESS anchors: plain loss gradients
+    computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device,
+                               autocast_dtype=autocast, **options)
+    feats = computer.features(seqs, loss_masks if options else score_masks, cfg.batch_tokens)
     finite = np.isfinite(feats.feature.numpy()).all(axis=1)
     if not finite.all():
         bad = [ids[i] for i in np.nonzero(~finite)[0][:5]]
@@ -449,9 +486,47 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
 
     if _stage_done(work, "features"):
         return
-    model_map(work / "tokens/pool", work / "features", candidates, Featurizer,
-              (model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens, plan["device"]), plan)
+    args = (model_path, warm["adapter_dir"], cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens, plan["device"])
+    if cfg.selector == "less":  # loss gradients, Adam-preconditioned (selector_stages)
+        args += ("loss", warm["adam_moments"])
+    model_map(work / "tokens/pool", work / "features", candidates, Featurizer, args, plan)
     _mark_done(work, "features")
+
+
+def baseline_stages(cfg, work: Path, plan: dict, tables: dict, progress: Progress) -> tuple[dict, dict, dict]:
+    """``--selector random|bm25|embedding|less`` (``selector_stages``): every usable pool row is
+    scored by the selector (no coarse cut). Returns (coarse, scored, warm) for ``write_outputs``."""
+    from . import selector_stages as stages
+    from .workers import Embedder
+
+    pool = tables["usable"]["pool"].select("id", "key", "source", "row")
+    coarse = {"candidates": pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"),
+                                              pl.lit(None, dtype=pl.Float64).alias("coarse_sim")),
+              "cut": pool.head(0), "skipped": True, "M": None}
+    warm: dict = {}
+    if cfg.selector in ("embedding", "less"):
+        with progress.stage("warmup"):
+            warm = warmup(cfg, cfg.model, work, plan, tables["usable"]["domain"], progress)
+    if cfg.selector == "embedding" and not _stage_done(work, "embed"):
+        with progress.stage("embed"):
+            model_map(work / "tokens/pool", work / "embed", pool, Embedder,
+                      (cfg.model, warm["adapter_dir"], cfg.batch_tokens, plan["device"]), plan)
+            _mark_done(work, "embed")
+    if cfg.selector == "less":
+        with progress.stage("features"):
+            features_stage(cfg, cfg.model, work, plan, pool, warm)
+    with progress.stage("score"):
+        if cfg.selector == "random":
+            scored = stages.random_stage(cfg, pool)
+        elif cfg.selector == "bm25":
+            domain_ids = _tokens(work, "domain", tables["usable"]["domain"].select("key", "source", "row"))[1]
+            scored = stages.bm25_stage(cfg, work, tables["usable"]["pool"], domain_ids)
+        elif cfg.selector == "embedding":
+            scored = stages.embedding_stage(cfg, work, warm["anchor_embeddings"])
+        else:
+            scored = stages.less_scores_stage(work, warm["anchor_features"])
+    progress.log(f"{cfg.selector}: scored {scored['scores'].height} pool rows")
+    return coarse, scored, warm
 
 
 def score_stage(cfg, work: Path, warm: dict, candidates: pl.DataFrame) -> dict:
@@ -503,7 +578,7 @@ def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan
     ntk = cand.filter(pl.col("reject").is_null()).drop("reject")
     if "order" in scored:
         ntk = ntk.join(scored["order"], on="key", how="left")
-    ranked = rank_rows(ntk, coarse["cut"], cfg.budget)
+    ranked = rank_rows(ntk, coarse["cut"], cfg.budget, stage=cfg.selector)
     rejects = pl.concat([
         tables["rejects"],
         bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason")),
@@ -531,8 +606,9 @@ def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan
         "counts": counts,
         "config": asdict(cfg),
         "model": model_identity(cfg.model) | {"resolved": model_path},
+        "selector": cfg.selector,
         "adapter": {"path": str(out / "_work/warmup/adapter"), "warmup": warm.get("history"),
-                    "lora_parameters": warm.get("lora_parameters")},
+                    "lora_parameters": warm.get("lora_parameters")} if warm else None,
         "projector": warm.get("projector"),
         "coarse": {k: v for k, v in coarse.items() if k in ("skipped", "M", "K")},
         "actors": plan,

@@ -11,6 +11,9 @@ Scorers, chosen by name:
 * ``round-robin`` (RDS+-style diversity): anchors take turns picking their best unpicked row,
   by cosine; rows beyond the round-robin picks are ordered by their best cosine. Needs each
   anchor's top-k over the whole pool: ``AnchorTopK``.
+* ``max-cosine`` (LESS): s(x) = max_a cos(psi(x), psi(a)); also the per-row score that
+  ``round-robin`` orders its remaining rows by. Used by the ``less`` and ``embedding``
+  selectors; not offered as an NTK ``--scorer``.
 
 ``AnchorTopK`` keeps, per anchor, the k best (score, key) pairs seen so far, ordered by score
 descending then key ascending, so merging partial results from any sharding of the pool gives
@@ -24,6 +27,7 @@ import hashlib
 import numpy as np
 
 SCORERS = ("mean", "cosine", "max", "round-robin")
+ROW_SCORERS = SCORERS + ("max-cosine",)  # what ``AnchorKernel.score`` accepts
 
 
 def stable_keys(ids) -> np.ndarray:
@@ -74,12 +78,12 @@ class AnchorKernel:
             return x.astype(np.float64) @ self.mean
         if scorer == "cosine":
             return _unit_rows(x).astype(np.float64) @ self.unit_mean
-        if scorer in ("max", "round-robin"):
+        if scorer in ("max", "round-robin", "max-cosine"):
             best = np.full(x.shape[0], -np.inf)
-            for _, block in self.blocks(x, unit=scorer == "round-robin"):
+            for _, block in self.blocks(x, unit=scorer != "max"):
                 best = np.maximum(best, block.max(axis=1))
             return best
-        raise ValueError(f"unknown scorer {scorer!r} (choose from {', '.join(SCORERS)})")
+        raise ValueError(f"unknown scorer {scorer!r} (choose from {', '.join(ROW_SCORERS)})")
 
 
 class AnchorTopK:

@@ -136,23 +136,26 @@ def merge_topk_tasks(files, anchors_ref, k, column, n_anchors, unit=False, max_i
 
 # -------------------------------------------------------------------------------------------
 # per-row kernel scores
-def _score_file(path: str, anchors, scorer: str, batch_rows: int | None = None):
+def _score_file(path: str, anchors, scorer: str, batch_rows: int | None = None, column: str = "feature"):
     from .scoring import AnchorKernel
 
     kernel = AnchorKernel(anchors)
+    has_reject = "reject" in pq.ParquetFile(path).schema_arrow.names
     keys, scores, rejects = [], [], []
-    for batch, x in iter_vectors(path, "feature", ("key", "reject"), batch_rows, kernel.n_anchors):
+    for batch, x in iter_vectors(path, column, ("key", "reject") if has_reject else ("key",), batch_rows, kernel.n_anchors):
         keys.append(batch.column("key").to_numpy())
         scores.append(kernel.score(x, scorer))
-        rejects.extend(batch.column("reject").to_pylist())
+        rejects.extend(batch.column("reject").to_pylist() if has_reject else [None] * batch.num_rows)
     return {"key": np.concatenate(keys) if keys else np.zeros(0, np.int64),
             "score": np.concatenate(scores) if scores else np.zeros(0), "reject": rejects}
 
 
 def score_shards(files: list[str], anchors_ref, scorer: str, max_in_flight: int | None = None,
-                 batch_rows: int | None = None) -> list[dict]:
+                 batch_rows: int | None = None, column: str = "feature") -> list[dict]:
     """Kernel scores of every row of every shard (one Ray task per shard, at most
-    ``max_in_flight`` at once, default twice the cluster's CPUs), in file order."""
+    ``max_in_flight`` at once, default twice the cluster's CPUs), in file order. ``column``
+    names the vectors (``feature``, or ``embedding`` for the embedding selector); shards
+    without a ``reject`` column have no rejects."""
     import ray
 
     max_in_flight = max_in_flight or _default_in_flight()
@@ -167,7 +170,7 @@ def score_shards(files: list[str], anchors_ref, scorer: str, max_in_flight: int 
                                      "reject": part["reject"]}
 
     for i, path in enumerate(files):
-        pending[task.remote(path, anchors_ref, scorer, batch_rows)] = i
+        pending[task.remote(path, anchors_ref, scorer, batch_rows, column)] = i
         if len(pending) >= max_in_flight:
             done, _ = ray.wait(list(pending), num_returns=1)
             collect(done[0])

@@ -167,7 +167,7 @@ class ShardMapper:
     ``out_dir/<shard name>`` (or an ``.empty`` marker). Shards already written are skipped, so
     a rerun after a crash resumes where it stopped. Returns one summary row per shard."""
 
-    columns = ["id", "key", "source", "row", "input_ids", "score_mask"]
+    columns = ["id", "key", "source", "row", "input_ids", "score_mask", "loss_mask"]
     out_dir: Path
     metadata: dict | None = None
 
@@ -243,7 +243,8 @@ class Featurizer(ShardMapper):
     the ranking."""
 
     def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int,
-                 seed: int, batch_tokens: int = 8192, device: str | None = None):
+                 seed: int, batch_tokens: int = 8192, device: str | None = None, objective: str = "summed-logits",
+                 adam_moments: str | None = None):
         from .features import FeatureComputer
 
         _threads()
@@ -252,14 +253,22 @@ class Featurizer(ShardMapper):
         self.device = device or pick_device()
         adapted = load_adapted_model(model, adapter_dir, self.device)
         autocast = torch.bfloat16 if self.device == "cuda" else None
+        options = {}
+        if objective != "summed-logits":  # LESS: loss gradients
+            options["objective"] = objective
+        if adam_moments:  # LESS: Adam-preconditioned by the warm-up's optimizer state
+            from .selector_stages import less_transform_for
+
+            options["gradient_transform"] = less_transform_for(adapted, adam_moments, self.device)
+        self.mask_column = "loss_mask" if objective == "loss" else "score_mask"
         self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device,
-                                        autocast_dtype=autocast)
+                                        autocast_dtype=autocast, **options)
         self.batch_tokens = batch_tokens
         self.metadata = {"ntk_ray.projector": json.dumps(self.computer.projector.spec())}
 
     def process(self, batch: pa.Table) -> pa.Table:
         seqs = batch.column("input_ids").to_pylist()
-        masks = batch.column("score_mask").to_pylist()
+        masks = batch.column(self.mask_column).to_pylist()
         out = self.computer.features(seqs, masks, self.batch_tokens)
         feature = out.feature.numpy()
         finite = np.isfinite(feature).all(axis=1) & np.isfinite(out.norm.numpy())

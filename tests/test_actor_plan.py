@@ -1,0 +1,42 @@
+"""Actor pool sizing from the cluster's resources (plain Python, no Ray started)."""
+
+import pytest
+
+from ntk_ray.accounting import UsageError
+from ntk_ray.cli import build_parser, select_config
+from ntk_ray.pipeline import actor_plan
+
+
+def test_auto_uses_the_gpus_present_and_never_asks_for_missing_ones():
+    assert actor_plan({"CPU": 16, "GPU": 4}, None) == {"size": 4, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
+    assert actor_plan({"CPU": 16, "GPU": 4}, 8)["size"] == 4  # capped at the GPUs there are
+    cpu = actor_plan({"CPU": 8}, None)
+    assert cpu["num_gpus"] == 0 and cpu["device"] == "cpu" and cpu["size"] == 3 and cpu["threads"] == 2
+    assert actor_plan({"CPU": 2}, None)["size"] == 1
+
+
+def test_gpu_asks_for_gpu_actors_before_the_autoscaler_has_added_them():
+    plan = actor_plan({"CPU": 4}, 3, "gpu")  # a KubeRay GPU group at zero replicas
+    assert plan == {"size": 3, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
+    assert actor_plan({"CPU": 4}, None, "gpu")["size"] == 1
+    assert actor_plan({"CPU": 4, "GPU": 2}, 5, "gpu")["size"] == 5  # more may be added
+
+
+def test_cpu_never_uses_gpus():
+    plan = actor_plan({"CPU": 8, "GPU": 2}, None, "cpu")
+    assert plan["num_gpus"] == 0 and plan["device"] == "cpu"
+
+
+def test_bad_accelerator_is_a_usage_error():
+    with pytest.raises(UsageError, match="--accelerator"):
+        actor_plan({"CPU": 2}, None, "tpu")
+
+
+def test_execution_flags_reach_the_config_but_not_its_identity():
+    args = build_parser().parse_args(["select", "--domain", "d.jsonl", "--pool", "p.jsonl", "--budget", "3", "--out", "o",
+                                      "--accelerator", "gpu", "--actors", "2", "--wait-for-resources", "3600"])
+    cfg = select_config(args)
+    assert cfg.accelerator == "gpu" and cfg.wait_for_resources == 3600 and cfg.actors == 2
+    base = select_config(build_parser().parse_args(["select", "--domain", "d.jsonl", "--pool", "p.jsonl", "--budget", "3",
+                                                    "--out", "o"]))
+    assert cfg.fingerprint() == base.fingerprint()  # where/how it runs does not change the result

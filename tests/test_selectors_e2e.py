@@ -1,0 +1,80 @@
+"""`ntk-ray select --selector random|bm25|embedding|less` end to end through Ray: the baselines
+write the same contract outputs as ntk, and rank as their in-memory math says."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import BUDGET, run_select
+
+pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
+
+
+def _check_contract(out, selector):
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = manifest["counts"]
+    assert counts["pool_rows"] == 64 == counts["ranked"] + counts["rejected"]
+    assert counts["rejected"] == 3  # the bad rows of extra.jsonl
+    assert ranked["rank"].to_list() == list(range(1, ranked.height + 1))
+    assert set(ranked["stage"].to_list()) == {selector}
+    assert ranked["score"].null_count() == 0 and ranked["score"].is_finite().all()
+    assert ranked["selected"].sum() == BUDGET == counts["selected"]
+    assert manifest["selector"] == selector and manifest["config"]["selector"] == selector
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert selected["rank"].to_list() == list(range(1, BUDGET + 1))
+    return ranked, manifest
+
+
+def _pool_tokens(out) -> pl.DataFrame:
+    files = sorted((out / "_work/tokens/pool").glob("*.parquet"))
+    df = pl.concat([pl.read_parquet(f, columns=["id", "key", "input_ids", "reject"]) for f in files])
+    return df.filter(pl.col("reject").is_null())
+
+
+@pytest.mark.parametrize("selector", ["random", "bm25"])
+def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, selector):
+    from ntk_ray.lexical import bm25_scores, bm25_stats
+    from ntk_ray.selectors import random_scores
+
+    d, _ = demo_data
+    out = d / f"sel-{selector}"
+    assert run_select(d, out, "--selector", selector, "--seed", "3") == 0
+    ranked, manifest = _check_contract(out, selector)
+    assert "warmup" not in manifest["stage_seconds"] and manifest["adapter"] is None
+    tokens = _pool_tokens(out).join(ranked.select("id"), on="id", how="semi").unique("id", keep="first")
+    keys = tokens["key"].to_numpy()
+    if selector == "random":
+        expected = random_scores(keys, 3)
+    else:
+        files = sorted((out / "_work/tokens/domain").glob("*.parquet"))
+        queries = pl.concat([pl.read_parquet(f) for f in files]).filter(pl.col("reject").is_null())["input_ids"].to_list()
+        docs = tokens["input_ids"].to_list()
+        expected = bm25_scores(docs, queries, bm25_stats(docs))
+    want = pl.DataFrame({"id": tokens["id"], "expected": expected, "key": keys})
+    got = ranked.join(want, on="id", how="left")
+    assert got["expected"].null_count() == 0
+    np.testing.assert_allclose(got["score"].to_numpy(), got["expected"].to_numpy(), rtol=1e-9, atol=1e-12)
+    best = want.sort(["expected", "key"], descending=[True, False])["id"].head(BUDGET).to_list()
+    assert ranked["id"].head(BUDGET).to_list() == best
+
+
+@pytest.mark.parametrize("selector", ["embedding", "less"])
+def test_model_baselines_write_the_contract(ray_session, demo_data, selector):
+    d, _ = demo_data
+    out = d / f"sel-{selector}"
+    assert run_select(d, out, "--selector", selector) == 0
+    ranked, manifest = _check_contract(out, selector)
+    assert "warmup" in manifest["stage_seconds"]
+    scores = ranked["score"].to_numpy()
+    assert (np.abs(scores) <= 1 + 1e-6).all()  # both are cosines
+    if selector == "less":
+        assert (out / "_work/warmup/adam_moments.pt").exists()
+        assert scores.tolist() == sorted(scores.tolist(), reverse=True)
+    else:  # round-robin picks first, then the rest by best cosine
+        rest = scores[BUDGET:].tolist()
+        assert rest == sorted(rest, reverse=True)
+        # every anchor's favourite row is among the picks
+        assert ranked["score"].head(BUDGET).max() == pytest.approx(scores.max())
