@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the small in-domain set (at least {MIN_DOMAIN_ROWS} usable rows; ~1K is typical)")
     s.add_argument("--pool", nargs="+", required=True, metavar="PATH", help="the general-domain pool to select from")
     s.add_argument("--budget", type=int, required=True, metavar="N", help="how many pool samples to select")
-    s.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results are "
+                        "copied there when the run is complete")
     _add_model_args(s)
     g = s.add_argument_group("warm-up (LoRA on the domain set)")
     g.add_argument("--lora-r", type=int, default=16)
@@ -117,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "failing instead of hanging (default 600; Ray Data's no-progress timeout is at least 1800)")
     g.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward/backward batch (default 8192)")
     g.add_argument("--keep-features", action="store_true", help="keep the NTK feature shards in OUT/_work/features")
+    g.add_argument("--work-dir", default=None, metavar="DIR",
+                   help="with a URI --out: where the stages write their shards (resume state); on a multi-node cluster a "
+                        "path every node mounts, e.g. a PVC (default ~/.cache/ntk-ray/runs/<out>)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a different run")
 
     d = sub.add_parser("demo", help="run select on the bundled labelled demo corpus and report the label lift",
@@ -197,7 +202,8 @@ def select_config(args) -> SelectConfig:
         warmup_lr=args.warmup_lr, warmup=args.warmup, adapter=args.adapter, coarse_factor=args.coarse_factor,
         coarse_k=args.coarse_k, selector=args.selector, scorer=args.scorer, projector=args.projector, proj_dim=args.proj_dim, seed=args.seed,
         batch_tokens=args.batch_tokens, actors=args.actors, accelerator=args.accelerator,
-        wait_for_resources=args.wait_for_resources, ray_address=args.ray_address, keep_features=args.keep_features)
+        wait_for_resources=args.wait_for_resources, ray_address=args.ray_address, keep_features=args.keep_features,
+        work_dir=args.work_dir)
 
 
 def print_summary(manifest: dict, out: str, stream=sys.stdout) -> None:
@@ -208,7 +214,7 @@ def print_summary(manifest: dict, out: str, stream=sys.stdout) -> None:
           f"domain {c['domain_truncated']}", file=stream)
     print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["stage_seconds"].items()), file=stream)
     for name in ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json"):
-        print(f"  {Path(out) / name}", file=stream)
+        print(f"  {str(out).rstrip('/')}/{name}", file=stream)
 
 
 def _tokenized(paths, args):

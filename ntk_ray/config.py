@@ -49,11 +49,13 @@ class SelectConfig:
     wait_for_resources: float = 600.0  # seconds a stage may wait for actors / progress
     ray_address: str | None = None
     keep_features: bool = False
+    work_dir: str | None = None  # where stages run when --out is a URI (storage.default_work_dir)
 
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "keep_features", "batch_tokens"):
+        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "keep_features", "batch_tokens",
+                  "work_dir"):
             d.pop(k)
         return d
 

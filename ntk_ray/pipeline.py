@@ -227,11 +227,21 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # the driver resolves the model once (converting the demo GGUF if needed) to fail early;
     # workers are handed cfg.model and resolve it themselves, so a node that does not share
     # this machine's cache directory converts or finds its own copy
+    from .storage import default_work_dir, is_uri, publish
+
     cols, paths, modes, model_path = check_inputs(cfg)
-    out = prepare_out_dir(cfg.out, cfg.identity(), overwrite)
+    remote = is_uri(cfg.out)
+    if remote:  # stages run in a local/shared work dir; the results are copied to the URI at the end
+        _check_output_uri(cfg.out)
+        out = prepare_out_dir(cfg.work_dir or default_work_dir(cfg.out), cfg.identity(), overwrite)
+        progress.log(f"results go to {cfg.out}; working directory {out}")
+    else:
+        out = prepare_out_dir(cfg.out, cfg.identity(), overwrite)
     work = out / "_work"
     if _stage_done(work, "write") and (out / "manifest.json").exists():
-        progress.log(f"this run is already complete: outputs in {out} (nothing recomputed)")
+        if remote:
+            publish(out, cfg.out)
+        progress.log(f"this run is already complete: outputs in {cfg.out} (nothing recomputed)")
         return json.loads((out / "manifest.json").read_text())
     resources = init_ray(cfg.ray_address, progress, cfg.wait_for_resources)
     plan = actor_plan(resources, cfg.actors, cfg.accelerator)
@@ -263,8 +273,23 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     else:
         for stage in ("embed", "features"):
             shutil.rmtree(work / stage, ignore_errors=True)
+    if remote:
+        with progress.stage("publish"):
+            for path in publish(out, cfg.out):
+                progress.log(f"publish: {path}")
     _mark_done(work, "write")
     return manifest
+
+
+def _check_output_uri(uri: str) -> None:
+    """Fail before any work when the output URI's file system cannot be reached."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        fs.get_file_info(root)
+    except Exception as e:
+        raise UsageError(f"--out {uri}: cannot use this location ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})") from None
 
 
 def read_inputs(cfg, cols, paths, modes, model, work, resources) -> None:
@@ -500,9 +525,8 @@ def baseline_stages(cfg, work: Path, plan: dict, tables: dict, progress: Progres
     from .workers import Embedder
 
     pool = tables["usable"]["pool"].select("id", "key", "source", "row")
-    coarse = {"candidates": pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"),
-                                              pl.lit(None, dtype=pl.Float64).alias("coarse_sim")),
-              "cut": pool.head(0), "skipped": True, "M": None}
+    candidates = pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
+    coarse = {"candidates": candidates, "cut": candidates.head(0), "skipped": True, "M": None}
     warm: dict = {}
     if cfg.selector in ("embedding", "less"):
         with progress.stage("warmup"):

@@ -1,0 +1,66 @@
+"""--out as a URI: stages run in a local work dir, results are copied through pyarrow.fs."""
+
+import json
+
+import polars as pl
+import pytest
+
+from ntk_ray.storage import RESULT_FILES, default_work_dir, is_uri, publish
+
+
+def test_is_uri():
+    assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("file:///tmp/x")
+    assert not is_uri("runs/demo") and not is_uri("/abs/path") and not is_uri("C:/x")
+
+
+def test_default_work_dir_is_stable_and_distinct(monkeypatch, tmp_path):
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path))
+    a, b = default_work_dir("s3://bucket/run-a"), default_work_dir("s3://bucket/run-b")
+    assert a == default_work_dir("s3://bucket/run-a") and a != b
+    assert a.parent == tmp_path / "runs"
+
+
+def test_publish_copies_every_result_file(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    for i, name in enumerate(RESULT_FILES):
+        (local / name).write_bytes(bytes([i]) * (1000 + i))
+    written = publish(local, f"file://{tmp_path}/remote/run")
+    assert written == [f"file://{tmp_path}/remote/run/{n}" for n in RESULT_FILES]
+    for name in RESULT_FILES:
+        assert (tmp_path / "remote/run" / name).read_bytes() == (local / name).read_bytes()
+
+
+def test_publish_to_an_unknown_scheme_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--out nosuch://"):
+        publish(tmp_path, "nosuch://bucket/x")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_select_with_a_uri_out_publishes_the_results_and_resumes(ray_session, demo_data, tmp_path, capsys):
+    from conftest import run_select
+
+    d, _ = demo_data
+    uri = f"file://{tmp_path}/bucket/run"
+    work = tmp_path / "work"
+    assert run_select(d, uri, "--selector", "random", "--work-dir", str(work)) == 0
+    remote = tmp_path / "bucket/run"
+    assert sorted(p.name for p in remote.iterdir()) == sorted(RESULT_FILES)
+    assert pl.read_parquet(remote / "ranked.parquet").equals(pl.read_parquet(work / "ranked.parquet"))
+    assert json.loads((remote / "manifest.json").read_text())["counts"]["pool_rows"] == 64
+    out = capsys.readouterr().out
+    assert f"{uri}/ranked.parquet" in out
+    # a rerun finds the complete run in the work dir and publishes again without recomputing
+    (remote / "ranked.parquet").unlink()
+    assert run_select(d, uri, "--selector", "random", "--work-dir", str(work)) == 0
+    assert (remote / "ranked.parquet").exists()
+
+
+def test_unreachable_uri_fails_before_any_work(demo_data, capsys):
+    from conftest import run_select
+
+    d, _ = demo_data
+    assert run_select(d, "nosuch://bucket/run", "--selector", "random") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out nosuch://bucket/run" in err[0]
