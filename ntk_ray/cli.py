@@ -186,9 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-alpha", type=int, default=32)
     f.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
 
-    e = sub.add_parser("evaluate", help="mean per-token loss and perplexity on response tokens, as one JSON object")
+    e = sub.add_parser("evaluate", help="mean per-token loss and perplexity on response tokens (and multiple-choice "
+                                        "accuracy), as one JSON object",
+                       description="Prints one JSON object: loss (mean per-token loss on the response positions), "
+                                   "perplexity, tokens, rows, rejected, unreadable; and, when the rows carry a list of "
+                                   "`choices` and an `answer` (index or the right choice's text): accuracy (the choice "
+                                   "with the highest mean log-likelihood per token given the prompt), accuracy_rows, "
+                                   "choices_per_row, accuracy_skipped (rows whose prompt + choice does not fit).")
     e.add_argument("--data", nargs="+", required=True, metavar="PATH")
     e.add_argument("--adapter", default=None, metavar="DIR")
+    e.add_argument("--choices-column", default="choices")
+    e.add_argument("--answer-column", default="answer")
     _add_model_args(e)
     return parser
 
@@ -257,15 +265,31 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .models import attach_lora, load_adapter, load_model
-    from .training import mean_token_loss
+    """Loss/perplexity on the response tokens, and multiple-choice accuracy when the rows carry
+    ``choices`` and ``answer`` (``evaluation.evaluate_rows``)."""
+    from .accounting import UsageError
+    from .evaluation import evaluate_rows
+    from .inputs import read_records, resolve_paths
+    from .models import load_adapter, load_model, load_tokenizer
 
-    seqs, masks, rejected = _tokenized(args.data, args)
+    rows, unreadable = [], 0
+    for path in resolve_paths(args.data, "--data"):
+        good, bad = read_records(path)
+        rows.extend(good)
+        unreadable += len(bad)
+        for row, reason in bad[:3]:
+            print(f"ntk-ray evaluate: {path}:{row}: {reason} (skipped)", file=sys.stderr)
+    if not rows:
+        raise UsageError(f"--data {' '.join(args.data)}: no readable rows")
     model = load_model(args.model)
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    result = mean_token_loss(model, seqs, masks)
-    print(json.dumps(result | {"rejected": rejected, "adapter": args.adapter}))
+    result = evaluate_rows(model, load_tokenizer(args.model), rows, max_length=args.max_length,
+                           text_column=args.text_column, prompt_column=args.prompt_column,
+                           response_column=args.response_column, choices_column=args.choices_column,
+                           answer_column=args.answer_column, on_too_long=args.on_too_long)
+    result.pop("predictions", None)
+    print(json.dumps(result | {"unreadable": unreadable, "adapter": args.adapter}))
     return 0
 
 

@@ -1171,3 +1171,24 @@ def read_original_rows(path: str, rows: Sequence[int]) -> pa.Table:
     if ROW_COLUMN in table.column_names:
         return table
     return table.append_column(ROW_COLUMN, pa.array(rows, pa.int64()))
+
+
+def read_records(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Every record of one file as a dict with all its columns (small files: ``ntk-ray
+    evaluate``), and (row, reason) of the records that are not JSON objects or not decodable."""
+    if _file_format(file_name(path)) == "parquet":
+        handle, f = _open_parquet(path)
+        try:
+            return f.read().to_pylist(), []
+        finally:
+            handle.close()
+    good, bad = [], []
+    for row, value in _iter_json_records(path):
+        if isinstance(value, _Bad):
+            bad.append((row, value.reason))
+        elif not isinstance(value, dict):
+            bad.append((row, f"not a JSON object ({type(value).__name__})"))
+        else:
+            good.append(value)
+    return good, bad
+

@@ -8,6 +8,11 @@ is a response token, or every token but the first for plain text):
 averaged over the tokens of a batch. The warm-up of NTK-Selector and ``ntk-ray finetune`` use
 ``train_lora``; ``ntk-ray evaluate`` uses ``mean_token_loss``.
 
+For LESS (``selectors.adam_gradient_transform``) ``train_lora(..., keep_optimizer_state=True)``
+also hands back the optimizer's Adam moments after the last step (``adam_moments``: m_t, v_t,
+the step count t, betas, eps, per trainable parameter), which ``save_adam_moments`` /
+``load_adam_moments`` keep on disk keyed by parameter name.
+
 Why a 40-line loop instead of ``transformers.Trainer``: batches are packed by a token budget
 (``features.pack_by_tokens``), the order of batches is a pure function of the seed, and there
 is nothing else to configure; Trainer would add ``accelerate`` and a dozen hidden defaults
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,9 +60,11 @@ def _batches(sequences, cfg: TrainConfig, epoch: int) -> list[list[int]]:
 
 
 def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], cfg: TrainConfig,
-               device="cpu", log=print) -> dict:
+               device="cpu", log=print, keep_optimizer_state: bool = False) -> dict:
     """AdamW on the trainable (LoRA) parameters for ``cfg.epochs`` passes (a fraction is allowed:
-    0.5 = the first half of the shuffled batches). Returns losses per epoch and the step count."""
+    0.5 = the first half of the shuffled batches). Returns losses per epoch and the step count;
+    with ``keep_optimizer_state`` also ``"adam"``: the ``AdamMoments`` after the last step
+    (tensors: not JSON-serialisable, so it is absent by default)."""
     if not sequences:
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
@@ -80,7 +88,119 @@ def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], c
         history.append(total / max(count, 1))
         log(f"  epoch {epoch + 1}: loss {history[-1]:.4f} ({steps} steps, {time.time() - started:.0f}s)")
     model.eval()
-    return {"epoch_loss": history, "steps": steps, "seconds": time.time() - started}
+    out = {"epoch_loss": history, "steps": steps, "seconds": time.time() - started}
+    if keep_optimizer_state:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        out["adam"] = adam_moments(optimizer, params, names)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam moments for LESS
+
+_MOMENTS_FORMAT = "ntk-ray-adam-moments/1"
+
+
+class AdamMoments(NamedTuple):
+    """The state of Adam/AdamW after ``step`` steps, per parameter (in the order given to
+    ``adam_moments``: for ``train_lora``, ``[p for p in model.parameters() if p.requires_grad]``):
+    exp_avg = m_t, exp_avg_sq = v_t (float32, on the CPU), the step count t, (b1, b2), eps and the
+    parameter names (``model.named_parameters()``; None when not given). Pass
+    ``exp_avg, exp_avg_sq, step, betas, eps`` to ``selectors.adam_gradient_transform``."""
+
+    exp_avg: list
+    exp_avg_sq: list
+    step: int
+    betas: tuple
+    eps: float
+    names: list | None = None
+
+    def select(self, names: list[str]) -> "AdamMoments":
+        """The moments of the parameters ``names``, in that order (e.g. ``f"{module}.weight"`` for
+        ``features.trainable_linears``). A peft prefix ``base_model.model.`` is ignored on both
+        sides, so a PeftModel's and its base model's names match."""
+        if self.names is None:
+            raise ValueError("these Adam moments carry no parameter names")
+        index = {_stable(n): i for i, n in enumerate(self.names)}
+        missing = [n for n in names if _stable(n) not in index]
+        if missing:
+            raise ValueError(f"no Adam moments for {len(missing)} parameters, e.g. {missing[:3]}")
+        pick = [index[_stable(n)] for n in names]
+        return AdamMoments([self.exp_avg[i] for i in pick], [self.exp_avg_sq[i] for i in pick], self.step,
+                           self.betas, self.eps, list(names))
+
+
+def _stable(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def adam_moments(optimizer: torch.optim.Optimizer, params: list, names: list[str] | None = None) -> AdamMoments:
+    """(exp_avg list, exp_avg_sq list, step, betas, eps[, names]) of ``params`` in ``optimizer``
+    (Adam or AdamW without amsgrad). A parameter that was never stepped has zero moments; all the
+    stepped ones must share one step count, betas and eps (one transform uses one t)."""
+    params = list(params)
+    if names is not None and len(names) != len(params):
+        raise ValueError(f"{len(names)} names for {len(params)} parameters")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    exp_avg, exp_avg_sq, steps, hyper = [], [], set(), set()
+    for i, p in enumerate(params):
+        group = group_of.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {names[i] if names else i} is not in the optimizer")
+        if group.get("amsgrad", False):
+            raise ValueError("Adam with amsgrad is not supported (LESS preconditions with v_t, not max v)")
+        hyper.add((tuple(float(b) for b in group["betas"]), float(group["eps"])))
+        state = optimizer.state.get(p, {})
+        if "exp_avg" in state:
+            exp_avg.append(state["exp_avg"].detach().float().cpu().clone())
+            exp_avg_sq.append(state["exp_avg_sq"].detach().float().cpu().clone())
+            steps.add(int(state["step"]))
+        else:
+            exp_avg.append(torch.zeros(p.shape, dtype=torch.float32))
+            exp_avg_sq.append(torch.zeros(p.shape, dtype=torch.float32))
+    if len(steps) > 1:
+        raise ValueError(f"parameters were stepped different numbers of times: {sorted(steps)}")
+    if len(hyper) > 1:
+        raise ValueError(f"parameter groups with different betas/eps: {sorted(hyper)}")
+    betas, eps = hyper.pop() if hyper else ((0.9, 0.999), 1e-8)
+    return AdamMoments(exp_avg, exp_avg_sq, steps.pop() if steps else 0, betas, eps,
+                       list(names) if names is not None else None)
+
+
+def save_adam_moments(path, moments: AdamMoments) -> None:
+    """torch.save of {"format", "names", "exp_avg": {name: tensor}, "exp_avg_sq": {name: tensor},
+    "step", "betas", "eps"} (tensors on the CPU)."""
+    if moments.names is None:
+        raise ValueError("Adam moments without parameter names cannot be saved by name")
+    if len(set(moments.names)) != len(moments.names):
+        raise ValueError("duplicate parameter names in the Adam moments")
+    torch.save({
+        "format": _MOMENTS_FORMAT,
+        "names": list(moments.names),
+        "exp_avg": {n: t.detach().cpu() for n, t in zip(moments.names, moments.exp_avg)},
+        "exp_avg_sq": {n: t.detach().cpu() for n, t in zip(moments.names, moments.exp_avg_sq)},
+        "step": int(moments.step),
+        "betas": [float(b) for b in moments.betas],
+        "eps": float(moments.eps),
+    }, path)
+
+
+def load_adam_moments(path) -> dict:
+    """The dict ``save_adam_moments`` wrote (``exp_avg`` / ``exp_avg_sq`` keyed by parameter
+    name, ``names`` in the saved order, ``step`` int, ``betas`` tuple, ``eps`` float).
+    ``as_moments(load_adam_moments(path))`` gives the ``AdamMoments`` back."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != _MOMENTS_FORMAT:
+        raise ValueError(f"{path} is not an ntk-ray Adam moments file")
+    saved["betas"] = tuple(saved["betas"])
+    return saved
+
+
+def as_moments(saved: dict) -> AdamMoments:
+    """``AdamMoments`` (in the saved order) from ``load_adam_moments``'s dict."""
+    names = list(saved["names"])
+    return AdamMoments([saved["exp_avg"][n] for n in names], [saved["exp_avg_sq"][n] for n in names],
+                       int(saved["step"]), tuple(saved["betas"]), float(saved["eps"]), names)
 
 
 @torch.no_grad()
