@@ -35,16 +35,12 @@ def less_transform_for(model, moments_path: str, device):
     parameter name)."""
     from .features import trainable_linears
     from .selectors import adam_gradient_transform
-    from .training import load_adam_moments
+    from .training import as_moments, load_adam_moments
 
-    saved = load_adam_moments(moments_path)
     names = [f"{name}.weight" for name, _ in trainable_linears(model)]
-    missing = [n for n in names if n not in saved["exp_avg"]]
-    if missing:
-        raise ValueError(f"warm-up optimizer state has no moments for {missing[:3]} ({len(missing)} parameters)")
-    return adam_gradient_transform([saved["exp_avg"][n].to(device) for n in names],
-                                   [saved["exp_avg_sq"][n].to(device) for n in names],
-                                   saved["step"], tuple(saved["betas"]), saved["eps"])
+    m = as_moments(load_adam_moments(moments_path)).select(names)  # ValueError naming what is missing
+    return adam_gradient_transform([t.to(device) for t in m.exp_avg], [t.to(device) for t in m.exp_avg_sq],
+                                   m.step, m.betas, m.eps)
 
 
 def _frame(parts: list[dict]) -> pl.DataFrame:
