@@ -214,7 +214,8 @@ def select_config(args) -> SelectConfig:
         work_dir=args.work_dir)
 
 
-def print_summary(manifest: dict, out: str, stream=sys.stdout) -> None:
+def print_summary(manifest: dict, out: str, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up at call time (a redirected stdout is honoured)
     c = manifest["counts"]
     print(f"\nntk-ray select: done in {sum(manifest['stage_seconds'].values()):.1f}s", file=stream)
     print(f"  pool rows read {c['pool_rows']}, rejected {c['rejected']}, ranked {c['ranked']}, selected {c['selected']}", file=stream)

@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from conftest import BUDGET, run_select
+from ntk_ray.storage import RESULT_FILES
 
 pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
 
@@ -41,7 +42,17 @@ def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, se
 
     d, _ = demo_data
     out = d / f"sel-{selector}"
-    assert run_select(d, out, "--selector", selector, "--seed", "3") == 0
+    if selector == "random":  # also: --out as a URI (pyarrow.fs), the stages in --work-dir
+        uri = f"file://{d}/bucket/{selector}"
+        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
+        published = d / "bucket" / selector
+        assert sorted(p.name for p in published.iterdir()) == sorted(RESULT_FILES)
+        assert pl.read_parquet(published / "ranked.parquet").equals(pl.read_parquet(out / "ranked.parquet"))
+        (published / "ranked.parquet").unlink()  # a rerun finds the complete run and publishes again
+        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
+        assert (published / "ranked.parquet").exists()
+    else:
+        assert run_select(d, out, "--selector", selector, "--seed", "3") == 0
     ranked, manifest = _check_contract(out, selector)
     assert "warmup" not in manifest["stage_seconds"] and manifest["adapter"] is None
     tokens = _pool_tokens(out).join(ranked.select("id"), on="id", how="semi").unique("id", keep="first")

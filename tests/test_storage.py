@@ -1,8 +1,6 @@
-"""--out as a URI: stages run in a local work dir, results are copied through pyarrow.fs."""
+"""--out as a URI: stages run in a local work dir, results are copied through pyarrow.fs.
+(The end-to-end run with a file:// URI is in test_selectors_e2e.py, with the random selector.)"""
 
-import json
-
-import polars as pl
 import pytest
 
 from ntk_ray.storage import RESULT_FILES, default_work_dir, is_uri, publish
@@ -34,27 +32,6 @@ def test_publish_copies_every_result_file(tmp_path):
 def test_publish_to_an_unknown_scheme_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--out nosuch://"):
         publish(tmp_path, "nosuch://bucket/x")
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_select_with_a_uri_out_publishes_the_results_and_resumes(ray_session, demo_data, tmp_path, capsys):
-    from conftest import run_select
-
-    d, _ = demo_data
-    uri = f"file://{tmp_path}/bucket/run"
-    work = tmp_path / "work"
-    assert run_select(d, uri, "--selector", "random", "--work-dir", str(work)) == 0
-    remote = tmp_path / "bucket/run"
-    assert sorted(p.name for p in remote.iterdir()) == sorted(RESULT_FILES)
-    assert pl.read_parquet(remote / "ranked.parquet").equals(pl.read_parquet(work / "ranked.parquet"))
-    assert json.loads((remote / "manifest.json").read_text())["counts"]["pool_rows"] == 64
-    out = capsys.readouterr().out
-    assert f"{uri}/ranked.parquet" in out
-    # a rerun finds the complete run in the work dir and publishes again without recomputing
-    (remote / "ranked.parquet").unlink()
-    assert run_select(d, uri, "--selector", "random", "--work-dir", str(work)) == 0
-    assert (remote / "ranked.parquet").exists()
 
 
 def test_unreachable_uri_fails_before_any_work(demo_data, capsys):
