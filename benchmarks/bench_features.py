@@ -15,15 +15,15 @@ so the ratios are measured side by side (absolute rates on a shared machine are 
   floor        one batched forward + backward of sum_b F(x_b) w.r.t. the LoRA weights, no
                per-sample work; through the logits, and with the LM-head column-sum.
   ntk-ray      ``FeatureComputer(model, projector=P, dim=d).features(seqs, masks, max_tokens)``
-               for P = kron (default), none (exact per-sample gradients), dense (slow: fewer
-               samples); and the exact JVP mean scores (``mean_gradient`` over anchors +
-               ``mean_scores_jvp`` over the samples).
+               for P = kron (default), sketch (CountSketch of the per-sample gradients), none
+               (exact per-sample gradients), dense (slow: fewer samples); and the exact JVP
+               mean scores (``mean_gradient`` over anchors + ``mean_scores_jvp`` over the samples).
   whole        model load + LoRA + tokenizer + tokenize + FeatureComputer + kron features, and
                the ``ntk-ray features`` CLI (a fresh process with an embedded Ray) when present.
 
 Then the kernel scoring stage (``scoring.AnchorKernel(...).score`` + argpartition top-k against
-bare numpy on the same random pool features) and the projection error of kron and dense
-against exact inner products of real demo-model gradients. Results: a Markdown report printed
+bare numpy on the same random pool features) and the projection error of kron, sketch and
+dense against exact inner products of real demo-model gradients. Results: a Markdown report printed
 and written to ``--out`` (default ``benchmarks/results/features_cpu.md``; ``features_gpu.md``
 with ``--device cuda``).
 """
@@ -52,7 +52,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ntk_ray.features import FeatureComputer, pad_batch, summed_logit_objective  # noqa: E402
-from ntk_ray.projection import DenseProjector, KronProjector  # noqa: E402
+from ntk_ray.projection import DenseProjector, KronProjector, SketchProjector  # noqa: E402
 
 LESS_EVERY = 16  # LESS-style: project the collected gradients every 16 samples
 
@@ -355,16 +355,6 @@ def balanced_factors(d_m: int, out_features: int, in_features: int) -> tuple[int
     return min(good)[2]
 
 
-def countsketch(flat: torch.Tensor, d: int, seed: int) -> torch.Tensor:
-    """Proposal: CountSketch of the flattened gradient (each coordinate added, with a seeded
-    random sign, to one of d seeded buckets): unbiased inner products with the variance of a
-    dense JL projection, at the cost of one pass over the gradient."""
-    rng = np.random.default_rng([seed, d, 0x5EC])
-    bucket = torch.from_numpy(rng.integers(0, d, flat.shape[1]))
-    sign = torch.from_numpy(rng.integers(0, 2, flat.shape[1]).astype(np.float64) * 2 - 1).to(flat.dtype)
-    return torch.zeros(flat.shape[0], d, dtype=flat.dtype).index_add_(1, bucket, flat * sign)
-
-
 def projection_error(model, seqs, masks, args, device, dtype) -> tuple[list[dict], str]:
     """Relative error of <psi(a), psi(b)> against the exact <g(a), g(b)> on real gradients."""
     fc = FeatureComputer(model, projector="none", device=device, autocast_dtype=dtype)
@@ -393,9 +383,9 @@ def projection_error(model, seqs, masks, args, device, dtype) -> tuple[list[dict
 
     kinds = {
         "kron (ntk-ray)": (lambda d, seed: kron(d, seed), args.error_seeds),
+        "sketch (ntk-ray)": (lambda d, seed: (SketchProjector(fc.shapes, d, seed).project_full(full).double(), d), args.error_seeds),
         "dense (ntk-ray)": (lambda d, seed: (DenseProjector(fc.shapes, d, seed).project_flat(exact.float()).double(), d), 1),
         "kron, balanced k_o ~ k_i (proposal)": (lambda d, seed: kron(d, seed, balanced_factors), args.error_seeds),
-        "CountSketch (proposal)": (lambda d, seed: (countsketch(exact, d, seed), d), args.error_seeds),
     }
     results = []
     for d in args.error_dims:
@@ -416,7 +406,7 @@ def projection_error(model, seqs, masks, args, device, dtype) -> tuple[list[dict
              f"{b_share:.0%} of the gradient energy is in the lora_B factors, spread like {effective:.0f} equal factors. "
              "rel = (<psi(a), psi(b)> - <g(a), g(b)>) / (|g(a)| |g(b)|); Gram = ||Psi Psi^T - G G^T||_F / ||G G^T||_F; "
              "errors are means over the seeds; s = seconds to project the samples from their exact gradients (one seed); "
-             "sqrt(1/d) is the JL scale of a dense projection. The two proposals are computed in this script only.",
+             "sqrt(1/d) is the JL scale of a dense projection. The balanced-kron proposal is computed in this script only.",
              "",
              "| d | projector | seeds | rms rel, a != b | max rel, a != b | rms rel of \\|g\\|^2 | Gram rel. error | sqrt(1/d) | s |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -458,7 +448,7 @@ def main(argv=None) -> int:
     p.add_argument("--pool-rows", type=int, default=50_000, help="pool rows of the scoring stage (default 50000)")
     p.add_argument("--score-anchors", type=int, default=64, help="anchors of the scoring stage (default 64)")
     p.add_argument("--topk", type=int, default=1000, help="top-k of the scoring stage (default 1000)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["less", "dense", "logits", "none", "jvp", "whole", "cli", "scoring", "error"],
+    p.add_argument("--skip", nargs="*", default=[], choices=["less", "dense", "sketch", "logits", "none", "jvp", "whole", "cli", "scoring", "error"],
                    help="rows / sections to leave out")
     p.add_argument("--quick", action="store_true", help="skip the slow rows (less, dense, cli, error) and use 10k pool rows")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one kron feature pass to stderr")
@@ -514,6 +504,9 @@ def main(argv=None) -> int:
 
     # warm-up (allocator, threads, the projection matrices' cache) on a few rows
     fc.features(pool_s[:4], pool_m[:4], args.max_tokens)
+    if "sketch" not in skip:
+        FeatureComputer(model, projector="sketch", dim=args.dim, seed=args.seed, device=device,
+                        autocast_dtype=dtype).features(pool_s[:4], pool_m[:4], args.max_tokens)
     floor(fc, model, pool_s[:4], pool_m[:4], args.max_tokens, False, device, dtype)
     if args.profile:
         print(profile_kron(fc, pool_s, pool_m, args.max_tokens, device), file=sys.stderr)
@@ -533,6 +526,14 @@ def main(argv=None) -> int:
             first_kron, first_kron_cpu = dt, LAST_CPU[0]
         if "kron" not in results or dt < results["kron"]["seconds"]:
             record("kron", f"ntk-ray features, kron, d={fc.dim}", args.samples, tokens(args.samples), dt)
+        if "sketch" not in skip:
+            def fresh_sketch():  # a fresh FeatureComputer: the hashes are built inside the timing
+                return FeatureComputer(model, projector="sketch", dim=args.dim, seed=args.seed, device=device,
+                                       autocast_dtype=dtype).features(pool_s, pool_m, args.max_tokens)
+
+            dt, _ = timed(fresh_sketch, device)
+            if "sketch" not in results or dt < results["sketch"]["seconds"]:
+                record("sketch", f"ntk-ray features, sketch, d={args.dim}", args.samples, tokens(args.samples), dt)
         if "logits" not in skip:
             dt, _ = timed(lambda: floor(fc, model, pool_s, pool_m, args.max_tokens, True, device, dtype), device)
             if "floor_logits" not in results or dt < results["floor_logits"]["seconds"]:
@@ -586,7 +587,7 @@ def main(argv=None) -> int:
     # ---- report
     base = results["floor"]
     less = results.get("less")
-    order = ["less", "floor_logits", "floor", "kron", "none", "dense", "jvp", "whole", "cli"]
+    order = ["less", "floor_logits", "floor", "kron", "sketch", "none", "dense", "jvp", "whole", "cli"]
     lines = ["| method | samples | samples/s | tokens/s | x floor | x LESS-style | CPU s / sample | load |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in order:
@@ -604,6 +605,11 @@ def main(argv=None) -> int:
     floor_rate = base["n"] / base["seconds"]
     checks = [f"- kron within 1.5x of the floor (column-sum): kron / floor = {kron_rate / floor_rate:.2f} "
               f"(needs >= 0.67): {'met' if kron_rate * 1.5 >= floor_rate else 'MISSED'}"]
+    if "sketch" in results:
+        sketch_rate = results["sketch"]["n"] / results["sketch"]["seconds"]
+        checks.append(f"- sketch within 1.5x of the floor (column-sum): sketch / floor = {sketch_rate / floor_rate:.2f} "
+                      f"(needs >= 0.67): {'met' if sketch_rate * 1.5 >= floor_rate else 'MISSED'}; sketch / kron = "
+                      f"{sketch_rate / kron_rate:.2f}")
     if less:
         less_rate = less["n"] / less["seconds"]
         checks.append(f"- kron >= 10x LESS-style: {kron_rate / less_rate:.1f}x: {'met' if kron_rate >= 10 * less_rate else 'MISSED'}")
@@ -620,7 +626,7 @@ def main(argv=None) -> int:
               f"B ~ N(0, {args.lora_b_std}^2)), {'bf16 autocast' if dtype else 'float32'}",
               f"- data: {info['data']}; {args.samples} samples = {tokens(args.samples):,} tokens "
               f"({padded:,} padded in {len(batches)} batches of <= {args.max_tokens} tokens)",
-              f"- rates: wall time, best of {args.repeats} interleaved runs for the floor/kron/logits/none/JVP rows, one "
+              f"- rates: wall time, best of {args.repeats} interleaved runs for the floor/kron/sketch/logits/none/JVP rows, one "
               f"run for LESS-style ({args.less_samples} samples), dense ({args.dense_samples}) and the whole-process rows; "
               "`CPU s / sample`: process CPU time (all threads) per sample, less sensitive to other load than wall time"
               + (" (host CPU only: not the GPU's work)" if device.type == "cuda" else ""),
@@ -634,7 +640,7 @@ def main(argv=None) -> int:
     if scoring_text:
         report += ["", "## Kernel scoring stage", "", scoring_text]
     if error_text:
-        report += ["", "## Projection error (kron vs dense, on real gradients)", "", error_text]
+        report += ["", "## Projection error (kron, sketch and dense, on real gradients)", "", error_text]
     text = "\n".join(report) + "\n"
     print(text)
     out_path.parent.mkdir(parents=True, exist_ok=True)

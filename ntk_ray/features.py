@@ -24,11 +24,23 @@ Shortcuts, each named where it happens below:
 3. Exact mean scores by forward-mode JVP (``mean_scores_jvp``): mean_a <g(x), g(a)> =
    <g(x), g_bar> is the directional derivative of F(x) along g_bar = d(mean_a F(a))/d theta,
    so one backward over the anchors and one JVP per pool batch give exact, unprojected scores.
+
+Options of ``FeatureComputer`` for LESS-style features (the LESS baseline selector):
+
+* ``objective="loss"``: differentiate the per-sample mean causal-LM cross-entropy over the
+  sample's loss-mask target positions instead of F (``causal_lm_loss_objective``; the mask
+  passed to ``features`` is then the loss mask, as in ``training.batch_loss``). Each sample's
+  loss depends only on its own sample, so one batched backward still gives exact per-sample
+  gradients.
+* ``gradient_transform(index, G) -> G'``: applied to each module's per-sample gradient
+  G (B, out, in) before projection (LESS: Adam preconditioning). Every projector then takes the
+  full-gradient route, and the norm is of the transformed gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +48,8 @@ import torch
 from torch import nn
 
 from .projection import ModuleShape, Projector, make_projector
+
+OBJECTIVES = ("summed-logits", "loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +105,43 @@ def summed_logit_objective(hidden: torch.Tensor, score_mask: torch.Tensor, w_sum
     per_position = hidden.float() @ w_sum + b_sum
     mask = score_mask.to(per_position.dtype)
     return (per_position * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def causal_lm_loss_objective(hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                             weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int = 2048,
+                             autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Per-sample mean causal-LM loss (B,) from final hidden states (B, T, H):
+
+        L(x) = sum_t m[t] * -log p(x_t | x_<t) / sum_t m[t],   t = 1 .. T-1, m = loss_mask
+
+    (the convention of ``training.batch_loss``: logits[:, :-1] predict input_ids[:, 1:], weighted
+    by loss_mask[:, 1:]; 0 for a sample without targets). Logits are formed only at target
+    positions, ``chunk_rows`` at a time; while gradients are recorded each chunk is
+    checkpointed, so the V-sized logits of at most one chunk are alive at once (the head's matmul
+    runs again in the backward). ``weight``/``bias``: the LM head's (frozen) parameters."""
+    mask = loss_mask[:, 1:].float()
+    rows, cols = torch.nonzero(mask > 0, as_tuple=True)
+    h = hidden[:, :-1][rows, cols]  # (N, H): target positions only
+    targets = input_ids[:, 1:][rows, cols]
+
+    def chunk_loss(h_chunk, t_chunk):
+        with autocast():
+            logits = torch.nn.functional.linear(h_chunk, weight, bias)
+        return torch.nn.functional.cross_entropy(logits.float(), t_chunk, reduction="none")
+
+    parts = []
+    for start in range(0, h.shape[0], chunk_rows):
+        h_c, t_c = h[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and h_c.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            parts.append(checkpoint(chunk_loss, h_c, t_c, use_reentrant=False))
+        else:
+            parts.append(chunk_loss(h_c, t_c))
+    token_loss = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    weighted = token_loss * mask[rows, cols]
+    total = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, weighted)
+    return total / mask.sum(dim=1).clamp(min=1)
 
 
 def pad_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int = 0, device="cpu"):
@@ -236,13 +287,16 @@ def per_sample_gradient(inputs: torch.Tensor, out_grads: torch.Tensor) -> torch.
     return torch.bmm(out_grads.transpose(1, 2), inputs)
 
 
+_SKETCHED = torch.empty(0)  # a backward hook's result when its module was added to the sketch accumulator
+
+
 @dataclass
 class FeatureBatch:
     """Per-sample outputs of one batch, rows in input order."""
 
     feature: torch.Tensor  # (B, d) projected gradient psi(x)
     norm: torch.Tensor  # (B,) ||g(x)|| before projection
-    objective: torch.Tensor  # (B,) F(x)
+    objective: torch.Tensor  # (B,) the differentiated objective: F(x), or L(x) with objective="loss"
 
 
 class FeatureComputer:
@@ -250,17 +304,44 @@ class FeatureComputer:
 
     ``model`` must be a peft model (or any model whose trainable parameters are in nn.Linear
     modules without bias). It is used in eval mode; the projection is built from ``seed``.
+
+    * ``projector``: 'kron', 'sketch', 'dense' or 'none' (``projection.make_projector``), with
+      output dimension ``dim``.
+    * ``objective``: what is differentiated per sample. 'summed-logits' (default): NTK-Selector's
+      F(x), the masked mean over positions of the logits summed over the vocabulary (the mask
+      given to ``features`` is the score mask). 'loss': LESS's per-sample mean causal-LM
+      cross-entropy over the target positions of the mask given to ``features`` (a loss mask,
+      ``causal_lm_loss_objective``), through the LM head's V-sized logits at target positions.
+    * ``gradient_transform``: None, or a callable (module index, G) -> G' where G is that
+      module's per-sample gradient (B, out, in) float32, in ``self.shapes`` order, and G' a tensor
+      of the same shape; psi is then the projection of the transformed gradient and ``norm`` its
+      norm ||G'(x)|| over all modules. Every projector then builds the per-sample gradient of
+      each module (kron projects it as P_o G' P_i^T), which kron otherwise may avoid. It is also
+      applied to the zero gradient of a module that the objective does not reach. LESS uses it
+      for Adam preconditioning. ``mean_gradient`` / ``mean_scores_jvp`` refuse it (the mean of
+      transformed gradients is not the transform of the mean).
+    * ``compute_norm``: also return ||g(x)|| (before projection; of the transformed gradient
+      when a ``gradient_transform`` is given).
     """
 
     def __init__(self, model: nn.Module, projector: str = "kron", dim: int = 8192, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 compute_norm: bool = True, batch_cost_tokens: int | None = None):
+                 compute_norm: bool = True, batch_cost_tokens: int | None = None,
+                 objective: str = "summed-logits",
+                 gradient_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+        if gradient_transform is not None and not callable(gradient_transform):
+            raise ValueError("gradient_transform must be callable (module index, gradient) -> gradient")
+        self.objective_name = objective
+        self.gradient_transform = gradient_transform
         self.model = model.eval()
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         self.compute_norm = compute_norm
         self.backbone, head = backbone_and_head(model)
         self.w_sum, self.b_sum = (t.to(self.device) for t in lm_head_column_sum(head))
+        self.head = head  # objective="loss": the LM head's weight and bias, read at call time
         named = trainable_linears(model)
         self.linears = [m for _, m in named]
         self.params = [m.weight for m in self.linears]
@@ -296,10 +377,25 @@ class FeatureComputer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def objective(self, input_ids, attention_mask, score_mask) -> torch.Tensor:
-        """F(x) for a padded batch (differentiable w.r.t. the LoRA parameters)."""
+        """The per-sample objective (B,) of a padded batch: F(x), or L(x) with objective="loss"
+        (``score_mask`` is then the loss mask); differentiable w.r.t. the LoRA parameters."""
         with self._autocast():
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return summed_logit_objective(hidden, score_mask, self.w_sum, self.b_sum)
+        return self._objective_from_hidden(hidden, input_ids, score_mask)
+
+    def _objective_from_hidden(self, hidden, input_ids, mask) -> torch.Tensor:
+        if self.objective_name == "loss":
+            bias = getattr(self.head, "bias", None)
+            return causal_lm_loss_objective(hidden, input_ids, mask, self.head.weight, bias, autocast=self._autocast)
+        return summed_logit_objective(hidden, mask, self.w_sum, self.b_sum)
+
+    def _transformed(self, index: int, full: torch.Tensor) -> torch.Tensor:
+        out = self.gradient_transform(index, full)
+        if not isinstance(out, torch.Tensor) or out.shape != full.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"gradient_transform must return a tensor of the gradient's shape {tuple(full.shape)} "
+                             f"for module {index} ({self.shapes[index].name}), got {got}")
+        return out.float()
 
     def features_padded(self, input_ids, attention_mask, score_mask) -> FeatureBatch:
         """psi, ||g|| and F for one padded batch: one forward, one backward.
@@ -307,24 +403,40 @@ class FeatureComputer:
         The backward is taken with respect to the hooked module outputs
         (``GradientCapture.grad_targets``), not the LoRA weights, so autograd skips the
         weight-gradient matmuls that nothing here uses. Per module, the Kronecker projector picks
-        the cheaper exact route (``KronProjector.project_module``)."""
+        the cheaper exact route (``KronProjector.project_module``); the sketch projector builds
+        the module's per-sample gradient and adds its sketch into a (B, d) accumulator right in
+        the backward hook, so at most one module's per-sample gradient exists at a time. With a
+        ``gradient_transform`` every projector works on the transformed per-sample gradient."""
         n_rows = input_ids.shape[0]
         norms = torch.zeros(n_rows, device=self.device)
         projector = self.projector
+        kind = projector.kind
         want_norm = self.compute_norm
+        transform = self.gradient_transform
         token_mask = attention_mask
+        sketch = torch.zeros(n_rows, projector.dim, device=self.device) if kind == "sketch" else None
+
+        def finish(index, full):
+            """A module's per-sample gradient (B, out, in) -> its part of the result."""
+            if transform is not None:
+                full = self._transformed(index, full)
+            if want_norm:
+                norms.add_(full.pow(2).sum(dim=(1, 2)))
+            if kind == "sketch":
+                projector.accumulate(index, full, sketch)
+                return _SKETCHED
+            if kind == "kron":
+                return projector.project_gradient(index, full)
+            return full
 
         def on_backward(index, inputs, out_grads):
             a, g = _mask_smaller_side(inputs, out_grads, token_mask)
-            if projector.kind == "kron":
+            if kind == "kron" and transform is None:
                 psi, sq_norm = projector.project_module(index, g, a, want_norm)
                 if sq_norm is not None:
                     norms.add_(sq_norm)
                 return psi
-            full = per_sample_gradient(a, g)  # per-sample dF/dW (B, out, in)
-            if want_norm:
-                norms.add_(full.pow(2).sum(dim=(1, 2)))
-            return full
+            return finish(index, per_sample_gradient(a, g))  # per-sample gradient (B, out, in)
 
         with self.capture.active(on_backward, attention_mask):
             objective = self.objective(input_ids, attention_mask, score_mask)
@@ -337,19 +449,16 @@ class FeatureComputer:
                 if not self.capture.called[index]:
                     raise ValueError(f"trainable module {self.shapes[index].name} is not used by the decoder's forward "
                                      "(LoRA on the LM head is not supported: F is taken through the head's column-sum)")
-                parts[index] = self._zero_part(index, n_rows)  # F does not depend on it: zero gradient
-        if projector.kind == "kron":
+                # the objective does not depend on it: a zero gradient (through the transform too)
+                shape = self.shapes[index]
+                parts[index] = finish(index, torch.zeros(n_rows, shape.out_features, shape.in_features, device=self.device))
+        if kind == "sketch":
+            feature = sketch
+        elif kind == "kron":
             feature = torch.cat(parts, dim=1)
         else:
             feature = projector.project_full(parts)
         return FeatureBatch(feature.float(), norms.sqrt(), objective.detach().float())
-
-    def _zero_part(self, index: int, n_rows: int) -> torch.Tensor:
-        shape = self.shapes[index]
-        if self.projector.kind == "kron":
-            k_o, k_i = self.projector.factors[index]
-            return torch.zeros(n_rows, k_o * k_i, device=self.device)
-        return torch.zeros(n_rows, shape.out_features, shape.in_features, device=self.device)
 
     def features(self, sequences: list[list[int]], score_masks: list[list[int]], max_tokens: int = 8192) -> FeatureBatch:
         """psi for any number of samples, packed into batches of at most ``max_tokens`` padded
@@ -371,6 +480,7 @@ class FeatureComputer:
     # shortcut 3: exact mean scores by forward-mode JVP
     def mean_gradient(self, sequences, score_masks, max_tokens: int = 8192) -> list[torch.Tensor]:
         """g_bar = mean over samples of g(x), per trainable weight (one backward per batch)."""
+        self._refuse_transform("mean_gradient")
         total = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         for batch in self.batches([len(s) for s in sequences], max_tokens):
             ids, attn, mask = pad_batch([sequences[i] for i in batch], [score_masks[i] for i in batch], device=self.device)
@@ -384,6 +494,7 @@ class FeatureComputer:
         ``direction`` (no per-sample gradients, no projection)."""
         from torch.func import functional_call, jvp
 
+        self._refuse_transform("mean_scores_jvp")
         by_param = {id(p): d for p, d in zip(self.params, direction)}
         trainable = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
         if len(trainable) != len(self.params):
@@ -397,12 +508,17 @@ class FeatureComputer:
             def objective_of(p):
                 with self._autocast():
                     hidden = functional_call(self.backbone, p, kwargs={"input_ids": ids, "attention_mask": attn}, strict=False).last_hidden_state
-                return summed_logit_objective(hidden, mask, self.w_sum, self.b_sum)
+                return self._objective_from_hidden(hidden, ids, mask)
 
             with torch.no_grad(), eager_attention(self.model):
                 _, tangent_out = jvp(objective_of, (primals,), (tangents,))
             out[torch.as_tensor(batch)] = tangent_out.float().cpu()
         return out
+
+    def _refuse_transform(self, what: str) -> None:
+        if self.gradient_transform is not None:
+            raise ValueError(f"{what} works on untransformed gradients; it cannot honour gradient_transform "
+                             "(the mean of transformed gradients is not the transform of the mean)")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,21 @@ Projectors (chosen by name, see ``make_projector``):
   projection of the same d: on the demo model's LoRA gradients (r = 16, so k_o = 1 or k_i = 1
   at d = 8192) about 5x the dense error at d = 8192, shrinking more slowly with d
   (``benchmarks/bench_features.py``, ``benchmarks/results/features_cpu.md``).
+* ``sketch``: a CountSketch of the per-sample gradient (``SketchProjector``). Every LoRA
+  parameter j of module m gets a bucket h_m(j) in [0, d) and a sign s_m(j) in {-1, +1}, both
+  from the key (seed, "sketch/<module name>") through the same SeedSequence + PCG64 stream as
+  the Rademacher signs (``sketch_hashes`` documents the exact bits), and
+
+      psi = sum_m sum_j s_m(j) g_{m,j} e_{h_m(j)},
+
+  the whole gradient hashed into one d-vector. E[<psi(a), psi(b)>] = <g(a), g(b)>, and the
+  variance, (|a|^2 |b|^2 + <a, b>^2 - 2 sum_j a_j^2 b_j^2) / d, is exactly that of a dense
+  +-1/sqrt(d) Rademacher projection; on the demo model its error equals dense's (0.012 vs 0.011
+  rms at d = 8192, ``benchmarks/results/features_cpu.md``) at kron's cost: one
+  pass over each module's per-sample gradient (the r x in gradients of LoRA factors are cheap to
+  build). Memory: an int64 bucket and a float32 sign per LoRA parameter (12 bytes: 22 MB for the
+  demo model's 1.8M, ~165 MB for r = 16 on q/k/v/o of an 8B Llama), built once per device
+  (int64, not int32: torch's CPU ``index_add_`` is ~10x slower with an int32 index).
 * ``dense``: a dense Rademacher matrix over the flattened gradient, generated block by block
   (never stored whole); the reference projection of LESS/TRAK. Slow for millions of parameters.
 * ``none``: no projection, psi = g (d = number of LoRA parameters). For small models and tests.
@@ -40,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-PROJECTORS = ("kron", "dense", "none")
+PROJECTORS = ("kron", "sketch", "dense", "none")
 
 
 _SIGNS_OF_BYTE = (1.0 - 2.0 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")).astype(np.float32)
@@ -60,6 +75,28 @@ def rademacher_signs(n: int, seed: int, name: str) -> np.ndarray:
 def rademacher_matrix(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
     """A (rows x cols) matrix of +-1 drawn from (seed, name); unscaled."""
     return torch.from_numpy(rademacher_signs(rows * cols, seed, name).reshape(rows, cols))
+
+
+def sketch_hashes(n: int, dim: int, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """CountSketch hash of n parameters into ``dim`` buckets from the stable key (seed, name):
+    (bucket int64 in [0, dim), sign float32 in {-1, +1}), one 64-bit PCG64 word w_j per
+    parameter from the same SeedSequence as ``rademacher_signs``:
+
+        bucket_j = ((w_j >> 32) * dim) >> 32     (multiply-shift of the high 32 bits)
+        sign_j   = 1 - 2 * (w_j & 1)             (the lowest bit)
+
+    Only the raw bit stream is used (numpy guarantees it; ``Generator.integers`` is not
+    guaranteed stable across versions), in integer arithmetic, so every machine gets the same
+    hash. Bucket bias from the multiply-shift: at most dim / 2^32 relative (2e-6 at d = 8192)."""
+    if not 1 <= dim < 2**32:
+        raise ValueError(f"sketch dimension must be in [1, 2^32), got {dim}")
+    digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    seq = np.random.SeedSequence([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, *words])
+    raw = np.random.PCG64(seq).random_raw(n).astype(np.uint64)
+    bucket = (((raw >> np.uint64(32)) * np.uint64(dim)) >> np.uint64(32)).astype(np.int64)
+    sign = (1.0 - 2.0 * (raw & np.uint64(1)).astype(np.float32)).astype(np.float32)
+    return bucket, sign
 
 
 def factor_dims(d_m: int, out_features: int, in_features: int) -> tuple[int, int]:
@@ -252,6 +289,12 @@ class KronProjector(Projector):
             return (p_o @ g) @ p_i.T
         return p_o @ (g @ p_i.T)
 
+    def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """psi_m (B, k_o * k_i) of module ``index`` from its full per-sample gradient g (B, out, in):
+        P_o g P_i^T (the route ``FeatureComputer`` takes when a gradient transform is given)."""
+        p_o, p_i = self.side_matrices(index, g.device)
+        return self._project_gradient(g.float(), p_o, p_i).flatten(1)
+
     def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Same map applied to full per-sample gradients (B, out, in): P_o G P_i^T (tests)."""
         parts = []
@@ -266,6 +309,53 @@ class KronProjector(Projector):
         return torch.cat(parts, dim=1)
 
 
+class SketchProjector(Projector):
+    """CountSketch of the concatenated per-sample gradient (see the module docstring):
+    psi = sum_m sum_j s_m(j) g_{m,j} e_{h_m(j)}, hashes from ``sketch_hashes(p_m, d, seed,
+    "sketch/<name>")`` per module m, j indexing the (out, in) gradient in row-major order (the
+    order of ``weight.flatten()``). dim = d. A module's hash depends only on (seed, d, its name
+    and size), not on the other modules or their order.
+
+    ``accumulate`` adds one module's contribution into a (B, d) accumulator, so a caller can
+    project each module's per-sample gradient as soon as it exists and drop it. On CUDA,
+    ``index_add_`` sums colliding entries with atomic adds: the hash is identical everywhere,
+    the float32 sums may differ in the last bits between runs there (on CPU they do not)."""
+
+    kind = "sketch"
+    version = "sketch-v1"  # bump when the hash (``sketch_hashes``) or the map changes
+
+    def __init__(self, modules, dim, seed):
+        super().__init__(modules, dim, seed)
+        if self.requested_dim < 1:
+            raise ValueError(f"sketch dimension must be >= 1, got {dim}")
+        self.dim = self.requested_dim
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def spec(self) -> dict:
+        return super().spec() | {"version": self.version}
+
+    def hashes(self, index: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(bucket int64 (p_m,), sign float32 (p_m,)) of module ``index``, cached per device."""
+        key = (index, str(device))
+        if key not in self._cache:
+            m = self.modules[index]
+            bucket, sign = sketch_hashes(m.numel, self.dim, self.seed, f"sketch/{m.name}")
+            self._cache[key] = (torch.from_numpy(bucket).to(device), torch.from_numpy(sign).to(device))
+        return self._cache[key]
+
+    def accumulate(self, index: int, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (B, d) += sketch of module ``index``'s per-sample gradient g (B, out, in); returns out."""
+        bucket, sign = self.hashes(index, g.device)
+        return out.index_add_(1, bucket, g.reshape(g.shape[0], -1).float() * sign)
+
+    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """grads: per module (B, out, in) per-sample gradients -> (B, d)."""
+        out = torch.zeros(grads[0].shape[0], self.dim, dtype=torch.float32, device=grads[0].device)
+        for index, g in enumerate(grads):
+            self.accumulate(index, g, out)
+        return out
+
+
 def _full_projection_cost(o: int, i: int, k_o: int, k_i: int, has_o: bool, has_i: bool) -> int:
     """Multiply-adds of P_o G P_i^T for one (o x in) gradient, in the cheaper order."""
     if has_o and has_i:
@@ -278,9 +368,11 @@ def _full_projection_cost(o: int, i: int, k_o: int, k_i: int, has_o: bool, has_i
 
 
 def make_projector(kind: str, modules: list[ModuleShape], dim: int, seed: int) -> Projector:
-    """Projector by name: 'kron' (default), 'dense' or 'none'."""
+    """Projector by name: 'kron' (default), 'sketch', 'dense' or 'none'."""
     if kind == "kron":
         return KronProjector(modules, dim, seed)
+    if kind == "sketch":
+        return SketchProjector(modules, dim, seed)
     if kind == "dense":
         return DenseProjector(modules, dim, seed)
     if kind == "none":
