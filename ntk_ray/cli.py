@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scorer", choices=["cosine", "mean", "max", "round-robin"], default="cosine",
                    help="how kernel values against the anchors become one score: cosine (default; mean cosine, "
                         "best on the bundled corpus), mean (the paper's mean inner product), max, round-robin")
-    g.add_argument("--projector", choices=["kron", "dense", "none"], default="kron",
-                   help="gradient projection: kron (Kronecker-factored, default), dense (Rademacher, slow), none")
+    g.add_argument("--projector", choices=["sketch", "kron", "dense", "none"], default="sketch",
+                   help="gradient projection: sketch (CountSketch of each per-sample LoRA gradient, default: the inner-product "
+                        "error of a dense projection at the cost of kron), kron (Kronecker-factored; several times the error "
+                        "on LoRA gradients), dense (Rademacher, the LESS/TRAK reference; slow), none (exact, d = #LoRA params)")
     g.add_argument("--proj-dim", type=int, default=8192, help="feature dimension d (default 8192)")
     g = s.add_argument_group("execution")
     g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -154,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--adapter", default=None, metavar="DIR", help="peft adapter (e.g. OUT/_work/warmup/adapter of a select run); "
                     "default: a fresh adapter drawn from --seed (B = 0)")
     _add_model_args(ft)
-    ft.add_argument("--projector", choices=["kron", "dense", "none"], default="kron")
+    ft.add_argument("--projector", choices=["sketch", "kron", "dense", "none"], default="sketch",
+                    help="gradient projection (default sketch; see `select --help`)")
     ft.add_argument("--proj-dim", type=int, default=8192)
     ft.add_argument("--lora-r", type=int, default=16)
     ft.add_argument("--lora-alpha", type=int, default=32)

@@ -39,7 +39,7 @@ class SelectConfig:
     # NTK stage
     selector: str = "ntk"  # "ntk" | "random" | "bm25" | "embedding" | "less" (selector_stages.py)
     scorer: str = "cosine"
-    projector: str = "kron"
+    projector: str = "sketch"
     proj_dim: int = 8192
     seed: int = 0
     # execution

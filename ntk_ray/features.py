@@ -324,7 +324,7 @@ class FeatureComputer:
       when a ``gradient_transform`` is given).
     """
 
-    def __init__(self, model: nn.Module, projector: str = "kron", dim: int = 8192, seed: int = 0,
+    def __init__(self, model: nn.Module, projector: str = "sketch", dim: int = 8192, seed: int = 0,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
                  compute_norm: bool = True, batch_cost_tokens: int | None = None,
                  objective: str = "summed-logits",

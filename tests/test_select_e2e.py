@@ -42,7 +42,7 @@ def test_outputs_follow_the_contract(first_run):
     assert selected.height == BUDGET
     assert {"id", "prompt", "response", "label", "rank", "score"} <= set(selected.columns)
     assert selected["rank"].to_list() == list(range(1, BUDGET + 1))
-    assert manifest["projector"]["type"] == "kron" and manifest["projector"]["seed"] == 0
+    assert manifest["projector"]["type"] == "sketch" and manifest["projector"]["seed"] == 0
     assert set(manifest["stage_seconds"]) >= {"read", "warmup", "coarse", "features", "score", "write"}
 
 
