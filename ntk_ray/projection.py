@@ -35,8 +35,8 @@ Projectors (chosen by name, see ``make_projector``):
 
   the whole gradient hashed into one d-vector. E[<psi(a), psi(b)>] = <g(a), g(b)>, and the
   variance, (|a|^2 |b|^2 + <a, b>^2 - 2 sum_j a_j^2 b_j^2) / d, is exactly that of a dense
-  +-1/sqrt(d) Rademacher projection; on the demo model its error equals dense's (0.012 vs 0.011
-  rms at d = 8192, ``benchmarks/results/features_cpu.md``) at kron's cost: one
+  +-1/sqrt(d) Rademacher projection; on the demo model its error equals dense's (0.010 vs 0.011
+  rms at d = 8192, ``benchmarks/README.md``) at kron's cost: one
   pass over each module's per-sample gradient (the r x in gradients of LoRA factors are cheap to
   build). Memory: an int64 bucket and a float32 sign per LoRA parameter (12 bytes: 22 MB for the
   demo model's 1.8M, ~165 MB for r = 16 on q/k/v/o of an 8B Llama), built once per device

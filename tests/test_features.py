@@ -71,14 +71,15 @@ def test_projection_is_a_function_of_seed_only(tiny_model, projector):
     assert not torch.allclose(a, c)
 
 
-def test_jvp_mean_scores_equal_mean_of_exact_inner_products(tiny_model):
+@pytest.mark.parametrize("objective", ["summed-logits", "loss"])
+def test_jvp_mean_scores_equal_mean_of_exact_inner_products(tiny_model, objective):
     anchors, anchor_masks = random_samples(5, seed=6)
     pool, pool_masks = random_samples(8, seed=7)
-    fc = FeatureComputer(tiny_model, projector="none")
+    fc = FeatureComputer(tiny_model, projector="none", objective=objective)
     g_bar = fc.mean_gradient(anchors, anchor_masks, max_tokens=30)
     fast = fc.mean_scores_jvp(pool, pool_masks, g_bar, max_tokens=30)
-    ref_pool = reference_gradients(tiny_model, pool, pool_masks)
-    ref_anchor = reference_gradients(tiny_model, anchors, anchor_masks)
+    ref_pool = reference_gradients(tiny_model, pool, pool_masks, objective=objective)
+    ref_anchor = reference_gradients(tiny_model, anchors, anchor_masks, objective=objective)
     expected = (ref_pool @ ref_anchor.T).mean(dim=1)
     torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-5)
 
