@@ -242,6 +242,8 @@ class Featurizer(ShardMapper):
     whose gradient is not finite gets a ``reject`` reason and a zero feature instead of poisoning
     the ranking."""
 
+    mask_column = "score_mask"  # "loss_mask" for objective="loss"
+
     def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int,
                  seed: int, batch_tokens: int = 8192, device: str | None = None, objective: str = "summed-logits",
                  adam_moments: str | None = None):
