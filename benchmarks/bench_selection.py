@@ -1,0 +1,769 @@
+"""Does the selection help fine-tuning? The paper's comparison in miniature (GitHub issue 4).
+
+    .venv/bin/python benchmarks/bench_selection.py                 # the full run (about an hour, 2-core CPU)
+    .venv/bin/python benchmarks/bench_selection.py --smoke --out /tmp/sel   # one tiny cell (CI)
+
+On the bundled WordNet corpus with the bundled demo model (SmolLM2-135M-Instruct), plain torch in
+one process (no Ray; the same library functions the pipeline's workers call). For every target
+domain and seed (a "cell"):
+
+1. ``demo.make_demo_split``: a domain set (``--n-domain`` rows), a held-out eval set (``--n-eval``
+   rows of the same label, never seen by any selector or any setting) and a pool (``--n-pool``
+   rows, ``--pool-share`` of them from the domain label). Rows are tokenized with the project's
+   chat-template tokenization (``tokenize.tokenize_batch``) at ``--max-length``.
+2. Warm-up, as ``ntk-ray select`` does it: a fresh LoRA (r=16, alpha=32, q/k/v/o) trained on the
+   domain rows (2 epochs, lr 1e-4; method.md defaults), keeping its AdamW moments for LESS.
+3. Each selector picks N = ``--budget`` pool rows:
+   - ``random``: ``selectors.random_scores`` (seeded), top N.
+   - ``bm25``: ``lexical.bm25_scores`` of the pool rows' token ids against the domain rows' ids.
+   - ``embedding``: mean-pooled final hidden states of the warmed model,
+     ``selectors.embedding_selection`` against the domain rows.
+   - ``less``: LESS (Xia et al. 2024) on one checkpoint: Adam-preconditioned loss gradients of
+     the pool rows (``FeatureComputer(objective="loss", gradient_transform=adam moments)``,
+     sketch projection) against plain loss gradients of the domain rows, ``selectors.less_scores``.
+   - ``ntk`` (ntk-ray, the ``select`` defaults): coarse reverse-kNN votes on the warmed embeddings
+     (M = coarse_factor * N, K = N), then NTK features of the M candidates and the domain rows
+     (default projector), ``AnchorKernel.score(x, <default scorer>)``, top N.
+   - ``ntk-mean``: the paper's scorer ``mean`` on the same features (no extra model work).
+4. Per condition (domain-only and domain + each selector's N rows): a fresh LoRA on the base model,
+   ``train_lora`` with the settings fixed below (the same for every condition and seed, chosen
+   before any evaluation), then on the eval rows: ``training.mean_token_loss`` (response tokens)
+   and multiple-choice accuracy (``evaluation.choice_accuracy``: each eval question with its true
+   definition and 3 definitions of other eval rows, positions and distractors drawn from a fixed
+   rng per (domain, seed)). The base model (no fine-tune) is evaluated once per cell.
+
+Costs: wall seconds of the warm-up (shared by embedding, less and ntk; reported on its own), of
+each selector (its model passes and scoring; ntk includes the embedding pass of its coarse stage;
+ntk-mean shares ntk's features, so its cost is ntk's) and of each fine-tune.
+
+Sizes (the defaults): 8 domain rows, 8 eval rows, a 100-row pool (5 domain rows), N = 8, at most
+64 tokens, fine-tunes of 1 epoch at 2 rows per step (4 steps domain-only, 8 with N rows added).
+Chosen from one measured cell of 16 / 16 / 200 / N = 16 on the shared 2-core machine (load
+average 4, one torch thread): about 1,000 s, from roughly 0.9 s per row per fine-tune epoch,
+2.4 s per eval row and condition (one loss row + 4 multiple-choice rows), 0.34 s per row for the
+embedding pass, 0.8 s per row for LESS features, 0.65 s per row for NTK features, i.e. a cell
+costs about 16 D + 13 N + 1.2 P + 19 E seconds (D domain, N budget, P pool, E eval rows) with
+2 epochs, 9 D + 7 N + 1.2 P + 19 E with 1; 4 domains x 3 seeds at these sizes take 1-1.5 hours
+there (less on an idle machine, where each cell uses every core).
+
+Every finished piece (a selection, a fine-tune result) is appended to a JSON-lines cache
+(``--cache``) keyed by (kind, domain, seed, condition) and the settings' fingerprint, and the
+table and plot are rewritten after every cell: a killed run leaves its results so far, and the same
+command resumes where it stopped. Output: ``<out>/selection.md`` (the command that regenerates it
+is at its top) and ``<out>/selection.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+CONDITIONS = ["domain-only", "random", "bm25", "embedding", "less", "ntk", "ntk-mean"]
+SELECTORS = CONDITIONS[1:]
+N_CHOICES = 4
+MC_MAX_LENGTH = 256  # token limit of a multiple-choice item (prompt + one whole choice)
+LORA = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+DEFAULT_CACHE = ROOT / "runs" / "bench_selection" / "cache.jsonl"
+SMOKE = {"domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 5, "n_pool": 30, "budget": 4,
+         "max_length": 48, "epochs": 1.0, "warmup_epochs": 1.0, "proj_dim": 256}
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments and settings
+def parse_args(argv=None) -> argparse.Namespace:
+    from ntk_ray.demo import DEMO_DOMAINS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domains", nargs="+", default=DEMO_DOMAINS[:4])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--n-domain", type=int, default=8, help="domain rows per cell (the warm-up and training set)")
+    ap.add_argument("--n-eval", type=int, default=8, help="held-out eval rows per cell")
+    ap.add_argument("--n-pool", type=int, default=100)
+    ap.add_argument("--pool-share", type=float, default=0.05, help="share of the domain label in the pool")
+    ap.add_argument("--budget", type=int, default=8, help="N: pool rows each selector adds")
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--epochs", type=float, default=1.0, help="fine-tune epochs of every condition")
+    ap.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate of every condition")
+    ap.add_argument("--batch-rows", type=int, default=2, help="at most this many rows per fine-tune step")
+    ap.add_argument("--warmup-epochs", type=float, default=2.0, help="warm-up epochs (method.md: 2)")
+    ap.add_argument("--warmup-lr", type=float, default=1e-4, help="warm-up learning rate (method.md: 1e-4)")
+    ap.add_argument("--proj-dim", type=int, default=8192, help="d of the NTK and LESS projections")
+    ap.add_argument("--ntk-projector", default=None, help="projector of the ntk selector's features (default: "
+                    "ntk-ray select's default, SelectConfig.projector)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine "
+                    "two threads that wait for each other are several times slower than one); 0 = chosen per cell, "
+                    "every core when the machine is idle at the cell's start (risky when other work starts later)")
+    ap.add_argument("--out", default=None, help=f"results directory (default {DEFAULT_OUT.relative_to(ROOT)}; "
+                    "with --smoke runs/bench_selection/smoke)")
+    ap.add_argument("--cache", default=None, help=f"JSON-lines cache (default {DEFAULT_CACHE.relative_to(ROOT)}; "
+                    "with --smoke <out>/cache.jsonl)")
+    ap.add_argument("--smoke", action="store_true", help="one domain, one seed, tiny sizes (CI): "
+                    + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+        args.out = args.out or str(ROOT / "runs" / "bench_selection" / "smoke")
+        args.cache = args.cache or str(Path(args.out) / "cache.jsonl")
+    if args.ntk_projector is None:
+        from ntk_ray.config import SelectConfig
+
+        args.ntk_projector = SelectConfig().projector
+    args.out = Path(args.out or DEFAULT_OUT)
+    args.cache = Path(args.cache or DEFAULT_CACHE)
+    unknown = [d for d in args.domains if d not in DEMO_DOMAINS]
+    if unknown:
+        ap.error(f"--domains: {unknown} are not demo domains ({', '.join(DEMO_DOMAINS)})")
+    return args
+
+
+def settings(args) -> dict:
+    """Everything that determines a result (the cache fingerprint), including the library
+    defaults the ntk selector takes from ``SelectConfig``."""
+    from ntk_ray.config import SelectConfig
+
+    sc = SelectConfig()
+    return {"n_domain": args.n_domain, "n_eval": args.n_eval, "n_pool": args.n_pool, "pool_share": args.pool_share,
+            "budget": args.budget, "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr,
+            "batch_rows": args.batch_rows, "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr,
+            "proj_dim": args.proj_dim, "lora": [LORA["r"], LORA["alpha"], list(LORA["targets"])],
+            "ntk": {"projector": args.ntk_projector, "scorer": sc.scorer, "coarse_factor": sc.coarse_factor,
+                    "coarse_k": sc.coarse_k}, "choices": N_CHOICES, "mc_max_length": MC_MAX_LENGTH, "version": 1}
+
+
+FINETUNE_SETTINGS = ("epochs", "lr", "batch_rows", "choices", "mc_max_length")  # do not change a selection
+SELECTION_KINDS = ("warmup", "selection")
+NTK_CONDITIONS = ("ntk", "ntk-mean")
+
+
+def fingerprint(s: dict, kind: str = "result", condition: str | None = None) -> str:
+    """Of the settings a record depends on: a selection not on the fine-tune settings, and only
+    the ntk conditions on the ntk settings (so a different fine-tune setting reuses the cached
+    selections, and a different ntk projector recomputes only the ntk conditions)."""
+    if kind in SELECTION_KINDS:
+        s = {k: v for k, v in s.items() if k not in FINETUNE_SETTINGS}
+    if condition not in NTK_CONDITIONS:
+        s = {k: v for k, v in s.items() if k != "ntk"}
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _rel(path) -> str:
+    path = Path(path).resolve()
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(ROOT)
+    return str(path)
+
+
+def command_line(args) -> str:
+    """The command that regenerates the outputs, every setting spelled out."""
+    parts = [".venv/bin/python", "benchmarks/bench_selection.py"]
+    if args.smoke:
+        parts.append("--smoke")
+    else:
+        parts += ["--domains", *args.domains, "--seeds", *map(str, args.seeds)]
+        for flag in ("n_domain", "n_eval", "n_pool", "pool_share", "budget", "max_length", "epochs", "lr",
+                     "batch_rows", "warmup_epochs", "warmup_lr", "proj_dim", "ntk_projector"):
+            parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    for flag in ("out", "cache"):
+        parts += ["--" + flag, _rel(getattr(args, flag))]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+class Cache:
+    """Append-only JSON lines; a record counts when its fingerprint is the current one."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = Path(path)
+        self.settings = settings
+        self.records: dict[tuple, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("fp") == self.fp_of(rec.get("kind"), rec.get("condition")):
+                    self.records[self.key(rec)] = rec
+
+    def fp_of(self, kind, condition) -> str:
+        return fingerprint(self.settings, kind, condition)
+
+    @staticmethod
+    def key(rec: dict) -> tuple:
+        return (rec["kind"], rec["domain"], int(rec["seed"]), rec["condition"])
+
+    def get(self, kind, domain, seed, condition):
+        return self.records.get((kind, domain, int(seed), condition))
+
+    def add(self, rec: dict) -> dict:
+        rec = {"fp": self.fp_of(rec["kind"], rec["condition"]), **rec}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[self.key(rec)] = rec
+        return rec
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [r for k, r in self.records.items() if k[0] == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# one cell
+class Clock:
+    def __init__(self):
+        self.start = time.time()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.start:7.0f}s, load {os.getloadavg()[0]:4.1f}] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def timed(into: dict, name: str):
+    t0 = time.time()
+    yield
+    into[name] = into.get(name, 0.0) + time.time() - t0
+
+
+def tokenized_rows(tokenizer, df, max_length: int) -> dict:
+    """ids, input_ids, loss/score masks, labels, prompts, responses of the usable rows."""
+    from ntk_ray.tokenize import tokenize_batch
+
+    tok = tokenize_batch(tokenizer, prompts=df["prompt"].to_list(), responses=df["response"].to_list(), max_length=max_length)
+    keep = [i for i, r in enumerate(tok.reject) if r is None]
+    cols = {c: df[c].to_list() for c in ("id", "label", "prompt", "response")}
+    out = {c: [v[i] for i in keep] for c, v in cols.items()}
+    out.update(input_ids=[tok.input_ids[i] for i in keep], loss_mask=[tok.loss_mask[i] for i in keep],
+               score_mask=[tok.score_mask[i] for i in keep], rejected=len(df) - len(keep))
+    return out
+
+
+def top_keys(scores: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """The n best keys by score descending, ties by key ascending (the pipeline's order)."""
+    return keys[np.lexsort((keys, -np.asarray(scores, dtype=np.float64)))[:n]]
+
+
+class Adapter:
+    """One LoRA-wrapped copy of the base model per cell. ``fresh()`` puts the LoRA factors back to
+    their initial values (``attach_lora(seed=seed)``: A Kaiming-uniform from the seed, B = 0), which is
+    exactly a freshly attached adapter, without copying the model for every fine-tune."""
+
+    def __init__(self, base, seed: int):
+        from ntk_ray.models import attach_lora
+
+        self.model = attach_lora(copy.deepcopy(base), r=LORA["r"], alpha=LORA["alpha"], targets=LORA["targets"], seed=seed)
+        self.init = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def fresh(self):
+        import torch
+
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(self.init[n])
+        return self.model.eval()
+
+
+def train(model, seqs, masks, epochs, lr, batch_rows, seed, keep_state=False) -> dict:
+    import torch
+
+    from ntk_ray.training import TrainConfig, train_lora
+
+    torch.manual_seed(seed)
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, **({"max_batch_rows": batch_rows} if batch_rows else {}))
+    return train_lora(model, seqs, masks, cfg, log=lambda *_: None, keep_optimizer_state=keep_state)
+
+
+def mc_items(eval_rows: dict, domain: str, seed: int) -> tuple[list, list, list]:
+    """Each eval question with its true definition and 3 other eval rows' definitions, shuffled;
+    a fixed rng per (domain, seed)."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    responses = eval_rows["response"]
+    n = len(responses)
+    prompts, choices, answers = [], [], []
+    for i in range(n):
+        others = [j for j in range(n) if j != i and responses[j] != responses[i]]
+        if len(others) < N_CHOICES - 1:
+            continue
+        picked = [responses[j] for j in rng.choice(others, N_CHOICES - 1, replace=False)]
+        pos = int(rng.integers(N_CHOICES))
+        picked.insert(pos, responses[i])
+        prompts.append(eval_rows["prompt"][i])
+        choices.append(picked)
+        answers.append(pos)
+    return prompts, choices, answers
+
+
+def evaluate(model, tokenizer, eval_rows, mc, max_length) -> dict:
+    from ntk_ray.evaluation import choice_accuracy
+    from ntk_ray.training import mean_token_loss
+
+    loss = mean_token_loss(model, eval_rows["input_ids"], eval_rows["loss_mask"])
+    # choices are never truncated (choice_accuracy skips a row that does not fit): a longer limit
+    # than training's, so that every definition is compared whole
+    acc = choice_accuracy(model, tokenizer, mc[0], mc[1], mc[2], max(max_length, MC_MAX_LENGTH))
+    return {"loss": float(loss["loss"]), "accuracy": float("nan") if acc["accuracy"] is None else float(acc["accuracy"]),
+            "eval_tokens": int(loss["tokens"]), "mc_items": int(acc["rows"]), "mc_skipped": int(acc["skipped"])}
+
+
+def run_selectors(needed: list[str], adapter: Adapter, tokenizer, args, seed, dom, pool, clock, label) -> dict:
+    """Warm-up, then every selector in ``needed``: {name: {"keys", "seconds", "parts"}} and
+    the warm-up record under "_warmup"."""
+    import torch
+
+    from ntk_ray import coarse, lexical, selectors
+    from ntk_ray.config import SelectConfig
+    from ntk_ray.features import FeatureComputer, mean_pooled_embeddings, trainable_linears
+    from ntk_ray.scoring import AnchorKernel, stable_keys
+
+    sc = SelectConfig()
+    n = args.budget
+    keys = stable_keys(pool["id"])
+    out: dict = {}
+    t0 = time.time()
+    warmed = adapter.fresh()
+    history = train(warmed, dom["input_ids"], dom["loss_mask"], args.warmup_epochs, args.warmup_lr, None, seed, keep_state=True)
+    warmed.eval()
+    out["_warmup"] = {"seconds": time.time() - t0, "epoch_loss": history.get("epoch_loss"), "steps": history.get("steps")}
+    clock.log(f"{label}: warm-up {out['_warmup']['seconds']:.1f}s, loss {history.get('epoch_loss')}")
+
+    def done(name, chosen, parts):
+        out[name] = {"keys": [int(k) for k in chosen], "seconds": sum(parts.values()), "parts": parts}
+        clock.log(f"{label}: {name} picked {len(chosen)} in {out[name]['seconds']:.1f}s")
+
+    if "random" in needed:
+        parts: dict = {}
+        with timed(parts, "score"):
+            chosen = top_keys(selectors.random_scores(keys, seed), keys, n)
+        done("random", chosen, parts)
+    if "bm25" in needed:
+        parts = {}
+        with timed(parts, "score"):
+            def words(rows):
+                texts = [p + "\n" + r for p, r in zip(rows["prompt"], rows["response"])]
+                return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            docs, queries = words(pool), words(dom)
+            s = np.asarray(lexical.bm25_scores(docs, queries, lexical.bm25_stats(docs)), dtype=np.float64)
+            if s.ndim == 2:  # per (doc, query) or (query, doc): mean over the domain rows
+                s = s.mean(axis=1) if s.shape[0] == len(docs) and s.shape[1] == len(queries) else s.mean(axis=0)
+            chosen = top_keys(s, keys, n)
+        done("bm25", chosen, parts)
+    emb_parts: dict = {}
+    if {"embedding", "ntk", "ntk-mean"} & set(needed):
+        with timed(emb_parts, "embed"):
+            pool_emb = mean_pooled_embeddings(warmed, pool["input_ids"]).numpy()
+            dom_emb = mean_pooled_embeddings(warmed, dom["input_ids"]).numpy()
+    if "embedding" in needed:
+        parts = dict(emb_parts)
+        with timed(parts, "score"):
+            _, order = selectors.embedding_selection(pool_emb, dom_emb, keys, n)
+            chosen = np.asarray(order)[:n]
+        done("embedding", chosen, parts)
+    if "less" in needed:
+        parts = {}
+        # the warm-up's AdamW moments, in the FeatureComputer's module order
+        adam = history["adam"].select([f"{name}.weight" for name, _ in trainable_linears(warmed)])
+        transform = selectors.adam_gradient_transform(adam.exp_avg, adam.exp_avg_sq, adam.step, adam.betas, adam.eps)
+        with timed(parts, "features"):
+            pool_fc = FeatureComputer(warmed, projector="sketch", dim=args.proj_dim, seed=seed, objective="loss",
+                                      gradient_transform=transform)
+            pool_f = pool_fc.features(pool["input_ids"], pool["loss_mask"]).feature.numpy()
+            dom_fc = FeatureComputer(warmed, projector="sketch", dim=args.proj_dim, seed=seed, objective="loss")
+            dom_f = dom_fc.features(dom["input_ids"], dom["loss_mask"]).feature.numpy()
+        with timed(parts, "score"):
+            chosen = top_keys(selectors.less_scores(pool_f, dom_f), keys, n)
+        done("less", chosen, parts)
+    if {"ntk", "ntk-mean"} & set(needed):
+        parts = dict(emb_parts)
+        m = sc.coarse_factor * n
+        with timed(parts, "coarse"):
+            if len(keys) > m:
+                k = min(sc.coarse_k or n, len(keys))
+                topk = coarse.knn_block(dom_emb, pool_emb, keys, k)
+                import polars as pl
+
+                ordered = coarse.coarse_order(pl.DataFrame({"key": keys}), coarse.votes(topk))
+                cand_keys = ordered["key"].head(m).to_numpy()
+            else:
+                cand_keys = keys
+            where = {int(k): i for i, k in enumerate(keys)}
+            cand = [where[int(k)] for k in cand_keys]
+        with timed(parts, "features"):
+            fc = FeatureComputer(warmed, projector=args.ntk_projector, dim=args.proj_dim, seed=seed)
+            x = fc.features([pool["input_ids"][i] for i in cand], [pool["score_mask"][i] for i in cand]).feature.numpy()
+            anchors = fc.features(dom["input_ids"], dom["score_mask"]).feature.numpy()
+        kernel = None
+        for name, scorer in (("ntk", sc.scorer), ("ntk-mean", "mean")):
+            p = dict(parts)
+            with timed(p, "score"):
+                kernel = kernel or AnchorKernel(anchors)
+                chosen = top_keys(kernel.score(x, scorer), np.asarray(cand_keys), n)
+            if name in needed:
+                done(name, chosen, p)
+    return out
+
+
+def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
+    import polars as pl
+    import torch
+
+    from ntk_ray.demo import make_demo_split
+    from ntk_ray.scoring import stable_keys
+
+    label = f"{domain} seed {seed}"
+    missing = [c for c in CONDITIONS if cache.get("result", domain, seed, c) is None]
+    if not missing and cache.get("base", domain, seed, "base") is not None:
+        clock.log(f"{label}: cached")
+        return
+    t_cell = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench_selection-") as tmp:
+        split = make_demo_split(tmp, domain, args.n_domain, args.n_eval, args.n_pool,
+                                pool_domain_share=args.pool_share, seed=seed)
+        dom = tokenized_rows(tokenizer, pl.read_ndjson(split["domain_path"]), args.max_length)
+        ev = tokenized_rows(tokenizer, pl.read_ndjson(split["eval_path"]), args.max_length)
+        pool = tokenized_rows(tokenizer, pl.read_parquet(split["pool_path"]), args.max_length)
+    pool_share = split["n_pool_domain"] / split["n_pool"]
+    key_index = {int(k): i for i, k in enumerate(stable_keys(pool["id"]))}
+    mc = mc_items(ev, domain, seed)
+    clock.log(f"{label}: {len(dom['id'])} domain, {len(ev['id'])} eval ({len(mc[0])} choice items), "
+              f"{len(pool['id'])} pool rows ({dom['rejected'] + ev['rejected'] + pool['rejected']} rejected); "
+              f"to do: {', '.join(missing)}")
+
+    adapter = Adapter(base, seed)
+    # selections (cached by id, so a resumed cell needs no warm-up when all are done)
+    need_sel = [c for c in missing if c != "domain-only" and cache.get("selection", domain, seed, c) is None]
+    if need_sel:
+        if "ntk" in need_sel or "ntk-mean" in need_sel:
+            need_sel = sorted(set(need_sel) | {"ntk", "ntk-mean"}, key=CONDITIONS.index)
+        got = run_selectors(need_sel, adapter, tokenizer, args, seed, dom, pool, clock, label)
+        warm = got.pop("_warmup")
+        cache.add({"kind": "warmup", "domain": domain, "seed": seed, "condition": "warmup", **warm})
+        for name, sel in got.items():
+            rows = [key_index[k] for k in sel["keys"]]
+            labels = [pool["label"][i] for i in rows]
+            share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
+            cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name,
+                       "ids": [pool["id"][i] for i in rows], "seconds": sel["seconds"], "parts": sel["parts"],
+                       "label_share": share, "pool_share": pool_share,
+                       "lift": share / pool_share if pool_share else float("nan")})
+    id_index = {v: i for i, v in enumerate(pool["id"])}
+
+    if cache.get("base", domain, seed, "base") is None:
+        t0 = time.time()
+        with adapter.fresh().disable_adapter():
+            m = evaluate(adapter.model, tokenizer, ev, mc, args.max_length)
+        cache.add({"kind": "base", "domain": domain, "seed": seed, "condition": "base", **m, "eval_seconds": time.time() - t0})
+        clock.log(f"{label}: base model: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f}")
+    for cond in missing:
+        rows = [] if cond == "domain-only" else [id_index[i] for i in cache.get("selection", domain, seed, cond)["ids"]]
+        seqs = dom["input_ids"] + [pool["input_ids"][i] for i in rows]
+        masks = dom["loss_mask"] + [pool["loss_mask"][i] for i in rows]
+        t0 = time.time()
+        model = adapter.fresh()
+        history = train(model, seqs, masks, args.epochs, args.lr, args.batch_rows, seed)
+        train_s = time.time() - t0
+        t0 = time.time()
+        m = evaluate(model, tokenizer, ev, mc, args.max_length)
+        cache.add({"kind": "result", "domain": domain, "seed": seed, "condition": cond, **m, "train_rows": len(seqs),
+                   "train_seconds": train_s, "eval_seconds": time.time() - t0, "train_loss": history.get("epoch_loss"),
+                   "steps": history.get("steps")})
+        clock.log(f"{label}: {cond:<11} {len(seqs)} rows: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f} "
+                  f"(train {train_s:.1f}s)")
+    del adapter
+    cache.add({"kind": "cell", "domain": domain, "seed": seed, "condition": "cell", "seconds": time.time() - t_cell,
+               "load": os.getloadavg()[0], "threads": torch.get_num_threads()})
+    clock.log(f"{label}: cell done in {time.time() - t_cell:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+def _mean_std(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
+
+
+def summarize(cache: Cache, args) -> dict:
+    """Per (domain | "all", condition): lists over seeds of loss, accuracy, delta loss/accuracy
+    vs domain-only, lift, selector seconds, train seconds. "all" averages the domains per seed
+    (a seed counts when every listed domain has it), so its spread is over seeds too."""
+    res = {(r["domain"], r["seed"], r["condition"]): r for r in cache.of_kind("result")}
+    res.update({(r["domain"], r["seed"], "base"): r for r in cache.of_kind("base")})
+    sel = {(r["domain"], r["seed"], r["condition"]): r for r in cache.of_kind("selection")}
+    conds = ["base"] + CONDITIONS
+    per: dict = {}
+    for d in args.domains:
+        for c in conds:
+            cell = {"loss": {}, "accuracy": {}, "dloss": {}, "dacc": {}, "lift": {}, "sel_s": {}, "train_s": {}}
+            for s in args.seeds:
+                r, ref = res.get((d, s, c)), res.get((d, s, "domain-only"))
+                if r is None:
+                    continue
+                cell["loss"][s], cell["accuracy"][s] = r["loss"], r["accuracy"]
+                if ref is not None:
+                    cell["dloss"][s], cell["dacc"][s] = r["loss"] - ref["loss"], r["accuracy"] - ref["accuracy"]
+                if "train_seconds" in r:
+                    cell["train_s"][s] = r["train_seconds"]
+                if (d, s, c) in sel:
+                    cell["lift"][s], cell["sel_s"][s] = sel[(d, s, c)]["lift"], sel[(d, s, c)]["seconds"]
+            per[(d, c)] = cell
+    for c in conds:
+        cell = {}
+        for metric in ("loss", "accuracy", "dloss", "dacc", "lift", "sel_s", "train_s"):
+            cell[metric] = {}
+            for s in args.seeds:
+                vals = [per[(d, c)][metric].get(s) for d in args.domains]
+                if all(v is not None for v in vals):
+                    cell[metric][s] = float(np.mean(vals))
+        per[("all", c)] = cell
+    return per
+
+
+def wins(cache: Cache, args, cond: str, other: str) -> tuple[int, int]:
+    """(cells where ``cond`` has lower eval loss than ``other``, cells with both)."""
+    res = {(r["domain"], r["seed"], r["condition"]): r["loss"] for r in cache.of_kind("result")}
+    pairs = [(res[(d, s, cond)], res[(d, s, other)]) for d in args.domains for s in args.seeds
+             if (d, s, cond) in res and (d, s, other) in res]
+    return sum(a < b for a, b in pairs), len(pairs)
+
+
+def projector_note(args) -> str:
+    from ntk_ray.config import SelectConfig
+
+    default = SelectConfig().projector
+    return "" if args.ntk_projector == default else f" (not the current `select` default `{default}`)"
+
+
+def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> str:
+    per = summarize(cache, args)
+    done_cells = sum(all(cache.get("result", d, sd, c) for c in CONDITIONS) for d in args.domains for sd in args.seeds)
+    total_cells = len(args.domains) * len(args.seeds)
+    warm = [r["seconds"] for r in cache.of_kind("warmup")]
+    cells = [r["seconds"] for r in cache.of_kind("cell")]
+    loads = [r["load"] for r in cache.of_kind("cell")]
+    ref_lift = args.pool_share
+    lines = [
+        "# Does the selection help fine-tuning? (`benchmarks/bench_selection.py`)",
+        "",
+        "Regenerate (resumes from the cache; delete it to start over):",
+        "",
+        "```",
+        command_line(args),
+        "```",
+        "",
+        f"- status: {done_cells} of {total_cells} cells (domain x seed) complete"
+        + ("" if done_cells == total_cells else " (partial results: the run is in progress or was stopped)"),
+        f"- data: bundled WordNet corpus; per cell `make_demo_split(domain, n_domain={args.n_domain}, n_eval={args.n_eval}, "
+        f"n_pool={args.n_pool}, pool_domain_share={args.pool_share}, seed)`; chat template, max_length {args.max_length}",
+        f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores, "
+        f"torch threads per cell: {sorted({r.get('threads') for r in cache.of_kind('cell')}) or args.threads or 'auto'}); LoRA r={LORA['r']}, alpha={LORA['alpha']}, q/k/v/o"
+        + (f"; {np.mean(cells):.0f} s per cell (mean of {len(cells)}; 1-minute load average at the cell's end "
+           f"{np.mean(loads):.1f}: the machine is shared, so seconds are comparable within a cell, not across runs)"
+           if cells else ""),
+        f"- warm-up (shared by embedding, less, ntk): {args.warmup_epochs:g} epoch(s), lr {args.warmup_lr:g} on the domain rows"
+        + (f"; {np.mean(warm):.1f} s per cell on average (not included in the selector seconds)" if warm else ""),
+        f"- selectors pick N = {args.budget} pool rows; ntk = ntk-ray's `select` defaults (coarse kNN votes, "
+        f"M = {s['ntk']['coarse_factor']}N, K = N; `{s['ntk']['projector']}` projection{projector_note(args)}, d = {args.proj_dim}; scorer "
+        f"`{s['ntk']['scorer']}`); ntk-mean = the paper's `mean` scorer on the same features; less = Adam-preconditioned "
+        f"loss gradients, `sketch` projection, d = {args.proj_dim}; embedding = mean-pooled warmed hidden states; "
+        "bm25 = token ids; random = seeded",
+        f"- fine-tune of every condition (fixed before any evaluation, identical for all): fresh LoRA, {args.epochs:g} epoch(s), "
+        f"lr {args.lr:g}, at most {args.batch_rows} rows per step, seed = the cell's seed",
+        f"- eval: {args.n_eval} held-out rows of the domain (never seen by a selector or a setting): mean per-token loss "
+        f"on the response tokens (as trained: at most {args.max_length} tokens per row), and {N_CHOICES}-way "
+        "multiple-choice accuracy (the question with its true definition and 3 other eval rows' definitions, whole, "
+        "scored by mean log-likelihood per choice token; `evaluation.choice_accuracy`)",
+        f"- mean ± std over seeds {args.seeds}; the `all` rows average the domains per seed first. "
+        "Δ = condition minus domain-only in the same cell (negative Δ loss = better). "
+        f"Lift = the domain label's share among the N picks / its share of the pool ({ref_lift:.0%}; 1 = random). "
+        "Selector s = wall seconds of the selector's own work per cell (ntk: embedding pass + coarse + features + "
+        "scoring; ntk-mean shares ntk's features, so its cost is ntk's); train s = the fine-tune.",
+        "",
+        "| domain | condition | eval loss | Δ loss | accuracy | Δ accuracy | lift | selector s | train s | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in [*args.domains, "all"]:
+        for c in ["base"] + CONDITIONS:
+            cell = per[(d, c)]
+            n_seeds = len(cell["loss"])
+            if n_seeds == 0:
+                continue
+            loss, dloss = _mean_std(cell["loss"].values()), _mean_std(cell["dloss"].values())
+            acc, dacc = _mean_std(cell["accuracy"].values()), _mean_std(cell["dacc"].values())
+            lift = _mean_std(cell["lift"].values())
+            sel_s = _mean_std(cell["sel_s"].values())
+            train_s = _mean_std(cell["train_s"].values())
+            name = "base model (no fine-tune)" if c == "base" else c
+            row = [f"**{d}**" if d == "all" else d, name, _pm(*loss, ".4f"),
+                   "-" if c == "domain-only" else _pm(*dloss, "+.4f"), _pm(*acc, ".3f"),
+                   "-" if c == "domain-only" else _pm(*dacc, "+.3f"),
+                   _pm(*lift, ".1f") if c in SELECTORS else "-",
+                   f"{sel_s[0]:.1f}" if c in SELECTORS and np.isfinite(sel_s[0]) else "-",
+                   f"{train_s[0]:.1f}" if np.isfinite(train_s[0]) else "-", str(n_seeds)]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Head to head (eval loss, cells where the first is lower)", ""]
+    lines += [f"- ntk vs {o}: {w} of {n}" for o in ["domain-only", "random", "bm25", "embedding", "less", "ntk-mean"]
+              for w, n in [wins(cache, args, "ntk", o)] if n]
+    lines += [f"- {o} vs domain-only: {w} of {n}" for o in ["random", "bm25", "embedding", "less", "ntk-mean"]
+              for w, n in [wins(cache, args, o, "domain-only")] if n]
+    parts = {}
+    for r in cache.of_kind("selection"):
+        for k, v in r.get("parts", {}).items():
+            parts.setdefault((r["condition"], k), []).append(v)
+    if parts:
+        lines += ["", "## Selector cost breakdown (mean wall seconds per cell)", "",
+                  "| selector | " + " | ".join(["embed", "coarse", "features", "score"]) + " |", "|---|---:|---:|---:|---:|"]
+        for c in SELECTORS:
+            if any(k[0] == c for k in parts):
+                cols = [f"{np.mean(parts[(c, k)]):.1f}" if (c, k) in parts else "-" for k in ("embed", "coarse", "features", "score")]
+                lines.append(f"| {c} | " + " | ".join(cols) + " |")
+    lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.0f} min into this invocation. "
+              f"Cache: `{_rel(args.cache)}` (settings fingerprints: results {cache.fp_of('result', 'random')}, ntk results {cache.fp_of('result', 'ntk')}, "
+              f"selections {cache.fp_of('selection', 'random')}, ntk selections {cache.fp_of('selection', 'ntk')}).", ""]
+    text = "\n".join(lines)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return text
+
+
+def write_plot(cache: Cache, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = summarize(cache, args)
+    groups = [*args.domains, "all"]
+    conds = SELECTORS
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    width = 0.8 / len(conds)
+    colors = plt.get_cmap("tab10")
+    for ax, metric, title in ((axes[0], "dloss", "eval loss − domain-only (lower is better)"),
+                              (axes[1], "dacc", "accuracy − domain-only (higher is better)")):
+        for j, c in enumerate(conds):
+            means, stds = [], []
+            for g in groups:
+                m, sd = _mean_std(per[(g, c)][metric].values())
+                means.append(m)
+                stds.append(sd)
+            xs = np.arange(len(groups)) + (j - (len(conds) - 1) / 2) * width
+            ax.bar(xs, np.nan_to_num(means), width, yerr=np.nan_to_num(stds), capsize=2, label=c, color=colors(j))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels(groups, rotation=15)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"domain + N={args.budget} selected vs domain-only (n_domain={args.n_domain}, pool {args.n_pool}); "
+                 f"mean ± std over seeds {args.seeds}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    s = settings(args)
+    cache = Cache(args.cache, s)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    print(f"command: {command_line(args)}", flush=True)
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args, s, cache, clock)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def idle_share(seconds: float = 2.0) -> float:
+    """Share of the machine's CPU time spent idle over the next ``seconds`` (Linux /proc/stat;
+    elsewhere from the 1-minute load average)."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+        return (idle1 - idle0) / max(total1 - total0, 1)
+    except OSError:
+        cores = os.cpu_count() or 1
+        return max(0.0, 1.0 - os.getloadavg()[0] / cores)
+
+
+def pick_threads(requested: int) -> int:
+    """``requested``, or for 0: every core when the machine is otherwise idle (measured while this
+    process waits between cells), else 1."""
+    if requested > 0:
+        return requested
+    return (os.cpu_count() or 1) if idle_share() > 0.85 else 1
+
+
+def _run(args, s, cache, clock) -> int:
+    import torch
+
+    from ntk_ray.models import load_model, load_tokenizer
+
+    base, tokenizer = None, None
+    for domain in args.domains:
+        for seed in args.seeds:
+            if all(cache.get("result", domain, seed, c) for c in CONDITIONS) and cache.get("base", domain, seed, "base"):
+                clock.log(f"{domain} seed {seed}: cached")
+                continue
+            if base is None:
+                base = load_model(None)
+                for p in base.parameters():
+                    p.requires_grad_(False)
+                tokenizer = load_tokenizer(None)
+                clock.log("demo model loaded")
+            threads = pick_threads(args.threads)
+            torch.set_num_threads(threads)
+            clock.log(f"{domain} seed {seed}: {threads} torch thread(s)")
+            run_cell(domain, seed, args, base, tokenizer, cache, clock)
+            write_markdown(cache, args, s, args.out / "selection.md", time.time() - clock.start)
+            write_plot(cache, args, args.out / "selection.png")
+    text = write_markdown(cache, args, s, args.out / "selection.md", time.time() - clock.start)
+    write_plot(cache, args, args.out / "selection.png")
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
