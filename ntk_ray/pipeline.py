@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .accounting import UsageError, account_rows
 from .config import SelectConfig
-from .sharded import merge_topk_tasks, score_shards, unit_rows
+from .sharded import merge_topk_tasks, score_shards, scores_frame, unit_rows
 from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
                       write_json_atomic, write_parquet_atomic)
 
@@ -570,12 +570,7 @@ def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: i
     import ray
 
     anchors = np.asarray(anchors, dtype=np.float32)
-    parts = score_shards(files, ray.put(anchors), scorer)
-    scores = pl.DataFrame({
-        "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
-        "score": np.concatenate([p["score"] for p in parts]) if parts else np.zeros(0),
-        "reject": [r for p in parts for r in p["reject"]],
-    })
+    scores = scores_frame(score_shards(files, ray.put(anchors), scorer))
     result = {"scores": scores}
     if scorer == "round-robin":
         from .scoring import round_robin_order

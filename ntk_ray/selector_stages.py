@@ -43,19 +43,12 @@ def less_transform_for(model, moments_path: str, device):
                                    m.step, m.betas, m.eps)
 
 
-def _frame(parts: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame({
-        "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
-        "score": np.concatenate([np.asarray(p["score"], dtype=np.float64) for p in parts]) if parts else np.zeros(0),
-        "reject": [r for p in parts for r in p["reject"]],
-    }, schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
-
-
 def random_stage(cfg, usable_pool: pl.DataFrame) -> dict:
     from .selectors import random_scores
+    from .sharded import scores_frame
 
     keys = usable_pool["key"].to_numpy()
-    return {"scores": _frame([{"key": keys, "score": random_scores(keys, cfg.seed), "reject": [None] * len(keys)}])}
+    return {"scores": scores_frame([{"key": keys, "score": random_scores(keys, cfg.seed), "reject": [None] * len(keys)}])}
 
 
 def _shard_docs(path: str, keep) -> tuple[np.ndarray, list[list[int]]]:
@@ -83,13 +76,14 @@ def bm25_stage(cfg, work: Path, usable_pool: pl.DataFrame, domain_ids: list[list
     import ray
 
     from .lexical import merge_bm25_stats
+    from .sharded import scores_frame
 
     shards = sorted(str(p) for p in (work / "tokens/pool").glob("*.parquet"))
     keep = ray.put(usable_pool.select("key", "source", "row").to_arrow())
     stats = merge_bm25_stats(ray.get([ray.remote(_bm25_stats_task).remote(p, keep) for p in shards]))
     stats_ref, queries_ref = ray.put(stats), ray.put(domain_ids)
     parts = ray.get([ray.remote(_bm25_score_task).remote(p, keep, queries_ref, stats_ref) for p in shards])
-    return {"scores": _frame(parts)}
+    return {"scores": scores_frame(parts)}
 
 
 def embedding_stage(cfg, work: Path, anchor_embeddings: np.ndarray) -> dict:
@@ -97,12 +91,12 @@ def embedding_stage(cfg, work: Path, anchor_embeddings: np.ndarray) -> dict:
     import ray
 
     from .scoring import round_robin_order
-    from .sharded import merge_topk_tasks, score_shards, unit_rows
+    from .sharded import merge_topk_tasks, score_shards, scores_frame, unit_rows
 
     files = sorted(str(p) for p in (work / "embed").glob("*.parquet"))
     anchors = unit_rows(np.asarray(anchor_embeddings, dtype=np.float32))
     ref = ray.put(anchors)
-    scores = _frame(score_shards(files, ref, "max-cosine", column="embedding"))
+    scores = scores_frame(score_shards(files, ref, "max-cosine", column="embedding"))
     k = max(1, min(cfg.budget, scores.height))
     topk = merge_topk_tasks(files, ref, k, "embedding", n_anchors=len(anchors), unit=True)
     order = round_robin_order(topk, cfg.budget)
@@ -114,7 +108,8 @@ def less_scores_stage(work: Path, anchor_features: np.ndarray) -> dict:
     """s(x) = max over anchors of the cosine of the LESS features."""
     import ray
 
-    from .sharded import score_shards
+    from .pipeline import feature_files
+    from .sharded import score_shards, scores_frame
 
-    files = sorted(str(p) for p in (work / "features").glob("*.parquet") if not p.name.startswith(("_", ".")))
-    return {"scores": _frame(score_shards(files, ray.put(np.asarray(anchor_features, dtype=np.float32)), "max-cosine"))}
+    files = feature_files(work / "features")
+    return {"scores": scores_frame(score_shards(files, ray.put(np.asarray(anchor_features, dtype=np.float32)), "max-cosine"))}

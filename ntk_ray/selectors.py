@@ -197,4 +197,4 @@ def less_scores(pool_features: np.ndarray, anchor_features: np.ndarray) -> np.nd
         raise ValueError(f"pool features of dim {pool.shape[1]} vs anchor features of dim {kernel.features.shape[1]}")
     if pool.shape[0] == 0:
         return np.zeros(0)
-    return kernel.score(pool, "round-robin")
+    return kernel.score(pool, "max-cosine")

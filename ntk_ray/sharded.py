@@ -150,6 +150,17 @@ def _score_file(path: str, anchors, scorer: str, batch_rows: int | None = None, 
             "score": np.concatenate(scores) if scores else np.zeros(0), "reject": rejects}
 
 
+def scores_frame(parts: list[dict]):
+    """``score_shards``'s parts as one Polars frame: key (Int64), score (Float64), reject."""
+    import polars as pl
+
+    return pl.DataFrame({
+        "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
+        "score": np.concatenate([np.asarray(p["score"], dtype=np.float64) for p in parts]) if parts else np.zeros(0),
+        "reject": [r for p in parts for r in p["reject"]],
+    }, schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
+
+
 def score_shards(files: list[str], anchors_ref, scorer: str, max_in_flight: int | None = None,
                  batch_rows: int | None = None, column: str = "feature") -> list[dict]:
     """Kernel scores of every row of every shard (one Ray task per shard, at most

@@ -19,12 +19,13 @@ import re
 from pathlib import Path
 
 RESULT_FILES = ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json")
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def is_uri(path: str | os.PathLike) -> bool:
-    """True for ``scheme://...`` (a plain or relative path is not a URI)."""
-    return bool(_URI.match(str(path)))
+    """True for ``scheme://...`` (a plain or relative path is not a URI): the rule the inputs use."""
+    from .inputs import _is_uri
+
+    return _is_uri(str(path))
 
 
 def default_work_dir(uri: str) -> Path:
