@@ -22,6 +22,7 @@ from .accounting import UsageError, mark_duplicates
 from .outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
 from .pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
                        prepare_out_dir, read_files, score_features)
+from .workers import parquet_options
 
 SPEC_KEY = b"ntk_ray.projector"
 
@@ -109,7 +110,7 @@ def stamp_adapter(shards: list[str], digest: str) -> None:
         spec["adapter_sha256"] = digest
         meta[SPEC_KEY] = json.dumps(spec).encode()
         tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), tmp, **parquet_options(table.schema))
         tmp.replace(path)
 
 

@@ -8,6 +8,9 @@ Scorers, chosen by name:
 * ``cosine`` (LESS-style normalisation): s(x) = 1/|A| sum_a cos(psi(x), psi(a))
   = <psi(x)/|psi(x)|, mean_a psi(a)/|psi(a)|>. Removes the pull of large gradient norms.
 * ``max``: s(x) = max_a Theta(x, a), over anchor blocks of ``anchor_block`` rows.
+
+All of them accumulate in float64 and round to the float32 grid (``AnchorKernel``,
+``round_scores``): reproducible scores at about 3x the cost of a float32 matrix-vector product.
 * ``round-robin`` (RDS+-style diversity): anchors take turns picking their best unpicked row,
   by cosine; rows beyond the round-robin picks are ordered by their best cosine. Needs each
   anchor's top-k over the whole pool: ``AnchorTopK``.
@@ -23,6 +26,7 @@ exactly the result of one full sort. The coarse stage's kNN votes use the same s
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 
@@ -45,7 +49,19 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 class AnchorKernel:
-    """The anchors' features and the reductions the scorers need, computed once."""
+    """The anchors' features and the reductions the scorers need, computed once.
+
+    ``score`` accumulates in float64 a block of ``row_block`` rows at a time: each block is
+    converted float16/float32 -> float64 while it sits in cache (converting a whole shard first
+    costs 5-30x the matmul itself), and the float64 result is rounded to float32's 24-bit
+    significand (``round_scores``). float64 dot products of length d differ between BLAS
+    libraries, thread counts and block positions by ~sqrt(d) 2^-53 |x||m| (about 1e-14 relative);
+    rounding absorbs that, so the same features give the same scores, hence the same ranking
+    (ties broken by ``stable_keys``), on every machine and sharding, except for the ~1e-7 of
+    rows whose float64 score lies within that noise of a rounding boundary (a flip there moves
+    a score by one float32 ulp)."""
+
+    row_block = 64  # 64 x 8192 float64 = 4 MiB: converted and reduced while in cache
 
     def __init__(self, anchor_features: np.ndarray, anchor_block: int = 1024):
         a = np.asarray(anchor_features, dtype=np.float32)
@@ -54,36 +70,86 @@ class AnchorKernel:
         if not np.isfinite(a).all():
             raise ValueError("anchor features contain NaN or inf")
         self.features = a
-        self.unit = _unit_rows(a)
-        self.mean = a.mean(axis=0, dtype=np.float64)
-        self.unit_mean = self.unit.mean(axis=0, dtype=np.float64)
+        self.unit = _unit_rows(a)  # float32, for callers forming float32 kernel blocks
+        a64 = a.astype(np.float64)
+        self.unit64 = _unit_rows(a64)
+        self.mean = a64.mean(axis=0)
+        self.unit_mean = self.unit64.mean(axis=0)
         self.anchor_block = anchor_block
+        self._float64 = {}  # torch float64 copies, made on first use
 
     @property
     def n_anchors(self) -> int:
         return self.features.shape[0]
 
-    def blocks(self, x: np.ndarray, unit: bool = False):
-        """Yield (start, kernel block (B x a_block)) over anchor blocks: never B x all anchors
-        at once when the anchor set is large."""
-        anchors = self.unit if unit else self.features
-        rows = _unit_rows(x) if unit else x
-        for start in range(0, self.n_anchors, self.anchor_block):
-            yield start, rows @ anchors[start : start + self.anchor_block].T
+    def _torch64(self, name: str):
+        import torch
+
+        if name not in self._float64:
+            self._float64[name] = torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+        return self._float64[name]
 
     def score(self, x: np.ndarray, scorer: str) -> np.ndarray:
-        """s(x) (float64, one per row of x) for the scorers that reduce over anchors per row."""
-        x = np.asarray(x, dtype=np.float32)
-        if scorer == "mean":
-            return x.astype(np.float64) @ self.mean
-        if scorer == "cosine":
-            return _unit_rows(x).astype(np.float64) @ self.unit_mean
-        if scorer in ("max", "round-robin", "max-cosine"):
-            best = np.full(x.shape[0], -np.inf)
-            for _, block in self.blocks(x, unit=scorer != "max"):
-                best = np.maximum(best, block.max(axis=1))
-            return best
-        raise ValueError(f"unknown scorer {scorer!r} (choose from {', '.join(ROW_SCORERS)})")
+        """s(x) (float64 values on the float32 grid, one per row of x) for the scorers that
+        reduce over anchors per row. ``x``: (rows x d) float16 or float32 (other dtypes are
+        converted to float32 first)."""
+        import torch
+
+        if scorer not in ROW_SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r} (choose from {', '.join(ROW_SCORERS)})")
+        x = np.asarray(x)
+        if x.dtype not in (np.float16, np.float32):
+            x = x.astype(np.float32)
+        if x.ndim != 2 or x.shape[1] != self.features.shape[1]:
+            raise ValueError(f"rows of shape {x.shape} for anchors of width {self.features.shape[1]}")
+        out = torch.empty(x.shape[0], dtype=torch.float64)
+        with warnings.catch_warnings():  # read-only Arrow buffers: only ever read here
+            warnings.filterwarnings("ignore", message=".*not writable")
+            xt = torch.from_numpy(np.ascontiguousarray(x))
+        unit = scorer != "max" and scorer != "mean"
+        reduce_to = self._torch64("unit_mean" if scorer == "cosine" else "mean") if scorer in ("mean", "cosine") else None
+        anchors = None if reduce_to is not None else self._torch64("unit64" if unit else "features")
+
+        def rows(lo: int, hi: int) -> None:
+            with torch.inference_mode():
+                for start in range(lo, hi, self.row_block):
+                    stop = min(hi, start + self.row_block)
+                    block = xt[start:stop].to(torch.float32).to(torch.float64)  # f16->f32->f64: fastest
+                    if reduce_to is not None:
+                        s = torch.mv(block, reduce_to)
+                    else:
+                        s = torch.full((stop - start,), -torch.inf, dtype=torch.float64)
+                        for a in range(0, self.n_anchors, self.anchor_block):
+                            s = torch.maximum(s, (block @ anchors[a : a + self.anchor_block].T).amax(dim=1))
+                    if unit:  # <x/|x|, v> = <x, v>/|x|; max_a of it likewise
+                        norm = torch.linalg.vector_norm(block, dim=1)
+                        s = s / torch.where(norm > 0, norm, 1.0)
+                    out[start:stop] = s
+
+        # the rows are split over torch's intra-op threads (1 in a Ray task), each running
+        # single-threaded ops; a row's score does not depend on which thread or block computes it
+        n, before = x.shape[0], torch.get_num_threads()
+        threads = min(before, n // (4 * self.row_block))
+        if threads <= 1:
+            rows(0, n)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cuts = [self.row_block * round(n * t / threads / self.row_block) for t in range(threads)] + [n]
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(rows, cuts[:-1], cuts[1:]))
+            finally:
+                torch.set_num_threads(before)
+        return round_scores(out.numpy())
+
+
+def round_scores(scores: np.ndarray) -> np.ndarray:
+    """float64 scores rounded to float32's 24-bit significand (kept as float64): the last-bit
+    differences of float64 accumulation across BLAS libraries and block positions vanish, so
+    duplicates tie exactly and near-ties are broken by key, the same way everywhere."""
+    return np.asarray(scores, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
 class AnchorTopK:

@@ -34,23 +34,28 @@ def read_vectors(path: str, column: str, extra: tuple[str, ...] = ("key",)):
     return table.drop_columns([column]), _matrix(table.column(column), table.num_rows)
 
 
-def _matrix(col, rows: int) -> np.ndarray:
+def _matrix(col, rows: int, dtype=np.float32) -> np.ndarray:
+    """(rows x d) matrix of a list column; ``dtype=None`` keeps float16/float32 as stored
+    (``AnchorKernel.score`` converts in cache-sized blocks, much faster than a whole copy)."""
     if hasattr(col, "combine_chunks"):
         col = col.combine_chunks()
-    return np.asarray(col.flatten(), dtype=np.float32).reshape(rows, -1)
+    flat = np.asarray(col.flatten())
+    if dtype is not None or flat.dtype not in (np.float16, np.float32):
+        flat = flat.astype(dtype or np.float32, copy=False)
+    return flat.reshape(rows, -1)
 
 
 def iter_vectors(path: str, column: str, extra: tuple[str, ...], batch_rows: int | None = None,
-                 n_anchors: int = 1, block_bytes: int = BLOCK_BYTES):
-    """Yield (record batch of ``extra`` columns, (rows x d) float32) over one shard in row
-    batches: ``batch_rows`` rows, or as many as keep the vectors plus an (anchors x rows)
-    float32 kernel block within ``block_bytes``."""
+                 n_anchors: int = 1, block_bytes: int = BLOCK_BYTES, dtype=np.float32):
+    """Yield (record batch of ``extra`` columns, (rows x d) ``dtype`` matrix; None: as stored)
+    over one shard in row batches: ``batch_rows`` rows, or as many as keep the vectors plus an
+    (anchors x rows) float32 kernel block within ``block_bytes``."""
     f = pq.ParquetFile(path)
     if batch_rows is None:
         d = _vector_width(f, column)
         batch_rows = max(64, block_bytes // (4 * (d + max(1, n_anchors))))
     for batch in f.iter_batches(batch_size=batch_rows, columns=[*extra, column]):
-        x = _matrix(batch.column(column), batch.num_rows)
+        x = _matrix(batch.column(column), batch.num_rows, dtype)
         yield batch.select(list(extra)), x
 
 
@@ -142,7 +147,8 @@ def _score_file(path: str, anchors, scorer: str, batch_rows: int | None = None, 
     kernel = AnchorKernel(anchors)
     has_reject = "reject" in pq.ParquetFile(path).schema_arrow.names
     keys, scores, rejects = [], [], []
-    for batch, x in iter_vectors(path, column, ("key", "reject") if has_reject else ("key",), batch_rows, kernel.n_anchors):
+    extra = ("key", "reject") if has_reject else ("key",)
+    for batch, x in iter_vectors(path, column, extra, batch_rows, kernel.n_anchors, dtype=None):
         keys.append(batch.column("key").to_numpy())
         scores.append(kernel.score(x, scorer))
         rejects.extend(batch.column("reject").to_pylist() if has_reject else [None] * batch.num_rows)

@@ -47,12 +47,26 @@ class ReadSpec:
     id_prefixes: dict | None = None  # path -> fallback id prefix (inputs.fallback_id_prefixes of domain + pool)
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """``pq.write_table`` options: zstd, and neither dictionary encoding nor min/max statistics
+    for float vector columns (features, embeddings). float16 vectors have at most 65,536
+    distinct values, so Parquet dictionary-encodes them by default, which is the slow path:
+    measured on 20,000 x 8192 float16 features, write 15 s -> 3.7 s, read 7.3 s -> 1.3 s, file
+    324 MB -> 301 MB."""
+    def is_vector(t) -> bool:
+        return (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)) and \
+            pa.types.is_floating(t.value_type)
+
+    plain = [f.name for f in schema if not is_vector(f.type)]
+    return {"compression": "zstd", "use_dictionary": plain, "write_statistics": plain}
+
+
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     """Write a Parquet shard under a temporary name, then rename: a shard that exists is whole."""
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, **parquet_options(table.schema))
     os.replace(tmp, path)
 
 
