@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,12 +44,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when loaded by file path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import load_avg as load, log, machine_line  # noqa: E402
 from ntk_ray.features import FeatureComputer, pad_batch, summed_logit_objective  # noqa: E402
 from ntk_ray.projection import DenseProjector, KronProjector, SketchProjector  # noqa: E402
 
@@ -59,13 +61,6 @@ LESS_EVERY = 16  # LESS-style: project the collected gradients every 16 samples
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-def load() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        return float("nan")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -96,10 +91,6 @@ def autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {load():.1f}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +489,17 @@ def main(argv=None) -> int:
                         "cpu": LAST_CPU[0] if cpu is None else cpu}
         log(f"{label}: {n} samples in {seconds:.1f}s = {n / seconds:.3f} samples/s")
 
-    fc = FeatureComputer(model, projector="kron", dim=args.dim, seed=args.seed, device=device, autocast_dtype=dtype)
+    def best_row(key, label, fn, n=args.samples, n_tok=None) -> float:
+        """Time one interleaved run of ``fn``; keep it as row ``key`` when it beats the earlier runs."""
+        dt, _ = timed(fn, device)
+        if key not in results or dt < results[key]["seconds"]:
+            record(key, label, n, tokens(args.samples) if n_tok is None else n_tok, dt)
+        return dt
+
+    def computer(projector: str) -> FeatureComputer:
+        return FeatureComputer(model, projector=projector, dim=args.dim, seed=args.seed, device=device, autocast_dtype=dtype)
+
+    fc = computer("kron")
     log(f"kron projector: d = {fc.dim}, {len(fc.shapes)} LoRA factors, {fc.projector.grad_dim:,} parameters")
     batches = fc.batches([len(s) for s in pool_s], args.max_tokens)
     padded = sum(max(len(pool_s[i]) for i in b) * len(b) for b in batches)
@@ -506,57 +507,40 @@ def main(argv=None) -> int:
     # warm-up (allocator, threads, the projection matrices' cache) on a few rows
     fc.features(pool_s[:4], pool_m[:4], args.max_tokens)
     if "sketch" not in skip:
-        FeatureComputer(model, projector="sketch", dim=args.dim, seed=args.seed, device=device,
-                        autocast_dtype=dtype).features(pool_s[:4], pool_m[:4], args.max_tokens)
+        computer("sketch").features(pool_s[:4], pool_m[:4], args.max_tokens)
     floor(fc, model, pool_s[:4], pool_m[:4], args.max_tokens, False, device, dtype)
     if args.profile:
         print(profile_kron(fc, pool_s, pool_m, args.max_tokens, device), file=sys.stderr)
 
     first_kron = first_kron_cpu = None
     for rep in range(max(args.repeats, 1)):  # interleaved: the floor and kron see the same load
-        dt, _ = timed(lambda: floor(fc, model, pool_s, pool_m, args.max_tokens, False, device, dtype), device)
-        if "floor" not in results or dt < results["floor"]["seconds"]:
-            record("floor", "floor: batched fwd+bwd, LM-head column-sum", args.samples, tokens(args.samples), dt)
+        best_row("floor", "floor: batched fwd+bwd, LM-head column-sum",
+                 lambda: floor(fc, model, pool_s, pool_m, args.max_tokens, False, device, dtype))
         # a fresh FeatureComputer each time: cold projection-matrix caches, as in a new process
-        def fresh():
-            return FeatureComputer(model, projector="kron", dim=args.dim, seed=args.seed, device=device,
-                                   autocast_dtype=dtype).features(pool_s, pool_m, args.max_tokens)
-
-        dt, _ = timed(fresh, device)
+        dt = best_row("kron", f"ntk-ray features, kron, d={fc.dim}",
+                      lambda: computer("kron").features(pool_s, pool_m, args.max_tokens))
         if first_kron is None or dt < first_kron:
             first_kron, first_kron_cpu = dt, LAST_CPU[0]
-        if "kron" not in results or dt < results["kron"]["seconds"]:
-            record("kron", f"ntk-ray features, kron, d={fc.dim}", args.samples, tokens(args.samples), dt)
-        if "sketch" not in skip:
-            def fresh_sketch():  # a fresh FeatureComputer: the hashes are built inside the timing
-                return FeatureComputer(model, projector="sketch", dim=args.dim, seed=args.seed, device=device,
-                                       autocast_dtype=dtype).features(pool_s, pool_m, args.max_tokens)
-
-            dt, _ = timed(fresh_sketch, device)
-            if "sketch" not in results or dt < results["sketch"]["seconds"]:
-                record("sketch", f"ntk-ray features, sketch, d={args.dim}", args.samples, tokens(args.samples), dt)
+        if "sketch" not in skip:  # a fresh FeatureComputer: the hashes are built inside the timing
+            best_row("sketch", f"ntk-ray features, sketch, d={args.dim}",
+                     lambda: computer("sketch").features(pool_s, pool_m, args.max_tokens))
         if "logits" not in skip:
-            dt, _ = timed(lambda: floor(fc, model, pool_s, pool_m, args.max_tokens, True, device, dtype), device)
-            if "floor_logits" not in results or dt < results["floor_logits"]["seconds"]:
-                record("floor_logits", "floor: batched fwd+bwd through the logits", args.samples, tokens(args.samples), dt)
+            best_row("floor_logits", "floor: batched fwd+bwd through the logits",
+                     lambda: floor(fc, model, pool_s, pool_m, args.max_tokens, True, device, dtype))
         if "none" not in skip:
             fc_none = FeatureComputer(model, projector="none", device=device, autocast_dtype=dtype)
-            dt, _ = timed(lambda: fc_none.features(pool_s, pool_m, args.max_tokens), device)
-            if "none" not in results or dt < results["none"]["seconds"]:
-                record("none", f"ntk-ray features, none (exact, d={fc_none.dim:,})", args.samples, tokens(args.samples), dt)
+            best_row("none", f"ntk-ray features, none (exact, d={fc_none.dim:,})",
+                     lambda: fc_none.features(pool_s, pool_m, args.max_tokens))
             del fc_none
         if "jvp" not in skip:
             def jvp():
                 g_bar = fc.mean_gradient(anchors_s, anchors_m, args.max_tokens)
                 return fc.mean_scores_jvp(pool_s, pool_m, g_bar, args.max_tokens)
 
-            dt, _ = timed(jvp, device)
-            n_jvp = args.samples + args.anchors
-            if "jvp" not in results or dt < results["jvp"]["seconds"]:
-                record("jvp", f"ntk-ray exact mean scores by JVP ({args.anchors} anchors + {args.samples} rows)", n_jvp,
-                       tokens(args.samples) + sum(len(s) for s in anchors_s), dt)
+            best_row("jvp", f"ntk-ray exact mean scores by JVP ({args.anchors} anchors + {args.samples} rows)", jvp,
+                     n=args.samples + args.anchors, n_tok=tokens(args.samples) + sum(len(s) for s in anchors_s))
     if "dense" not in skip:
-        fc_dense = FeatureComputer(model, projector="dense", dim=args.dim, seed=args.seed, device=device, autocast_dtype=dtype)
+        fc_dense = computer("dense")
         n = args.dense_samples
         dt, _ = timed(lambda: fc_dense.features(seqs[:n], masks[:n], args.max_tokens), device)
         record("dense", f"ntk-ray features, dense, d={args.dim}", n, tokens(n), dt)
@@ -617,10 +601,7 @@ def main(argv=None) -> int:
         if "whole" in results:
             w = results["whole"]
             checks.append(f"- whole process (model load included) >= 10x LESS-style: {w['n'] / w['seconds'] / less_rate:.1f}x")
-    mach = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
-    if device.type == "cuda":
-        mach = f"{torch.cuda.get_device_name(device)} (1 GPU), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    mach = machine_line(device)
     report = [f"# Feature-path benchmark (`benchmarks/bench_features.py`, {time.strftime('%Y-%m-%d')})", "",
               f"- machine: {mach}; load average at the end of each row in the `load` column",
               f"- model: {info['model']}, LoRA r=16 alpha=32 on q/k/v/o ({fc.projector.grad_dim:,} parameters, "

@@ -79,11 +79,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # _common, also when loaded by file path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _common import load_avg, log, machine_line  # noqa: E402
 from ntk_ray.features import (  # noqa: E402
     FeatureComputer,
     backbone_and_head,
@@ -102,17 +105,6 @@ SMOKE = {"epochs": 2, "warmup_epochs": 1, "train_rows": 8, "stab_anchors": 4, "s
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-def load_avg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        return float("nan")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {load_avg():.1f}] {msg}", file=sys.stderr, flush=True)
-
-
 def rankdata(x) -> np.ndarray:
     """Ranks 0..n-1, ties given their average rank (scipy.stats.rankdata - 1)."""
     x = np.asarray(x, dtype=np.float64)
@@ -859,9 +851,8 @@ def _run(args, argv, out, started, load_start, cores) -> int:
                  f"{load_avg():.1f} at the end._", "", text]
         print(f"\n## {title} ({dt:.0f} s)\n\n{text}", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
-    mach = (f"{platform.machine()}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} thread"
-            f"{'s' if torch.get_num_threads() > 1 else ''}{'' if args.threads else ', chosen from the load at the start'}), "
-            f"Python {platform.python_version()}")
+    mach = machine_line(cpu=platform.machine(), cores=cores, singular=True, python=True,
+                        thread_note="" if args.threads else ", chosen from the load at the start")
     command = ".venv/bin/python benchmarks/paper_checks.py" + ("" if not argv else " " + shlex.join(argv))
     head = [f"# The paper's own checks (`benchmarks/paper_checks.py`, {time.strftime('%Y-%m-%d')})", "",
             f"- command: `{command}`",

@@ -68,6 +68,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .scoring import SCORERS
+
     parser = OneLineErrorParser(prog="ntk-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
 
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coarse-factor", type=int, default=4, help="keep coarse-factor x budget rows for the NTK stage (default 4)")
     g.add_argument("--coarse-k", type=int, default=None, help="neighbours per domain sample (default: the budget)")
     g = s.add_argument_group("NTK stage")
-    g.add_argument("--scorer", choices=["cosine", "mean", "max", "round-robin"], default="cosine",
+    g.add_argument("--scorer", choices=SCORERS, default="cosine",
                    help="how kernel values against the anchors become one score: cosine (default; mean cosine, "
                         "best on the bundled corpus), mean (the paper's mean inner product), max, round-robin")
     g.add_argument("--projector", choices=["sketch", "kron", "dense", "none"], default="sketch",
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-domain", type=int, default=48)
     d.add_argument("--n-pool", type=int, default=1000)
     d.add_argument("--budget", type=int, default=50)
-    d.add_argument("--scorer", default="cosine", choices=["cosine", "mean", "max", "round-robin"])
+    d.add_argument("--scorer", default="cosine", choices=SCORERS)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--max-length", type=int, default=64)
     d.add_argument("--warmup-epochs", type=float, default=1.0)
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--anchors", required=True, metavar="DIR")
     sc.add_argument("--budget", type=int, required=True, metavar="N")
     sc.add_argument("--out", required=True, metavar="DIR")
-    sc.add_argument("--scorer", choices=["cosine", "mean", "max", "round-robin"], default="cosine")
+    sc.add_argument("--scorer", choices=SCORERS, default="cosine")
     sc.add_argument("--ray-address", default=None)
     sc.add_argument("--overwrite", action="store_true")
 

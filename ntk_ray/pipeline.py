@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .accounting import UsageError, account_rows
 from .config import SelectConfig
+from .scoring import SCORERS
 from .sharded import merge_topk_tasks, score_shards, scores_frame, unit_rows
 from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
                       write_json_atomic, write_parquet_atomic)
@@ -182,8 +183,8 @@ def check_inputs(cfg: SelectConfig):
 
     if cfg.budget < 1:
         raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
-    if cfg.scorer not in ("mean", "cosine", "max", "round-robin"):
-        raise UsageError(f"--scorer {cfg.scorer!r}: choose mean, cosine, max or round-robin")
+    if cfg.scorer not in SCORERS:
+        raise UsageError(f"--scorer {cfg.scorer!r}: choose {', '.join(SCORERS[:-1])} or {SCORERS[-1]}")
     if cfg.selector not in ("ntk", "random", "bm25", "embedding", "less"):
         raise UsageError(f"--selector {cfg.selector!r}: choose ntk, random, bm25, embedding or less")
     if cfg.selector == "less" and (cfg.adapter or cfg.warmup != "train"):

@@ -55,6 +55,27 @@ def random_samples(n: int, vocab: int = 97, min_len: int = 3, max_len: int = 17,
     return seqs, masks
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The demo tokenizer (with its chat template)."""
+    from ntk_ray import models
+
+    return models.load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tok):
+    """The demo tokenizer without its chat template."""
+    import copy
+
+    from ntk_ray.tokenize import has_chat_template
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    assert not has_chat_template(t)
+    return t
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (CPU only, small object store)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 import torch
 
 from conftest import build_tiny_lora_model
-from ntk_ray import models
 from ntk_ray.evaluation import choice_accuracy, choice_log_likelihoods, evaluate_rows, resolve_answers
 from ntk_ray.tokenize import has_chat_template, tokenize_batch
 from ntk_ray.training import mean_token_loss
@@ -32,18 +30,6 @@ CHOICES = [
     ["blue", "green", "a deep and very bright red"],
     ["9", "7", "15"],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return models.load_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def plain_tok(tok):
-    t = copy.deepcopy(tok)
-    t.chat_template = None
-    return t
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
-from ntk_ray import models
 from ntk_ray.tokenize import Tokenized, end_of_turn, has_chat_template, tokenize_batch
 
 pytestmark = pytest.mark.demo
@@ -20,20 +17,6 @@ PAIRS = [
     ("", "An answer to nothing."),
     ("Write a haiku about rain", "Soft rain on the roof\nwhispers to the sleeping town\npuddles hold the sky"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return models.load_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def plain_tok(tok):
-    """The demo tokenizer without its chat template."""
-    t = copy.deepcopy(tok)
-    t.chat_template = None
-    assert not has_chat_template(t)
-    return t
 
 
 def _masked(ids, mask):
