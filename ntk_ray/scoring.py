@@ -72,9 +72,8 @@ class AnchorKernel:
         self.features = a
         self.unit = _unit_rows(a)  # float32, for callers forming float32 kernel blocks
         a64 = a.astype(np.float64)
-        self.unit64 = _unit_rows(a64)
         self.mean = a64.mean(axis=0)
-        self.unit_mean = self.unit64.mean(axis=0)
+        self.unit_mean = _unit_rows(a64).mean(axis=0)
         self.anchor_block = anchor_block
         self._float64 = {}  # torch float64 copies, made on first use
 
@@ -83,10 +82,17 @@ class AnchorKernel:
         return self.features.shape[0]
 
     def _torch64(self, name: str):
+        """float64 torch copies made on first use: ``mean``, ``unit_mean``, ``features``
+        (anchors x d) and ``unit`` (the anchors scaled to unit norm in float64)."""
         import torch
 
         if name not in self._float64:
-            self._float64[name] = torch.from_numpy(np.ascontiguousarray(getattr(self, name), dtype=np.float64))
+            if name in ("features", "unit"):
+                a64 = self.features.astype(np.float64)
+                value = _unit_rows(a64) if name == "unit" else a64
+            else:
+                value = getattr(self, name)
+            self._float64[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
         return self._float64[name]
 
     def score(self, x: np.ndarray, scorer: str) -> np.ndarray:
@@ -108,7 +114,7 @@ class AnchorKernel:
             xt = torch.from_numpy(np.ascontiguousarray(x))
         unit = scorer != "max" and scorer != "mean"
         reduce_to = self._torch64("unit_mean" if scorer == "cosine" else "mean") if scorer in ("mean", "cosine") else None
-        anchors = None if reduce_to is not None else self._torch64("unit64" if unit else "features")
+        anchors = None if reduce_to is not None else self._torch64("unit" if unit else "features")
 
         def rows(lo: int, hi: int) -> None:
             with torch.inference_mode():
