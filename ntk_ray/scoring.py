@@ -95,6 +95,45 @@ class AnchorKernel:
             self._float64[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
         return self._float64[name]
 
+    def _rows_as_torch(self, x: np.ndarray):
+        """(rows x d) float16/float32 torch view of ``x`` (other dtypes -> float32), checked."""
+        import torch
+
+        x = np.asarray(x)
+        if x.dtype not in (np.float16, np.float32):
+            x = x.astype(np.float32)
+        if x.ndim != 2 or x.shape[1] != self.features.shape[1]:
+            raise ValueError(f"rows of shape {x.shape} for anchors of width {self.features.shape[1]}")
+        with warnings.catch_warnings():  # read-only Arrow buffers: only ever read here
+            warnings.filterwarnings("ignore", message=".*not writable")
+            return torch.from_numpy(np.ascontiguousarray(x))
+
+    def _float64_rows(self, xt, lo: int, hi: int):
+        """Yield (start, stop, float64 block of rows [start, stop)), converted f16/f32 -> f32 ->
+        f64 (the fastest path) a ``row_block`` at a time, so the copy stays in cache."""
+        import torch
+
+        for start in range(lo, hi, self.row_block):
+            stop = min(hi, start + self.row_block)
+            yield start, stop, xt[start:stop].to(torch.float32).to(torch.float64)
+
+    def kernel_block(self, x: np.ndarray, unit: bool = False) -> np.ndarray:
+        """(anchors x rows) Theta(a, x) (``unit``: cos(a, x)), float64 on the float32 grid: the
+        same values ``score`` reduces, for the per-anchor top-k (``AnchorTopK``)."""
+        import torch
+
+        xt = self._rows_as_torch(x)
+        anchors = self._torch64("unit" if unit else "features")
+        out = torch.empty((self.n_anchors, xt.shape[0]), dtype=torch.float64)
+        with torch.inference_mode():
+            for start, stop, block in self._float64_rows(xt, 0, xt.shape[0]):
+                k = anchors @ block.T
+                if unit:
+                    norm = torch.linalg.vector_norm(block, dim=1)
+                    k = k / torch.where(norm > 0, norm, 1.0)
+                out[:, start:stop] = k
+        return round_scores(out.numpy())
+
     def score(self, x: np.ndarray, scorer: str) -> np.ndarray:
         """s(x) (float64 values on the float32 grid, one per row of x) for the scorers that
         reduce over anchors per row. ``x``: (rows x d) float16 or float32 (other dtypes are
@@ -103,24 +142,15 @@ class AnchorKernel:
 
         if scorer not in ROW_SCORERS:
             raise ValueError(f"unknown scorer {scorer!r} (choose from {', '.join(ROW_SCORERS)})")
-        x = np.asarray(x)
-        if x.dtype not in (np.float16, np.float32):
-            x = x.astype(np.float32)
-        if x.ndim != 2 or x.shape[1] != self.features.shape[1]:
-            raise ValueError(f"rows of shape {x.shape} for anchors of width {self.features.shape[1]}")
-        out = torch.empty(x.shape[0], dtype=torch.float64)
-        with warnings.catch_warnings():  # read-only Arrow buffers: only ever read here
-            warnings.filterwarnings("ignore", message=".*not writable")
-            xt = torch.from_numpy(np.ascontiguousarray(x))
+        xt = self._rows_as_torch(x)
+        out = torch.empty(xt.shape[0], dtype=torch.float64)
         unit = scorer != "max" and scorer != "mean"
         reduce_to = self._torch64("unit_mean" if scorer == "cosine" else "mean") if scorer in ("mean", "cosine") else None
         anchors = None if reduce_to is not None else self._torch64("unit" if unit else "features")
 
         def rows(lo: int, hi: int) -> None:
             with torch.inference_mode():
-                for start in range(lo, hi, self.row_block):
-                    stop = min(hi, start + self.row_block)
-                    block = xt[start:stop].to(torch.float32).to(torch.float64)  # f16->f32->f64: fastest
+                for start, stop, block in self._float64_rows(xt, lo, hi):
                     if reduce_to is not None:
                         s = torch.mv(block, reduce_to)
                     else:
@@ -134,7 +164,7 @@ class AnchorKernel:
 
         # the rows are split over torch's intra-op threads (1 in a Ray task), each running
         # single-threaded ops; a row's score does not depend on which thread or block computes it
-        n, before = x.shape[0], torch.get_num_threads()
+        n, before = xt.shape[0], torch.get_num_threads()
         threads = min(before, n // (4 * self.row_block))
         if threads <= 1:
             rows(0, n)

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .scoring import AnchorKernel, AnchorTopK, _unit_rows, round_robin_order
+from .scoring import AnchorKernel, AnchorTopK, round_robin_order
 
 SELECTORS = ("ntk", "random", "embedding", "less", "bm25")
 
@@ -107,10 +107,9 @@ def embedding_shard(pool_emb: np.ndarray, anchor_emb: np.ndarray, pool_keys: np.
     # states keep the k of the state merged into
     topk = AnchorTopK(kernel.n_anchors, int(budget))
     scores = np.full(pool.shape[0], -np.inf)
-    unit = _unit_rows(pool)
     step = max(1, _BLOCK_ENTRIES // kernel.n_anchors)  # never anchors x all rows at once
     for start in range(0, pool.shape[0], step):
-        block = kernel.unit @ unit[start:start + step].T  # cos(a, x), anchors x rows
+        block = kernel.kernel_block(pool[start:start + step], unit=True)  # cos(a, x), anchors x rows
         scores[start:start + step] = block.max(axis=0)
         if topk.k > 0:
             topk.update(block, keys[start:start + step])

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 
-# scratch budget of one row batch: the vectors (rows x d) and the kernel block (anchors x rows)
+# scratch budget of one row batch: the vectors (rows x d) and the float64 kernel block (anchors x rows)
 BLOCK_BYTES = 64 << 20
 
 
@@ -48,12 +48,12 @@ def _matrix(col, rows: int, dtype=np.float32) -> np.ndarray:
 def iter_vectors(path: str, column: str, extra: tuple[str, ...], batch_rows: int | None = None,
                  n_anchors: int = 1, block_bytes: int = BLOCK_BYTES, dtype=np.float32):
     """Yield (record batch of ``extra`` columns, (rows x d) ``dtype`` matrix; None: as stored)
-    over one shard in row batches: ``batch_rows`` rows, or as many as keep the vectors plus an
-    (anchors x rows) float32 kernel block within ``block_bytes``."""
+    over one shard in row batches: ``batch_rows`` rows, or as many as keep the vectors (float32
+    at most) plus an (anchors x rows) float64 kernel block within ``block_bytes``."""
     f = pq.ParquetFile(path)
     if batch_rows is None:
         d = _vector_width(f, column)
-        batch_rows = max(64, block_bytes // (4 * (d + max(1, n_anchors))))
+        batch_rows = max(64, block_bytes // (4 * d + 8 * max(1, n_anchors)))
     for batch in f.iter_batches(batch_size=batch_rows, columns=[*extra, column]):
         x = _matrix(batch.column(column), batch.num_rows, dtype)
         yield batch.select(list(extra)), x
@@ -86,22 +86,20 @@ def _default_in_flight() -> int:
 def _topk_of_files(paths: list[str], anchors, k: int, column: str, unit: bool, batch_rows: int | None):
     """One task: the running per-anchor top-k over a group of shards, batch by batch. Rows
     with a ``reject`` reason (zero features standing in for non-finite gradients) are skipped."""
-    from .scoring import AnchorTopK
+    from .scoring import AnchorKernel, AnchorTopK
 
-    anchors = np.asarray(anchors, dtype=np.float32)
-    state = AnchorTopK(anchors.shape[0], k)
+    kernel = AnchorKernel(np.asarray(anchors, dtype=np.float32))
+    state = AnchorTopK(kernel.n_anchors, k)
     for path in paths:
         extra = ("key", "reject") if "reject" in pq.ParquetFile(path).schema_arrow.names else ("key",)
-        for batch, x in iter_vectors(path, column, extra, batch_rows, anchors.shape[0]):
+        for batch, x in iter_vectors(path, column, extra, batch_rows, kernel.n_anchors, dtype=None):
             keys = batch.column("key").to_numpy()
             if "reject" in extra and batch.column("reject").null_count != batch.num_rows:
                 keep = batch.column("reject").is_null().to_numpy(zero_copy_only=False)
                 x, keys = x[keep], keys[keep]
             if not len(keys):
                 continue
-            if unit:
-                x = unit_rows(x)
-            state.update(anchors @ x.T, keys)
+            state.update(kernel.kernel_block(x, unit=unit), keys)
     return state
 
 
