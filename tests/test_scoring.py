@@ -49,6 +49,23 @@ def test_scores_are_float64_accumulation_rounded_to_float32(scorer, dtype):
     assert np.all(np.abs(got - ref) <= ulp)
 
 
+def test_kernel_block_holds_the_values_the_row_scores_reduce():
+    """The per-anchor top-k (coarse votes, round-robin) and the row scores see the same numbers:
+    kernel_block's max over anchors is score's max; each entry is float64 Theta within a ulp."""
+    d = 700
+    x = rng.normal(size=(90, d)).astype(np.float16)
+    a = rng.normal(size=(6, d)).astype(np.float32)
+    kernel = AnchorKernel(a, anchor_block=4)
+    for unit, scorer in ((False, "max"), (True, "max-cosine")):
+        block = kernel.kernel_block(x, unit=unit)
+        assert block.shape == (6, 90) and np.array_equal(block.max(axis=0), kernel.score(x, scorer))
+        x64, a64 = x.astype(np.float64), a.astype(np.float64)
+        ref = a64 @ x64.T
+        if unit:
+            ref /= np.outer(np.linalg.norm(a64, axis=1), np.linalg.norm(x64, axis=1))
+        assert np.all(np.abs(block - ref) <= np.spacing(np.abs(ref).astype(np.float32)))
+
+
 def test_scores_do_not_depend_on_row_position_block_or_input_dtype():
     """Reproducibility: a row's score is the same wherever it sits (shard, block, duplicates)
     and whether its float16 features arrive as float16 or float32."""
