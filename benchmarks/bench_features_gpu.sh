@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 timeout 540 "$PY" benchmarks/bench_features.py --random-arch --device cuda --bf16 \
     --samples 512 --max-length 512 --max-tokens 16384 --anchors 64 \
     --less-samples 16 --dense-samples 16 --repeats 2 \
-    --pool-rows 100000 --skip error cli "$@"
+    --pool-rows 50000 --skip error cli "$@"
 
 [ "${DEMO:-0}" = 1 ] || exit 0
 if "$PY" -c "from ntk_ray.models import resolve_model; resolve_model(None)" >/dev/null 2>&1; then
