@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--features", required=True, metavar="DIR")
     sc.add_argument("--anchors", required=True, metavar="DIR")
     sc.add_argument("--budget", type=int, required=True, metavar="N")
-    sc.add_argument("--out", required=True, metavar="DIR")
+    sc.add_argument("--out", required=True, metavar="DIR_OR_URI",
+                    help="output directory, or an object-store URI (s3://, gs://, file://, ...): the files are "
+                         "written in --work-dir and copied there at the end")
+    sc.add_argument("--work-dir", default=None, metavar="DIR",
+                    help="working directory when --out is a URI (default ~/.cache/ntk-ray/runs/<out>-<hash>)")
     sc.add_argument("--scorer", choices=SCORERS, default="cosine")
     sc.add_argument("--ray-address", default=None)
     sc.add_argument("--overwrite", action="store_true")
@@ -345,7 +349,8 @@ def main(argv=None) -> int:
         if args.command == "score":
             from .feature_jobs import run_score
 
-            m = run_score(args.features, args.anchors, args.budget, args.out, args.scorer, args.ray_address, args.overwrite)
+            m = run_score(args.features, args.anchors, args.budget, args.out, args.scorer, args.ray_address, args.overwrite,
+                          work_dir=args.work_dir)
             print(json.dumps({"out": args.out, **m["counts"]}))
             return 0
         if args.command == "finetune":

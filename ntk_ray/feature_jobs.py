@@ -133,9 +133,13 @@ def dir_spec(directory: str, flag: str) -> tuple[list[str], dict]:
 
 
 def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, ray_address: str | None,
-              overwrite: bool = False, progress: Progress | None = None) -> dict:
-    """Rank the rows of a feature directory against the anchors of another one."""
+              overwrite: bool = False, progress: Progress | None = None, work_dir: str | None = None) -> dict:
+    """Rank the rows of a feature directory against the anchors of another one. ``out`` may be
+    an object-store URI: the files are written in ``work_dir`` (default under
+    ~/.cache/ntk-ray/runs/) and copied there at the end, as ``select`` does."""
     from .inputs import read_original_rows
+    from .pipeline import _check_output_uri
+    from .storage import default_work_dir, is_uri, publish
 
     progress = progress or Progress()
     if budget < 1:
@@ -146,7 +150,14 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
         diff = sorted(k for k in set(pool_spec) | set(anchor_spec) if pool_spec.get(k) != anchor_spec.get(k))
         raise UsageError(f"--features and --anchors were computed differently ({', '.join(diff)} differ); "
                          "use the same --adapter, --projector, --proj-dim and --seed for both")
-    out_dir = prepare_out_dir(out, {"features": features, "anchors": anchors, "budget": budget, "scorer": scorer}, overwrite)
+    identity = {"features": features, "anchors": anchors, "budget": budget, "scorer": scorer}
+    remote = is_uri(out)
+    if remote:
+        _check_output_uri(out)
+        out_dir = prepare_out_dir(work_dir or default_work_dir(out), identity, overwrite)
+        progress.log(f"results go to {out}; working directory {out_dir}")
+    else:
+        out_dir = prepare_out_dir(out, identity, overwrite)
     init_ray(ray_address, progress)
     t0 = time.time()
     anchor_table = read_parquet_dir_files(anchor_files, ["id", "reject"])
@@ -178,6 +189,9 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
                 "config": {"features": features, "anchors": anchors, "budget": budget, "scorer": scorer},
                 "projector": pool_spec, "stage_seconds": {"score": round(time.time() - t0, 3)}}
     write_json_atomic(manifest, out_dir / "manifest.json")
+    if remote:
+        for path in publish(out_dir, out):
+            progress.log(f"publish: {path}")
     _mark_done(out_dir / "_work", "write")
     return manifest
 

@@ -63,11 +63,17 @@ def test_a_different_config_into_the_same_out_is_refused(first_run, demo_data, c
     assert len(err) == 1 and "different config" in err[0]
 
 
-def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, tmp_path):
+@pytest.mark.parametrize("to_uri", [False, True], ids=["dir", "file-uri"])
+def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, tmp_path, to_uri):
     work = first_run / "_work"
     out = tmp_path / "rescored"
+    where = ["--out", f"file://{out}", "--work-dir", str(tmp_path / "scratch")] if to_uri else ["--out", str(out)]
     assert main(["score", "--features", str(work / "features"), "--anchors", str(work / "anchor_features"),
-                 "--budget", str(BUDGET), "--out", str(out)]) == 0
+                 "--budget", str(BUDGET), *where]) == 0
+    if to_uri:  # the results were copied to the URI from the working directory
+        assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "ranked.parquet", "rejects.parquet",
+                                                               "selected.parquet"])
+        assert (tmp_path / "scratch" / "ranked.parquet").exists()
     select_ntk = pl.read_parquet(first_run / "ranked.parquet").filter(pl.col("stage") == "ntk")
     rescored = pl.read_parquet(out / "ranked.parquet")
     assert rescored["id"].to_list() == select_ntk["id"].to_list()
