@@ -83,7 +83,11 @@ MC_MAX_LENGTH = 256  # token limit of a multiple-choice item (prompt + one whole
 LORA = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DEFAULT_CACHE = ROOT / "runs" / "bench_selection" / "cache.jsonl"
-SMOKE = {"domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 5, "n_pool": 30, "budget": 4,
+# the smallest cell where every check of tests/test_bench_selection.py still means something:
+# 4 eval rows is the least that gives each multiple-choice item 3 distractors; 12 pool rows keep
+# one domain-label row (round(12 * 0.05) = 1, so the lift is defined) and more rows than the
+# ntk coarse cut M = 4 * budget = 8 (the kNN-vote stage runs); 48 tokens keep every prompt
+SMOKE = {"domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 4, "n_pool": 12, "budget": 2,
          "max_length": 48, "epochs": 1.0, "warmup_epochs": 1.0, "proj_dim": 256}
 
 

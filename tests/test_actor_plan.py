@@ -40,3 +40,11 @@ def test_execution_flags_reach_the_config_but_not_its_identity():
     base = select_config(build_parser().parse_args(["select", "--domain", "d.jsonl", "--pool", "p.jsonl", "--budget", "3",
                                                     "--out", "o"]))
     assert cfg.fingerprint() == base.fingerprint()  # where/how it runs does not change the result
+
+
+def test_batch_tokens_is_an_execution_setting_not_part_of_the_identity():
+    """test_resume.py relies on it: the same run with another --batch-tokens resumes, and must rank the same."""
+    args = ["select", "--domain", "d.jsonl", "--pool", "p.jsonl", "--budget", "3", "--out", "o"]
+    cfg = select_config(build_parser().parse_args(args + ["--batch-tokens", "300"]))
+    assert cfg.batch_tokens == 300 and "batch_tokens" not in cfg.identity()
+    assert cfg.fingerprint() == select_config(build_parser().parse_args(args)).fingerprint()
