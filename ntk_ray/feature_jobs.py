@@ -87,7 +87,7 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
     manifest = {"counts": {"rows": meta.height, "featurised": int(feats.filter(pl.col("reject").is_null()).height),
                            "rejected": rejects.height},
                 "projector": read_spec(shards[0]) if shards else None, "adapter": adapter,
-                "config": identity, "actors": plan, "stage_seconds": progress.times}
+                "config": identity, "actors": plan, "stage_seconds": progress.seconds()}
     write_json_atomic(manifest, out_dir / "_manifest.json")
     return manifest
 

@@ -42,25 +42,39 @@ from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_
 class Progress:
     """Per-stage progress lines and wall times."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, clock=time.time):
         self.stream = stream
+        self.clock = clock
         self.times: dict[str, float] = {}
-        self.started = time.time()
+        self.started = clock()
+        self._stage_t0: float | None = None
+
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds per finished stage, the running stage so far, and ``setup``: the time
+        outside any stage (input checks, Ray start or connect)."""
+        now = self.clock()
+        out = dict(self.times)
+        if self._stage_t0 is not None:
+            out[self._stage_name] = round(now - self._stage_t0, 3)
+        out["setup"] = round(now - self.started - sum(out.values()), 3)
+        return out
 
     def log(self, message: str) -> None:
-        print(f"[ntk-ray {time.time() - self.started:7.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
+        print(f"[ntk-ray {self.clock() - self.started:7.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
 
     def stage(self, name: str):
         progress = self
 
         class _Stage:
             def __enter__(self):
-                self.t0 = time.time()
+                self.t0 = progress._stage_t0 = progress.clock()
+                progress._stage_name = name
                 progress.log(f"{name}: start")
                 return self
 
             def __exit__(self, *exc):
-                progress.times[name] = round(time.time() - self.t0, 3)
+                progress._stage_t0 = None
+                progress.times[name] = round(progress.clock() - self.t0, 3)
                 if exc[0] is None:
                     progress.log(f"{name}: done in {progress.times[name]:.1f}s")
 
@@ -632,9 +646,8 @@ def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan
         "projector": warm.get("projector"),
         "coarse": {k: v for k, v in coarse.items() if k in ("skipped", "M", "K")},
         "actors": plan,
-        "stage_seconds": progress.times,
+        "stage_seconds": progress.seconds(),  # the write stage so far: all but this file
         "versions": versions,
     }
-    manifest["stage_seconds"]["write"] = round(time.time() - progress.started - sum(progress.times.values()), 3)
     write_json_atomic(manifest, out / "manifest.json")
     return manifest

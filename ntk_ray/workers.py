@@ -225,10 +225,16 @@ def _inject_fault_once() -> None:
 
 def _threads():
     """Torch threads in a CPU actor: Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which
-    would leave the other cores idle; NTK_RAY_THREADS (set by the pipeline) says how many."""
+    would leave the other cores idle; NTK_RAY_THREADS (set by the pipeline from the cluster's
+    CPUs per actor) says how many, capped at the cores this node lets the process use (on a
+    multi-node cluster the cluster's CPUs are not one node's)."""
     n = int(os.environ.get("NTK_RAY_THREADS", "0") or 0)
     if n > 0:
-        torch.set_num_threads(n)
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or n
+        torch.set_num_threads(max(1, min(n, cores)))
 
 
 class Embedder(ShardMapper):

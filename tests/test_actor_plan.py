@@ -1,5 +1,7 @@
 """Actor pool sizing from the cluster's resources (plain Python, no Ray started)."""
 
+import os
+
 import pytest
 
 from ntk_ray.accounting import UsageError
@@ -48,3 +50,38 @@ def test_batch_tokens_is_an_execution_setting_not_part_of_the_identity():
     cfg = select_config(build_parser().parse_args(args + ["--batch-tokens", "300"]))
     assert cfg.batch_tokens == 300 and "batch_tokens" not in cfg.identity()
     assert cfg.fingerprint() == select_config(build_parser().parse_args(args)).fingerprint()
+
+
+def test_progress_seconds_split_setup_from_the_stages():
+    """manifest stage_seconds: finished stages, the running one so far, and the time outside
+    any stage as ``setup`` (it used to be folded into ``write``)."""
+    import io
+
+    from ntk_ray import pipeline
+
+    now = [0.0]
+    progress = pipeline.Progress(stream=io.StringIO(), clock=lambda: now[0])
+    now[0] = 2.0
+    with progress.stage("a"):
+        now[0] = 5.0
+    now[0] = 6.0
+    with progress.stage("b"):
+        now[0] = 10.0
+        assert progress.seconds() == {"a": 3.0, "b": 4.0, "setup": 3.0}
+    now[0] = 11.0
+    assert progress.seconds() == {"a": 3.0, "b": 4.0, "setup": 4.0}
+    assert set(progress.seconds()) == {"a", "b", "setup"}
+
+
+def test_actor_threads_are_capped_at_this_nodes_cores(monkeypatch):
+    import torch
+
+    from ntk_ray.workers import _threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("NTK_RAY_THREADS", "4096")  # the CPUs of a whole cluster
+        _threads()
+        assert 1 <= torch.get_num_threads() <= len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)
