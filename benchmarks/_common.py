@@ -26,6 +26,15 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {load_avg():.1f}] {msg}", file=sys.stderr, flush=True)
 
 
+def write_report(text: str, path) -> None:
+    """Print a Markdown report and write it to ``path`` (parents created; None: print only)."""
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        log(f"wrote {path}")
+
+
 def machine_line(device: torch.device | str | None = None, *, cpu: str | None = None, cores: int | None = None,
                  thread_note: str = "", singular: bool = False, python: bool = False) -> str:
     """The "machine" fact of a report's header.

@@ -52,7 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import load_avg as load, log, machine_line  # noqa: E402
+from _common import load_avg as load, log, machine_line, write_report  # noqa: E402
 from ntk_ray.features import FeatureComputer, pad_batch, summed_logit_objective  # noqa: E402
 from ntk_ray.projection import DenseProjector, KronProjector, SketchProjector  # noqa: E402
 
@@ -623,11 +623,7 @@ def main(argv=None) -> int:
         report += ["", "## Kernel scoring stage", "", scoring_text]
     if error_text:
         report += ["", "## Projection error (kron, sketch and dense, on real gradients)", "", error_text]
-    text = "\n".join(report) + "\n"
-    print(text)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(text)
-    log(f"wrote {out_path}")
+    write_report("\n".join(report) + "\n", out_path)
     return 0
 
 

@@ -86,7 +86,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import load_avg, log, machine_line  # noqa: E402
+from _common import load_avg, log, machine_line, write_report  # noqa: E402
 from ntk_ray.features import (  # noqa: E402
     FeatureComputer,
     backbone_and_head,
@@ -861,12 +861,7 @@ def _run(args, argv, out, started, load_start, cores) -> int:
             f"- model: {wl.info['model']}", f"- data: {wl.info['data']}",
             f"- time: {total:.0f} s in all (setup {wl.info['setup_s']:.0f} s; " + "; ".join(timing) + ")",
             "- what each section does and why: the docstring of `benchmarks/paper_checks.py`"]
-    report = "\n".join(head + body) + "\n"
-    print(report)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
-        log(f"wrote {out}")
+    write_report("\n".join(head + body) + "\n", out)
     return 0
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .scoring import AnchorTopK
+from .scoring import AnchorKernel, AnchorTopK
 
 
 def knn_block(anchor_emb: np.ndarray, pool_emb: np.ndarray, pool_keys: np.ndarray, k: int) -> AnchorTopK:
-    """Per-anchor top-k of one block of pool embeddings."""
-    sims = np.asarray(anchor_emb, dtype=np.float32) @ np.asarray(pool_emb, dtype=np.float32).T
-    return AnchorTopK(anchor_emb.shape[0], k).update(sims, pool_keys)
+    """Per-anchor top-k of one block of pool embeddings, with the similarities the sharded
+    coarse stage uses (``AnchorKernel.kernel_block``: float64, rounded to the float32 grid)."""
+    sims = AnchorKernel(anchor_emb).kernel_block(pool_emb)
+    return AnchorTopK(sims.shape[0], k).update(sims, pool_keys)
 
 
 def votes(topk: AnchorTopK) -> pl.DataFrame:

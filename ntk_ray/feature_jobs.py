@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .accounting import UsageError, mark_duplicates
 from .outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
 from .pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
-                       prepare_out_dir, read_files, score_features)
+                       open_out_dir, prepare_out_dir, read_files, score_features)
 from .workers import parquet_options
 
 SPEC_KEY = b"ntk_ray.projector"
@@ -138,8 +138,7 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
     an object-store URI: the files are written in ``work_dir`` (default under
     ~/.cache/ntk-ray/runs/) and copied there at the end, as ``select`` does."""
     from .inputs import read_original_rows
-    from .pipeline import _check_output_uri
-    from .storage import default_work_dir, is_uri, publish
+    from .storage import publish
 
     progress = progress or Progress()
     if budget < 1:
@@ -151,13 +150,7 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
         raise UsageError(f"--features and --anchors were computed differently ({', '.join(diff)} differ); "
                          "use the same --adapter, --projector, --proj-dim and --seed for both")
     identity = {"features": features, "anchors": anchors, "budget": budget, "scorer": scorer}
-    remote = is_uri(out)
-    if remote:
-        _check_output_uri(out)
-        out_dir = prepare_out_dir(work_dir or default_work_dir(out), identity, overwrite)
-        progress.log(f"results go to {out}; working directory {out_dir}")
-    else:
-        out_dir = prepare_out_dir(out, identity, overwrite)
+    out_dir, remote = open_out_dir(out, work_dir, identity, overwrite, progress)
     init_ray(ray_address, progress)
     t0 = time.time()
     anchor_table = read_parquet_dir_files(anchor_files, ["id", "reject"])
@@ -186,7 +179,7 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
     write_parquet_atomic(rejects.cast({"row": pl.Int64}) if rejects.height else empty_rejects(), out_dir / "rejects.parquet")
     manifest = {"counts": {"pool_rows": rows.height, "rejected": rejects.height, "ranked": ranked.height,
                            "selected": int(ranked["selected"].sum()), "anchors": int(len(a))},
-                "config": {"features": features, "anchors": anchors, "budget": budget, "scorer": scorer},
+                "config": identity,
                 "projector": pool_spec, "stage_seconds": {"score": round(time.time() - t0, 3)}}
     write_json_atomic(manifest, out_dir / "manifest.json")
     if remote:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from .accounting import UsageError, account_rows
 from .config import SelectConfig
 from .scoring import SCORERS
-from .sharded import merge_topk_tasks, score_shards, scores_frame, unit_rows
+from .sharded import merge_topk_tasks, score_shards, scores_frame
 from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
                       write_json_atomic, write_parquet_atomic)
 
@@ -242,16 +242,10 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # the driver resolves the model once (converting the demo GGUF if needed) to fail early;
     # workers are handed cfg.model and resolve it themselves, so a node that does not share
     # this machine's cache directory converts or finds its own copy
-    from .storage import default_work_dir, is_uri, publish
+    from .storage import publish
 
     cols, paths, modes, model_path = check_inputs(cfg)
-    remote = is_uri(cfg.out)
-    if remote:  # stages run in a local/shared work dir; the results are copied to the URI at the end
-        _check_output_uri(cfg.out)
-        out = prepare_out_dir(cfg.work_dir or default_work_dir(cfg.out), cfg.identity(), overwrite)
-        progress.log(f"results go to {cfg.out}; working directory {out}")
-    else:
-        out = prepare_out_dir(cfg.out, cfg.identity(), overwrite)
+    out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress)
     work = out / "_work"
     if _stage_done(work, "write") and (out / "manifest.json").exists():
         if remote:
@@ -294,6 +288,21 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
                 progress.log(f"publish: {path}")
     _mark_done(work, "write")
     return manifest
+
+
+def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool, progress: Progress) -> tuple[Path, bool]:
+    """(the directory the stages write into, whether ``out`` is a URI). For a URI the stages run
+    in ``work_dir`` (default ``storage.default_work_dir``), a local or shared directory, and the
+    results are copied to the URI at the end (``storage.publish``); an unreachable URI fails
+    here, before any work."""
+    from .storage import default_work_dir, is_uri
+
+    if not is_uri(out):
+        return prepare_out_dir(out, identity, overwrite), False
+    _check_output_uri(out)
+    local = prepare_out_dir(work_dir or default_work_dir(out), identity, overwrite)
+    progress.log(f"results go to {out}; working directory {local}")
+    return local, True
 
 
 def _check_output_uri(uri: str) -> None:
@@ -585,13 +594,14 @@ def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: i
     import ray
 
     anchors = np.asarray(anchors, dtype=np.float32)
-    scores = scores_frame(score_shards(files, ray.put(anchors), scorer))
+    ref = ray.put(anchors)
+    scores = scores_frame(score_shards(files, ref, scorer))
     result = {"scores": scores}
     if scorer == "round-robin":
         from .scoring import round_robin_order
 
         k = max(1, min(budget, len(scores)))
-        topk = merge_topk_tasks(files, ray.put(unit_rows(anchors)), k, "feature", n_anchors=len(anchors), unit=True)
+        topk = merge_topk_tasks(files, ref, k, "feature", n_anchors=len(anchors), unit=True)
         order = round_robin_order(topk, budget)
         result["order"] = pl.DataFrame({"key": np.asarray(order, dtype=np.int64), "order": np.arange(len(order), dtype=np.int64)})
     return result

@@ -8,15 +8,15 @@ Scorers, chosen by name:
 * ``cosine`` (LESS-style normalisation): s(x) = 1/|A| sum_a cos(psi(x), psi(a))
   = <psi(x)/|psi(x)|, mean_a psi(a)/|psi(a)|>. Removes the pull of large gradient norms.
 * ``max``: s(x) = max_a Theta(x, a), over anchor blocks of ``anchor_block`` rows.
-
-All of them accumulate in float64 and round to the float32 grid (``AnchorKernel``,
-``round_scores``): reproducible scores at about 3x the cost of a float32 matrix-vector product.
 * ``round-robin`` (RDS+-style diversity): anchors take turns picking their best unpicked row,
   by cosine; rows beyond the round-robin picks are ordered by their best cosine. Needs each
   anchor's top-k over the whole pool: ``AnchorTopK``.
 * ``max-cosine`` (LESS): s(x) = max_a cos(psi(x), psi(a)); also the per-row score that
   ``round-robin`` orders its remaining rows by. Used by the ``less`` and ``embedding``
   selectors; not offered as an NTK ``--scorer``.
+
+All of them accumulate in float64 and round to the float32 grid (``AnchorKernel``,
+``round_scores``): reproducible scores at about 3x the cost of a float32 matrix-vector product.
 
 ``AnchorTopK`` keeps, per anchor, the k best (score, key) pairs seen so far, ordered by score
 descending then key ascending, so merging partial results from any sharding of the pool gives
@@ -70,7 +70,6 @@ class AnchorKernel:
         if not np.isfinite(a).all():
             raise ValueError("anchor features contain NaN or inf")
         self.features = a
-        self.unit = _unit_rows(a)  # float32, for callers forming float32 kernel blocks
         a64 = a.astype(np.float64)
         self.mean = a64.mean(axis=0)
         self.unit_mean = _unit_rows(a64).mean(axis=0)
@@ -128,10 +127,7 @@ class AnchorKernel:
         with torch.inference_mode():
             for start, stop, block in self._float64_rows(xt, 0, xt.shape[0]):
                 k = anchors @ block.T
-                if unit:
-                    norm = torch.linalg.vector_norm(block, dim=1)
-                    k = k / torch.where(norm > 0, norm, 1.0)
-                out[:, start:stop] = k
+                out[:, start:stop] = _per_row_norm(k, block) if unit else k
         return round_scores(out.numpy())
 
     def score(self, x: np.ndarray, scorer: str) -> np.ndarray:
@@ -157,10 +153,7 @@ class AnchorKernel:
                         s = torch.full((stop - start,), -torch.inf, dtype=torch.float64)
                         for a in range(0, self.n_anchors, self.anchor_block):
                             s = torch.maximum(s, (block @ anchors[a : a + self.anchor_block].T).amax(dim=1))
-                    if unit:  # <x/|x|, v> = <x, v>/|x|; max_a of it likewise
-                        norm = torch.linalg.vector_norm(block, dim=1)
-                        s = s / torch.where(norm > 0, norm, 1.0)
-                    out[start:stop] = s
+                    out[start:stop] = _per_row_norm(s, block) if unit else s
 
         # the rows are split over torch's intra-op threads (1 in a Ray task), each running
         # single-threaded ops; a row's score does not depend on which thread or block computes it
@@ -179,6 +172,15 @@ class AnchorKernel:
             finally:
                 torch.set_num_threads(before)
         return round_scores(out.numpy())
+
+
+def _per_row_norm(values, block):
+    """``values`` (..., rows) divided by the norms of ``block``'s rows (zero rows: by 1):
+    <x/|x|, v> = <x, v>/|x|, and max_a of it likewise, without a normalised copy of the block."""
+    import torch
+
+    norm = torch.linalg.vector_norm(block, dim=1)
+    return values / torch.where(norm > 0, norm, 1.0)
 
 
 def round_scores(scores: np.ndarray) -> np.ndarray:

@@ -91,10 +91,10 @@ def embedding_stage(cfg, work: Path, anchor_embeddings: np.ndarray) -> dict:
     import ray
 
     from .scoring import round_robin_order
-    from .sharded import merge_topk_tasks, score_shards, scores_frame, unit_rows
+    from .sharded import merge_topk_tasks, score_shards, scores_frame
 
     files = sorted(str(p) for p in (work / "embed").glob("*.parquet"))
-    anchors = unit_rows(np.asarray(anchor_embeddings, dtype=np.float32))
+    anchors = np.asarray(anchor_embeddings, dtype=np.float32)  # cosines: the kernel normalises both sides
     ref = ray.put(anchors)
     scores = scores_frame(score_shards(files, ref, "max-cosine", column="embedding"))
     k = max(1, min(cfg.budget, scores.height))

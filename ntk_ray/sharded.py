@@ -70,11 +70,6 @@ def _vector_width(f: pq.ParquetFile, column: str) -> int:
         return 1024
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1)
-
-
 def _default_in_flight() -> int:
     import ray
 

@@ -66,7 +66,8 @@ def full_sort_topk(block: np.ndarray, keys: np.ndarray, k: int):
 @pytest.mark.parametrize("k,unit,files_per_task,batch_rows", [(1, False, 1, None), (9, False, 2, 7),
                                                               (60, True, None, 16), (500, False, 3, None)])
 def test_merge_topk_tasks_equals_one_full_sort(ray_session, shards, k, unit, files_per_task, batch_rows):
-    from ntk_ray.sharded import merge_topk_tasks, unit_rows
+    from ntk_ray.scoring import _unit_rows as unit_rows
+    from ntk_ray.sharded import merge_topk_tasks
 
     files, x, keys, anchors = shards
     a = unit_rows(anchors) if unit else anchors
