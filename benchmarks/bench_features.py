@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import load_avg as load, log, machine_line, write_report  # noqa: E402
-from ntk_ray.features import FeatureComputer, pad_batch, summed_logit_objective  # noqa: E402
-from ntk_ray.projection import DenseProjector, KronProjector, SketchProjector  # noqa: E402
+from ntk_ray.core.features import FeatureComputer, pad_batch, summed_logit_objective  # noqa: E402
+from ntk_ray.core.projection import DenseProjector, KronProjector, SketchProjector  # noqa: E402
 
 LESS_EVERY = 16  # LESS-style: project the collected gradients every 16 samples
 
@@ -109,7 +109,7 @@ def demo_workload(args, device):
     """The demo model with a LoRA adapter and tokenized rows of the bundled corpus."""
     from ntk_ray.demo import load_corpus
     from ntk_ray.models import attach_lora, load_model, load_tokenizer
-    from ntk_ray.tokenize import tokenize_batch
+    from ntk_ray.core.tokenize import tokenize_batch
 
     start = time.perf_counter()
     model = load_model(None, device=device)
@@ -173,7 +173,7 @@ def random_arch_workload(args, device):
 def less_style(model, seqs, masks, dim, seed, device, dtype):
     """Batch size 1, full-vocabulary logits, plain autograd, the flattened LoRA gradient, dense
     projection of every 16 collected gradients (blocks regenerated each time)."""
-    from ntk_ray.features import module_shapes, trainable_linears
+    from ntk_ray.core.features import module_shapes, trainable_linears
     from ntk_ray.reference import reference_gradient
 
     projector = DenseProjector(module_shapes(model), dim, seed)
@@ -258,7 +258,7 @@ def scoring_rows(args) -> tuple[list[dict], str]:
 
     import pyarrow as pa
 
-    from ntk_ray.scoring import AnchorKernel
+    from ntk_ray.core.scoring import AnchorKernel
     from ntk_ray.sharded import _score_file
     from ntk_ray.workers import write_table_atomic
 

@@ -142,7 +142,7 @@ def run_size(rows: int, args) -> dict:
     import polars as pl
     import ray
 
-    from ntk_ray.coarse import coarse_order, votes
+    from ntk_ray.core.coarse import coarse_order, votes
     from ntk_ray.sharded import merge_topk_tasks, score_shards
 
     data = Path(args.data_dir) / f"n{rows}"

@@ -253,7 +253,7 @@ def timed(into: dict, name: str):
 
 def tokenized_rows(tokenizer, df, max_length: int) -> dict:
     """ids, input_ids, loss/score masks, labels, prompts, responses of the usable rows."""
-    from ntk_ray.tokenize import tokenize_batch
+    from ntk_ray.core.tokenize import tokenize_batch
 
     tok = tokenize_batch(tokenizer, prompts=df["prompt"].to_list(), responses=df["response"].to_list(), max_length=max_length)
     keep = [i for i, r in enumerate(tok.reject) if r is None]
@@ -293,7 +293,7 @@ class Adapter:
 def train(model, seqs, masks, epochs, lr, batch_rows, seed, keep_state=False) -> dict:
     import torch
 
-    from ntk_ray.training import TrainConfig, train_lora
+    from ntk_ray.core.training import TrainConfig, train_lora
 
     torch.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, **({"max_batch_rows": batch_rows} if batch_rows else {}))
@@ -321,8 +321,8 @@ def mc_items(eval_rows: dict, domain: str, seed: int) -> tuple[list, list, list]
 
 
 def evaluate(model, tokenizer, eval_rows, mc, max_length) -> dict:
-    from ntk_ray.evaluation import choice_accuracy
-    from ntk_ray.training import mean_token_loss
+    from ntk_ray.core.evaluation import choice_accuracy
+    from ntk_ray.core.training import mean_token_loss
 
     loss = mean_token_loss(model, eval_rows["input_ids"], eval_rows["loss_mask"])
     # choices are never truncated (choice_accuracy skips a row that does not fit): a longer limit
@@ -337,10 +337,10 @@ def run_selectors(needed: list[str], adapter: Adapter, tokenizer, args, seed, do
     the warm-up record under "_warmup"."""
     import torch
 
-    from ntk_ray import coarse, lexical, selectors
+    from ntk_ray.core import coarse, lexical, selectors
     from ntk_ray.config import SelectConfig
-    from ntk_ray.features import FeatureComputer, mean_pooled_embeddings, trainable_linears
-    from ntk_ray.scoring import AnchorKernel, stable_keys
+    from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings, trainable_linears
+    from ntk_ray.core.scoring import AnchorKernel, stable_keys
 
     sc = SelectConfig()
     n = args.budget
@@ -434,7 +434,7 @@ def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock:
     import torch
 
     from ntk_ray.demo import make_demo_split
-    from ntk_ray.scoring import stable_keys
+    from ntk_ray.core.scoring import stable_keys
 
     label = f"{domain} seed {seed}"
     missing = [c for c in CONDITIONS if cache.get("result", domain, seed, c) is None]

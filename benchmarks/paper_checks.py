@@ -87,7 +87,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import load_avg, log, machine_line, write_report  # noqa: E402
-from ntk_ray.features import (  # noqa: E402
+from ntk_ray.core.features import (  # noqa: E402
     FeatureComputer,
     backbone_and_head,
     lm_head_column_sum,
@@ -225,7 +225,7 @@ class Workload:
 
 
 def _tokenized(tokenizer, frame, max_length: int, domain_label: str, chat: bool | None) -> Rows:
-    from ntk_ray.tokenize import tokenize_batch
+    from ntk_ray.core.tokenize import tokenize_batch
 
     tok = tokenize_batch(tokenizer, prompts=frame["prompt"].to_list(), responses=frame["response"].to_list(),
                          max_length=max_length, use_chat_template=chat)
@@ -322,7 +322,7 @@ def tiny_workload(args) -> Workload:
 def train_with_snapshots(model, rows: Rows, epochs: int, args) -> tuple[list[dict], list[float]]:
     """Snapshots [after epoch 0 (the state now), after epoch 1, ...] of one ``train_lora`` run
     (one optimiser over all epochs), and the per-epoch training losses."""
-    from ntk_ray.training import TrainConfig, train_lora
+    from ntk_ray.core.training import TrainConfig, train_lora
 
     snapshots = [lora_state(model)]
 
@@ -652,7 +652,7 @@ def section_jf(wl: Workload, args, shared: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # section 3: projection vs d
 def section_projection(wl: Workload, args, shared: dict) -> str:
-    from ntk_ray import projection
+    from ntk_ray.core import projection
 
     model = warm_model(wl, args, shared)
     anchors = wl.train.head(args.proj_anchors)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import MIN_DOMAIN_ROWS, SelectConfig
+from ntk_ray.config import MIN_DOMAIN_ROWS, SelectConfig
 
 DESCRIPTION = """\
 Pick, out of a large general-domain pool, the N samples that help most when an LLM is
@@ -68,7 +68,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .scoring import SCORERS
+    from ntk_ray.core.scoring import SCORERS
 
     parser = OneLineErrorParser(prog="ntk-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
@@ -237,9 +237,9 @@ def print_summary(manifest: dict, out: str, stream=None) -> None:
 
 def _tokenized(paths, args):
     """Read + tokenize files on the driver (small sets: finetune/evaluate)."""
-    from .inputs import Columns, check_columns, read_file_rows, resolve_paths
-    from .models import load_tokenizer
-    from .workers import ReadAndTokenize, ReadSpec
+    from ntk_ray.io.inputs import Columns, check_columns, read_file_rows, resolve_paths
+    from ntk_ray.models import load_tokenizer
+    from ntk_ray.workers import ReadAndTokenize, ReadSpec
 
     cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
     files = resolve_paths(paths, "--train" if args.command == "finetune" else "--data")
@@ -261,8 +261,8 @@ def _tokenized(paths, args):
 
 
 def cmd_finetune(args) -> int:
-    from .models import attach_lora, load_model
-    from .training import TrainConfig, train_lora
+    from ntk_ray.models import attach_lora, load_model
+    from ntk_ray.core.training import TrainConfig, train_lora
 
     seqs, masks, rejected = _tokenized(args.train, args)
     model = attach_lora(load_model(args.model), r=args.lora_r, alpha=args.lora_alpha, targets=tuple(args.lora_targets))
@@ -277,10 +277,10 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     """Loss/perplexity on the response tokens, and multiple-choice accuracy when the rows carry
     ``choices`` and ``answer`` (``evaluation.evaluate_rows``)."""
-    from .accounting import UsageError
-    from .evaluation import evaluate_rows
-    from .inputs import read_records, resolve_paths
-    from .models import load_adapter, load_model, load_tokenizer
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.core.evaluation import evaluate_rows
+    from ntk_ray.io.inputs import read_records, resolve_paths
+    from ntk_ray.models import load_adapter, load_model, load_tokenizer
 
     rows, unreadable = [], 0
     for path in resolve_paths(args.data, "--data"):
@@ -304,9 +304,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import make_demo_split
-    from .demo_report import label_lift_report
-    from .pipeline import run_select
+    from ntk_ray.demo import make_demo_split
+    from ntk_ray.demo.report import label_lift_report
+    from ntk_ray.pipeline import run_select
 
     split = make_demo_split(Path(args.out) / "data", domain_label=args.domain_label, n_domain=args.n_domain,
                             n_pool=args.n_pool, seed=args.seed)
@@ -321,12 +321,12 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .pipeline import UsageError
+    from ntk_ray.pipeline import UsageError
 
     args = build_parser().parse_args(argv)
     try:
         if args.command == "select":
-            from .pipeline import run_select
+            from ntk_ray.pipeline import run_select
 
             cfg = select_config(args)
             manifest = run_select(cfg, overwrite=args.overwrite)
@@ -335,8 +335,8 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "features":
-            from .feature_jobs import run_features
-            from .inputs import Columns
+            from ntk_ray.feature_jobs import run_features
+            from ntk_ray.io.inputs import Columns
 
             cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
             m = run_features(args.data, args.out, model=args.model, adapter=args.adapter, projector=args.projector,
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
             print(json.dumps({"out": args.out, **m["counts"], "seconds": m["stage_seconds"]}))
             return 0
         if args.command == "score":
-            from .feature_jobs import run_score
+            from ntk_ray.feature_jobs import run_score
 
             m = run_score(args.features, args.anchors, args.budget, args.out, args.scorer, args.ray_address, args.overwrite,
                           work_dir=args.work_dir)

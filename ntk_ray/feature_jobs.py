@@ -18,11 +18,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from .accounting import UsageError, mark_duplicates
-from .outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
-from .pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
+from ntk_ray.io.accounting import UsageError, mark_duplicates
+from ntk_ray.io.outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
+from ntk_ray.pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
                        open_out_dir, prepare_out_dir, read_files, score_features)
-from .workers import parquet_options
+from ntk_ray.workers import parquet_options
 
 SPEC_KEY = b"ntk_ray.projector"
 
@@ -40,9 +40,9 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
                  ray_address: str | None, lora: dict, overwrite: bool = False, progress: Progress | None = None) -> dict:
     """Features of every usable row of ``data`` into ``out`` (shards), rejects into
     ``out/_rejects.parquet``, a summary into ``out/_manifest.json``."""
-    from .inputs import InputError, check_columns, resolve_paths
-    from .models import ModelError, attach_lora, load_model, resolve_model
-    from .workers import Featurizer, ReadSpec
+    from ntk_ray.io.inputs import InputError, check_columns, resolve_paths
+    from ntk_ray.models import ModelError, attach_lora, load_model, resolve_model
+    from ntk_ray.workers import Featurizer, ReadSpec
 
     progress = progress or Progress()
     try:
@@ -137,8 +137,8 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
     """Rank the rows of a feature directory against the anchors of another one. ``out`` may be
     an object-store URI: the files are written in ``work_dir`` (default under
     ~/.cache/ntk-ray/runs/) and copied there at the end, as ``select`` does."""
-    from .inputs import read_original_rows
-    from .storage import publish
+    from ntk_ray.io.inputs import read_original_rows
+    from ntk_ray.io.storage import publish
 
     progress = progress or Progress()
     if budget < 1:
@@ -190,6 +190,6 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
 
 
 def _matrix(path: str) -> np.ndarray:
-    from .sharded import read_vectors
+    from ntk_ray.sharded import read_vectors
 
     return read_vectors(path, "feature")[1]

@@ -31,11 +31,11 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from .accounting import UsageError, account_rows
-from .config import SelectConfig
-from .scoring import SCORERS
-from .sharded import merge_topk_tasks, score_shards, scores_frame
-from .outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
+from ntk_ray.io.accounting import UsageError, account_rows
+from ntk_ray.config import SelectConfig
+from ntk_ray.core.scoring import SCORERS
+from ntk_ray.sharded import merge_topk_tasks, score_shards, scores_frame
+from ntk_ray.io.outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
                       write_json_atomic, write_parquet_atomic)
 
 
@@ -191,9 +191,9 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool) -> Path:
 def check_inputs(cfg: SelectConfig):
     """Everything that can be checked before work starts: files, columns, row counts, flags,
     model, tokenizer and LoRA targets. Raises UsageError (one line) and starts nothing."""
-    from .config import MIN_DOMAIN_ROWS
-    from .inputs import Columns, InputError, check_columns, count_rows, resolve_paths
-    from .models import ModelError, check_lora_targets, load_tokenizer, resolve_model
+    from ntk_ray.config import MIN_DOMAIN_ROWS
+    from ntk_ray.io.inputs import Columns, InputError, check_columns, count_rows, resolve_paths
+    from ntk_ray.models import ModelError, check_lora_targets, load_tokenizer, resolve_model
 
     if cfg.budget < 1:
         raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
@@ -242,7 +242,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # the driver resolves the model once (converting the demo GGUF if needed) to fail early;
     # workers are handed cfg.model and resolve it themselves, so a node that does not share
     # this machine's cache directory converts or finds its own copy
-    from .storage import publish
+    from ntk_ray.io.storage import publish
 
     cols, paths, modes, model_path = check_inputs(cfg)
     out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress)
@@ -295,7 +295,7 @@ def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool
     in ``work_dir`` (default ``storage.default_work_dir``), a local or shared directory, and the
     results are copied to the URI at the end (``storage.publish``); an unreachable URI fails
     here, before any work."""
-    from .storage import default_work_dir, is_uri
+    from ntk_ray.io.storage import default_work_dir, is_uri
 
     if not is_uri(out):
         return prepare_out_dir(out, identity, overwrite), False
@@ -318,8 +318,8 @@ def _check_output_uri(uri: str) -> None:
 
 def read_inputs(cfg, cols, paths, modes, model, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
-    from .inputs import fallback_id_prefixes
-    from .workers import ReadSpec
+    from ntk_ray.io.inputs import fallback_id_prefixes
+    from ntk_ray.workers import ReadSpec
 
     prefixes = fallback_id_prefixes(paths["domain"] + paths["pool"])  # over both roles: see its docstring
     for role in ("domain", "pool"):
@@ -338,7 +338,7 @@ def read_files(files: list[str], spec, target: Path, resources: dict) -> None:
     (resuming: files with a done-marker there are skipped)."""
     import ray
 
-    from .workers import ReadAndTokenize
+    from ntk_ray.workers import ReadAndTokenize
 
     target.mkdir(parents=True, exist_ok=True)
     size = max(1, min(len(files), int(resources.get("CPU", 1)) - 1))  # a CPU stays free for the driver
@@ -400,8 +400,8 @@ def export_features(work: Path, warm: dict, usable_domain: pl.DataFrame) -> None
     both in the `ntk-ray features` format (adapter hash in the spec), for `ntk-ray score`."""
     import pyarrow as pa
 
-    from .feature_jobs import SPEC_KEY, adapter_hash, stamp_adapter
-    from .workers import fixed_size_list, write_table_atomic
+    from ntk_ray.feature_jobs import SPEC_KEY, adapter_hash, stamp_adapter
+    from ntk_ray.workers import fixed_size_list, write_table_atomic
 
     digest = adapter_hash(warm["adapter_dir"])
     stamp_adapter(feature_files(work / "features"), digest)
@@ -434,11 +434,11 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
     """Runs on the worker. Plain torch from here on."""
     import torch
 
-    from .features import FeatureComputer, mean_pooled_embeddings
-    from .models import attach_lora, load_adapter, load_model
-    from .training import TrainConfig, train_lora
+    from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings
+    from ntk_ray.models import attach_lora, load_adapter, load_model
+    from ntk_ray.core.training import TrainConfig, train_lora
 
-    from .workers import _threads
+    from ntk_ray.workers import _threads
 
     _threads()
     torch.manual_seed(cfg.seed)
@@ -455,7 +455,7 @@ def _warmup_task(cfg: SelectConfig, model_path, stage_dir, ids, seqs, loss_masks
             history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append,
                                  **({"keep_optimizer_state": True} if less else {}))
             if less:  # LESS preconditions pool gradients with the warm-up's Adam moments
-                from .training import save_adam_moments
+                from ntk_ray.core.training import save_adam_moments
 
                 save_adam_moments(Path(stage_dir) / "adam_moments.pt", history.pop("adam"))
         else:
@@ -505,8 +505,8 @@ def coarse_stage(cfg, model_path, work, plan, tables, warm, progress) -> dict:
     """Reverse-kNN votes on embeddings; candidates = top M = coarse_factor * budget."""
     import ray
 
-    from .coarse import coarse_order, votes
-    from .workers import Embedder
+    from ntk_ray.core.coarse import coarse_order, votes
+    from ntk_ray.workers import Embedder
 
     pool = tables["usable"]["pool"].select("id", "key", "source", "row")
     m = cfg.coarse_factor * cfg.budget
@@ -531,7 +531,7 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
     """Ray Data: candidate token rows -> Featurizer actors -> features/ Parquet."""
     import ray
 
-    from .workers import Featurizer
+    from ntk_ray.workers import Featurizer
 
     if _stage_done(work, "features"):
         return
@@ -545,8 +545,8 @@ def features_stage(cfg, model_path, work, plan, candidates: pl.DataFrame, warm: 
 def baseline_stages(cfg, work: Path, plan: dict, tables: dict, progress: Progress) -> tuple[dict, dict, dict]:
     """``--selector random|bm25|embedding|less`` (``selector_stages``): every usable pool row is
     scored by the selector (no coarse cut). Returns (coarse, scored, warm) for ``write_outputs``."""
-    from . import selector_stages as stages
-    from .workers import Embedder
+    from ntk_ray import selector_stages as stages
+    from ntk_ray.workers import Embedder
 
     pool = tables["usable"]["pool"].select("id", "key", "source", "row")
     candidates = pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
@@ -598,7 +598,7 @@ def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: i
     scores = scores_frame(score_shards(files, ref, scorer))
     result = {"scores": scores}
     if scorer == "round-robin":
-        from .scoring import round_robin_order
+        from ntk_ray.core.scoring import round_robin_order
 
         k = max(1, min(budget, len(scores)))
         topk = merge_topk_tasks(files, ref, k, "feature", n_anchors=len(anchors), unit=True)
@@ -609,9 +609,9 @@ def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: i
 
 def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan, progress) -> dict:
     """ranked / selected / rejects / manifest, each atomically."""
-    from . import __version__
-    from .inputs import read_original_rows
-    from .models import model_identity
+    from ntk_ray import __version__
+    from ntk_ray.io.inputs import read_original_rows
+    from ntk_ray.models import model_identity
 
     scores = scored["scores"]
     cand = nonfinite_scores_rejected(coarse["candidates"].join(scores, on="key", how="left"))

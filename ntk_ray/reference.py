@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import trainable_linears
+from ntk_ray.core.features import trainable_linears
 
 
 def reference_objective(model, input_ids: list[int], score_mask: list[int]) -> torch.Tensor:

@@ -33,9 +33,9 @@ def less_transform_for(model, moments_path: str, device):
     """The LESS Adam transform (``selectors.adam_gradient_transform``) for ``model``'s trainable
     linears, in ``FeatureComputer``'s module order, from the warm-up's saved moments (keyed by
     parameter name)."""
-    from .features import trainable_linears
-    from .selectors import adam_gradient_transform
-    from .training import as_moments, load_adam_moments
+    from ntk_ray.core.features import trainable_linears
+    from ntk_ray.core.selectors import adam_gradient_transform
+    from ntk_ray.core.training import as_moments, load_adam_moments
 
     names = [f"{name}.weight" for name, _ in trainable_linears(model)]
     m = as_moments(load_adam_moments(moments_path)).select(names)  # ValueError naming what is missing
@@ -44,28 +44,28 @@ def less_transform_for(model, moments_path: str, device):
 
 
 def random_stage(cfg, usable_pool: pl.DataFrame) -> dict:
-    from .selectors import random_scores
-    from .sharded import scores_frame
+    from ntk_ray.core.selectors import random_scores
+    from ntk_ray.sharded import scores_frame
 
     keys = usable_pool["key"].to_numpy()
     return {"scores": scores_frame([{"key": keys, "score": random_scores(keys, cfg.seed), "reject": [None] * len(keys)}])}
 
 
 def _shard_docs(path: str, keep) -> tuple[np.ndarray, list[list[int]]]:
-    from .workers import _keep_set, read_shard
+    from ntk_ray.workers import _keep_set, read_shard
 
     table = read_shard(path, ["key", "source", "row", "input_ids"], _keep_set(keep))
     return table.column("key").to_numpy(), table.column("input_ids").to_pylist()
 
 
 def _bm25_stats_task(path: str, keep):
-    from .lexical import bm25_stats
+    from ntk_ray.core.lexical import bm25_stats
 
     return bm25_stats(_shard_docs(path, keep)[1])
 
 
 def _bm25_score_task(path: str, keep, queries, stats):
-    from .lexical import bm25_scores
+    from ntk_ray.core.lexical import bm25_scores
 
     keys, docs = _shard_docs(path, keep)
     return {"key": keys, "score": bm25_scores(docs, queries, stats) if docs else np.zeros(0), "reject": [None] * len(keys)}
@@ -75,8 +75,8 @@ def bm25_stage(cfg, work: Path, usable_pool: pl.DataFrame, domain_ids: list[list
     """Two passes of Ray tasks over the pool's token shards: term statistics, then scores."""
     import ray
 
-    from .lexical import merge_bm25_stats
-    from .sharded import scores_frame
+    from ntk_ray.core.lexical import merge_bm25_stats
+    from ntk_ray.sharded import scores_frame
 
     shards = sorted(str(p) for p in (work / "tokens/pool").glob("*.parquet"))
     keep = ray.put(usable_pool.select("key", "source", "row").to_arrow())
@@ -90,8 +90,8 @@ def embedding_stage(cfg, work: Path, anchor_embeddings: np.ndarray) -> dict:
     """Round-robin picks from exact per-anchor top-``budget`` lists, scores = best cosine."""
     import ray
 
-    from .scoring import round_robin_order
-    from .sharded import merge_topk_tasks, score_shards, scores_frame
+    from ntk_ray.core.scoring import round_robin_order
+    from ntk_ray.sharded import merge_topk_tasks, score_shards, scores_frame
 
     files = sorted(str(p) for p in (work / "embed").glob("*.parquet"))
     anchors = np.asarray(anchor_embeddings, dtype=np.float32)  # cosines: the kernel normalises both sides
@@ -108,8 +108,8 @@ def less_scores_stage(work: Path, anchor_features: np.ndarray) -> dict:
     """s(x) = max over anchors of the cosine of the LESS features."""
     import ray
 
-    from .pipeline import feature_files
-    from .sharded import score_shards, scores_frame
+    from ntk_ray.pipeline import feature_files
+    from ntk_ray.sharded import score_shards, scores_frame
 
     files = feature_files(work / "features")
     return {"scores": scores_frame(score_shards(files, ray.put(np.asarray(anchor_features, dtype=np.float32)), "max-cosine"))}

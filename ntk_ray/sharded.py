@@ -81,7 +81,7 @@ def _default_in_flight() -> int:
 def _topk_of_files(paths: list[str], anchors, k: int, column: str, unit: bool, batch_rows: int | None):
     """One task: the running per-anchor top-k over a group of shards, batch by batch. Rows
     with a ``reject`` reason (zero features standing in for non-finite gradients) are skipped."""
-    from .scoring import AnchorKernel, AnchorTopK
+    from ntk_ray.core.scoring import AnchorKernel, AnchorTopK
 
     kernel = AnchorKernel(np.asarray(anchors, dtype=np.float32))
     state = AnchorTopK(kernel.n_anchors, k)
@@ -109,7 +109,7 @@ def merge_topk_tasks(files, anchors_ref, k, column, n_anchors, unit=False, max_i
     balance and retry)."""
     import ray
 
-    from .scoring import AnchorTopK
+    from ntk_ray.core.scoring import AnchorTopK
 
     files = list(files)
     max_in_flight = max_in_flight or _default_in_flight()
@@ -135,7 +135,7 @@ def merge_topk_tasks(files, anchors_ref, k, column, n_anchors, unit=False, max_i
 # -------------------------------------------------------------------------------------------
 # per-row kernel scores
 def _score_file(path: str, anchors, scorer: str, batch_rows: int | None = None, column: str = "feature"):
-    from .scoring import AnchorKernel
+    from ntk_ray.core.scoring import AnchorKernel
 
     kernel = AnchorKernel(anchors)
     has_reject = "reject" in pq.ParquetFile(path).schema_arrow.names

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .scoring import stable_keys
+from ntk_ray.core.scoring import stable_keys
 
 TOKENS_SCHEMA = pa.schema([
     ("role", pa.string()), ("id", pa.string()), ("key", pa.int64()), ("source", pa.string()),
@@ -77,7 +77,7 @@ class ReadAndTokenize:
     or with a ``reject`` reason."""
 
     def __init__(self, spec: ReadSpec, out_dir: str | None = None, chunk_rows: int = 2048):
-        from .models import load_tokenizer
+        from ntk_ray.models import load_tokenizer
 
         self.spec = spec
         self.out_dir = Path(out_dir) if out_dir else None
@@ -85,7 +85,7 @@ class ReadAndTokenize:
         self.tokenizer = load_tokenizer(spec.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .inputs import read_file_rows
+        from ntk_ray.io.inputs import read_file_rows
 
         done = []
         for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):
@@ -104,7 +104,7 @@ class ReadAndTokenize:
         return pa.table({"path": [d["path"] for d in done], "rows": [d["rows"] for d in done]})
 
     def tokenize(self, chunk: pa.Table) -> pa.Table:
-        from .tokenize import tokenize_batch
+        from ntk_ray.core.tokenize import tokenize_batch
 
         n = chunk.num_rows
         reject = chunk.column("reject").to_pylist()
@@ -148,7 +148,7 @@ class ReadAndTokenize:
 
 def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, lora: dict | None = None):
     """The base model with the warmed-up adapter (trainable, so gradients reach LoRA)."""
-    from .models import attach_lora, load_adapter, load_model
+    from ntk_ray.models import attach_lora, load_adapter, load_model
 
     base = load_model(model, device=device)
     if adapter_dir:
@@ -250,7 +250,7 @@ class Embedder(ShardMapper):
         self.batch_tokens = batch_tokens
 
     def process(self, batch: pa.Table) -> pa.Table:
-        from .features import mean_pooled_embeddings
+        from ntk_ray.core.features import mean_pooled_embeddings
 
         seqs = batch.column("input_ids").to_pylist()
         emb = mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device).numpy()
@@ -267,7 +267,7 @@ class Featurizer(ShardMapper):
     def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int,
                  seed: int, batch_tokens: int = 8192, device: str | None = None, objective: str = "summed-logits",
                  adam_moments: str | None = None):
-        from .features import FeatureComputer
+        from ntk_ray.core.features import FeatureComputer
 
         _threads()
         self.out_dir = Path(out_dir)
@@ -279,7 +279,7 @@ class Featurizer(ShardMapper):
         if objective != "summed-logits":  # LESS: loss gradients
             options["objective"] = objective
         if adam_moments:  # LESS: Adam-preconditioned by the warm-up's optimizer state
-            from .selector_stages import less_transform_for
+            from ntk_ray.selector_stages import less_transform_for
 
             options["gradient_transform"] = less_transform_for(adapted, adam_moments, self.device)
         self.mask_column = "loss_mask" if objective == "loss" else "score_mask"

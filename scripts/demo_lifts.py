@@ -19,9 +19,9 @@ import polars as pl
 
 from ntk_ray.config import SelectConfig
 from ntk_ray.demo import make_demo_split
-from ntk_ray.lexical import tfidf_scores
+from ntk_ray.core.lexical import tfidf_scores
 from ntk_ray.pipeline import run_select
-from ntk_ray.scoring import SCORERS, AnchorKernel, AnchorTopK, round_robin_order
+from ntk_ray.core.scoring import SCORERS, AnchorKernel, AnchorTopK, round_robin_order
 from ntk_ray.sharded import read_vectors, unit_rows
 
 

@@ -68,7 +68,7 @@ def plain_tok(tok):
     """The demo tokenizer without its chat template."""
     import copy
 
-    from ntk_ray.tokenize import has_chat_template
+    from ntk_ray.core.tokenize import has_chat_template
 
     t = copy.deepcopy(tok)
     t.chat_template = None

@@ -24,11 +24,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ntk_ray.accounting import TOKEN_META_SCHEMA, UsageError, account_rows, reason_summary
+from ntk_ray.io.accounting import TOKEN_META_SCHEMA, UsageError, account_rows, reason_summary
 from ntk_ray.config import MIN_DOMAIN_ROWS
-from ntk_ray.inputs import Columns, fallback_id_prefixes, read_file_rows
-from ntk_ray.outputs import REJECTS_SCHEMA, empty_rejects, nonfinite_scores_rejected, rank_rows
-from ntk_ray.scoring import stable_keys
+from ntk_ray.io.inputs import Columns, fallback_id_prefixes, read_file_rows
+from ntk_ray.io.outputs import REJECTS_SCHEMA, empty_rejects, nonfinite_scores_rejected, rank_rows
+from ntk_ray.core.scoring import stable_keys
 
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "\u00e9t\u00e9", "\u4e2d"]
 WHITESPACE = [" ", "\t \n", "\u3000", "\u00a0 "]

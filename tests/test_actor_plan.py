@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ntk_ray.accounting import UsageError
+from ntk_ray.io.accounting import UsageError
 from ntk_ray.cli import build_parser, select_config
 from ntk_ray.pipeline import actor_plan
 

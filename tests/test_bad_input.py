@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ntk_ray import outputs, pipeline
+from ntk_ray import pipeline
+from ntk_ray.io import outputs
 from ntk_ray.cli import main
 from ntk_ray.config import MIN_DOMAIN_ROWS
 from ntk_ray.models import ModelError, load_tokenizer

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_lora_model
-from ntk_ray.evaluation import choice_accuracy, choice_log_likelihoods, evaluate_rows, resolve_answers
-from ntk_ray.tokenize import has_chat_template, tokenize_batch
-from ntk_ray.training import mean_token_loss
+from ntk_ray.core.evaluation import choice_accuracy, choice_log_likelihoods, evaluate_rows, resolve_answers
+from ntk_ray.core.tokenize import has_chat_template, tokenize_batch
+from ntk_ray.core.training import mean_token_loss
 
 pytestmark = pytest.mark.demo  # the demo tokenizer
 

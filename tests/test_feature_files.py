@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ntk_ray.scoring import AnchorKernel
+from ntk_ray.core.scoring import AnchorKernel
 from ntk_ray.sharded import _score_file, iter_vectors
 from ntk_ray.workers import parquet_options, write_table_atomic
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_lora_model, random_samples
-from ntk_ray.features import FeatureComputer, backbone_and_head, lm_head_column_sum, pack_by_tokens, summed_logit_objective, pad_batch
+from ntk_ray.core.features import FeatureComputer, backbone_and_head, lm_head_column_sum, pack_by_tokens, summed_logit_objective, pad_batch
 from ntk_ray.reference import reference_gradients, reference_loss, reference_objective
 
 
@@ -115,7 +115,7 @@ def test_pack_by_tokens_respects_budget_and_covers_every_row():
 def test_kron_routes_equal_projected_reference(tiny_model, route, compute_norm):
     """Both exact routes of KronProjector.project_module (token-side projection with the Gram
     norm, or the per-sample gradient then P_o G P_i^T) against the projected reference."""
-    from ntk_ray.projection import KronProjector
+    from ntk_ray.core.projection import KronProjector
 
     seqs, masks = random_samples(7, seed=9)
     ref = reference_gradients(tiny_model, seqs, masks)
@@ -155,7 +155,7 @@ def test_lora_outside_the_decoder_is_an_error():
 
 
 def test_pack_tight_covers_rows_within_budget_and_pads_no_more():
-    from ntk_ray.features import pack_tight
+    from ntk_ray.core.features import pack_tight
 
     g = torch.Generator().manual_seed(0)
     for trial in range(20):
@@ -186,7 +186,7 @@ def test_rademacher_signs_are_the_documented_bit_stream():
 
     import numpy as np
 
-    from ntk_ray.projection import rademacher_signs
+    from ntk_ray.core.projection import rademacher_signs
 
     for n, seed, name in [(1, 0, "a"), (63, 1, "b"), (64, 2, "c"), (1000, 2**40 + 3, "kron/x/in/7")]:
         digest = hashlib.blake2b(name.encode(), digest_size=16).digest()
@@ -228,7 +228,7 @@ def test_loss_objective_features_equal_reference_loss_gradients():
 
 def test_loss_objective_matches_training_batch_loss(tiny_model):
     """The per-sample losses weighted by their target counts sum to ``training.batch_loss``."""
-    from ntk_ray.training import batch_loss
+    from ntk_ray.core.training import batch_loss
 
     seqs, masks = random_samples(6, seed=13)
     ids, attn, mask = pad_batch(seqs, masks)
@@ -241,7 +241,7 @@ def test_loss_objective_matches_training_batch_loss(tiny_model):
 
 def test_loss_objective_chunks_equal_one_chunk(tiny_model):
     """Chunked (checkpointed) target logits give the same loss and gradients as one chunk."""
-    from ntk_ray.features import causal_lm_loss_objective
+    from ntk_ray.core.features import causal_lm_loss_objective
 
     seqs, masks = random_samples(5, seed=14)
     ids, attn, mask = pad_batch(seqs, masks)

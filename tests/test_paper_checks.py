@@ -37,7 +37,7 @@ def brute_force_kernel(model, seqs, masks) -> np.ndarray:
     """sum_v <grad F_v(x), grad F_v(a)>, F_v(x) = mean over x's score positions of logit[t, v]:
     the full V x P Jacobian of every sample, one backward per vocabulary entry, logits from the
     model's own forward (LM head and its bias included)."""
-    from ntk_ray.features import trainable_linears
+    from ntk_ray.core.features import trainable_linears
 
     params = [m.weight for _, m in trainable_linears(model)]
     jacobians = []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ntk_ray.projection import (PROJECTORS, DenseProjector, ModuleShape, SketchProjector, make_projector,
+from ntk_ray.core.projection import (PROJECTORS, DenseProjector, ModuleShape, SketchProjector, make_projector,
                                 sketch_hashes)
 
 SHAPES = [ModuleShape("layers.0.q.lora_A", 4, 24), ModuleShape("layers.0.q.lora_B", 24, 4),

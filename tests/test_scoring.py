@@ -5,8 +5,8 @@ import polars as pl
 import pytest
 import torch
 
-from ntk_ray.coarse import coarse_order, knn_block, votes
-from ntk_ray.scoring import AnchorKernel, AnchorTopK, round_robin_order, stable_keys
+from ntk_ray.core.coarse import coarse_order, knn_block, votes
+from ntk_ray.core.scoring import AnchorKernel, AnchorTopK, round_robin_order, stable_keys
 
 rng = np.random.default_rng(0)
 

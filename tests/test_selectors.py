@@ -11,11 +11,11 @@ import polars as pl
 import pytest
 import torch
 
-from ntk_ray.lexical import BM25Stats, bm25_scores, bm25_stats, bm25_text_scores, merge_bm25_stats
-from ntk_ray.scoring import AnchorTopK, round_robin_order
-from ntk_ray.selectors import (SELECTORS, adam_gradient_transform, embedding_selection, embedding_shard,
+from ntk_ray.core.lexical import BM25Stats, bm25_scores, bm25_stats, bm25_text_scores, merge_bm25_stats
+from ntk_ray.core.scoring import AnchorTopK, round_robin_order
+from ntk_ray.core.selectors import (SELECTORS, adam_gradient_transform, embedding_selection, embedding_shard,
                                less_scores, random_scores)
-from ntk_ray.training import adam_moments
+from ntk_ray.core.training import adam_moments
 
 
 def test_selector_names():

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from conftest import BUDGET, run_select
-from ntk_ray.storage import RESULT_FILES
+from ntk_ray.io.storage import RESULT_FILES
 
 pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
 
@@ -37,8 +37,8 @@ def _pool_tokens(out) -> pl.DataFrame:
 
 @pytest.mark.parametrize("selector", ["random", "bm25"])
 def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, selector):
-    from ntk_ray.lexical import bm25_scores, bm25_stats
-    from ntk_ray.selectors import random_scores
+    from ntk_ray.core.lexical import bm25_scores, bm25_stats
+    from ntk_ray.core.selectors import random_scores
 
     d, _ = demo_data
     out = d / f"sel-{selector}"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ntk_ray.scoring import SCORERS, AnchorKernel
+from ntk_ray.core.scoring import SCORERS, AnchorKernel
 
 pytestmark = pytest.mark.ray
 
@@ -66,7 +66,7 @@ def full_sort_topk(block: np.ndarray, keys: np.ndarray, k: int):
 @pytest.mark.parametrize("k,unit,files_per_task,batch_rows", [(1, False, 1, None), (9, False, 2, 7),
                                                               (60, True, None, 16), (500, False, 3, None)])
 def test_merge_topk_tasks_equals_one_full_sort(ray_session, shards, k, unit, files_per_task, batch_rows):
-    from ntk_ray.scoring import _unit_rows as unit_rows
+    from ntk_ray.core.scoring import _unit_rows as unit_rows
     from ntk_ray.sharded import merge_topk_tasks
 
     files, x, keys, anchors = shards

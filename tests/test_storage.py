@@ -3,7 +3,7 @@
 
 import pytest
 
-from ntk_ray.storage import RESULT_FILES, default_work_dir, is_uri, publish
+from ntk_ray.io.storage import RESULT_FILES, default_work_dir, is_uri, publish
 
 
 def test_is_uri():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntk_ray.tokenize import Tokenized, end_of_turn, has_chat_template, tokenize_batch
+from ntk_ray.core.tokenize import Tokenized, end_of_turn, has_chat_template, tokenize_batch
 
 pytestmark = pytest.mark.demo
 

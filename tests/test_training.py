@@ -5,7 +5,7 @@ import math
 import torch
 
 from conftest import build_tiny_lora_model, random_samples
-from ntk_ray.training import TrainConfig, mean_token_loss, train_lora
+from ntk_ray.core.training import TrainConfig, mean_token_loss, train_lora
 
 
 def test_mean_token_loss_matches_a_manual_cross_entropy():
@@ -44,7 +44,7 @@ def test_train_lora_hands_back_adam_moments_only_when_asked(tmp_path):
 
     import pytest
 
-    from ntk_ray.training import AdamMoments, as_moments, load_adam_moments, save_adam_moments
+    from ntk_ray.core.training import AdamMoments, as_moments, load_adam_moments, save_adam_moments
 
     seqs, masks = random_samples(8, seed=5)
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_tokens=48, seed=1)
@@ -91,7 +91,7 @@ def test_train_lora_hands_back_adam_moments_only_when_asked(tmp_path):
 def test_adam_moments_of_unstepped_and_foreign_parameters():
     import pytest
 
-    from ntk_ray.training import adam_moments
+    from ntk_ray.core.training import adam_moments
 
     a, b = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([a, b], lr=0.1, betas=(0.5, 0.6), eps=1e-4)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .scoring import AnchorKernel, AnchorTopK
+from ntk_ray.core.scoring import AnchorKernel, AnchorTopK
 
 
 def knn_block(anchor_emb: np.ndarray, pool_emb: np.ndarray, pool_keys: np.ndarray, k: int) -> AnchorTopK:

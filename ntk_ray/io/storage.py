@@ -23,7 +23,7 @@ RESULT_FILES = ("ranked.parquet", "selected.parquet", "rejects.parquet", "manife
 
 def is_uri(path: str | os.PathLike) -> bool:
     """True for ``scheme://...`` (a plain or relative path is not a URI): the rule the inputs use."""
-    from .inputs import _is_uri
+    from ntk_ray.io.inputs import _is_uri
 
     return _is_uri(str(path))
 

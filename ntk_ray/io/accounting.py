@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from .config import MIN_DOMAIN_ROWS
+from ntk_ray.config import MIN_DOMAIN_ROWS
 
 
 class UsageError(ValueError):

@@ -29,8 +29,8 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from .features import pack_by_tokens, pad_batch
-from .tokenize import end_of_turn, has_chat_template, tokenize_batch
+from ntk_ray.core.features import pack_by_tokens, pad_batch
+from ntk_ray.core.tokenize import end_of_turn, has_chat_template, tokenize_batch
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
     ``choices`` and ``answer`` columns, ``accuracy``, ``accuracy_rows``, ``choices_per_row``,
     ``accuracy_skipped`` (``choice_accuracy``). A row with choices but a null answer (or the
     reverse) is a ValueError: a partly labelled set gives a misleading accuracy."""
-    from .training import mean_token_loss
+    from ntk_ray.core.training import mean_token_loss
 
     cols = _as_columns(rows)
     choices, answers = cols.get(choices_column), cols.get(answer_column)

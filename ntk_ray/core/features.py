@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .projection import ModuleShape, Projector, make_projector
+from ntk_ray.core.projection import ModuleShape, Projector, make_projector
 
 OBJECTIVES = ("summed-logits", "loss")
 

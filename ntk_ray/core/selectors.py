@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .scoring import AnchorKernel, AnchorTopK, round_robin_order
+from ntk_ray.core.scoring import AnchorKernel, AnchorTopK, round_robin_order
 
 SELECTORS = ("ntk", "random", "embedding", "less", "bm25")
 

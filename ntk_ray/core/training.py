@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .features import pack_by_tokens, pad_batch
+from ntk_ray.core.features import pack_by_tokens, pad_batch
 
 
 @dataclass
