@@ -19,7 +19,8 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from ntk_ray.io.accounting import UsageError, mark_duplicates
-from ntk_ray.io.outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows, write_json_atomic, write_parquet_atomic
+from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
+from ntk_ray.io.outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows
 from ntk_ray.pipeline import (Progress, _mark_done, _stage_done, actor_plan, feature_files, init_ray, model_map,
                        open_out_dir, prepare_out_dir, read_files, score_features)
 from ntk_ray.workers import parquet_options

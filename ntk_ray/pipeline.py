@@ -35,8 +35,8 @@ from ntk_ray.io.accounting import UsageError, account_rows
 from ntk_ray.config import SelectConfig
 from ntk_ray.core.scoring import SCORERS
 from ntk_ray.sharded import merge_topk_tasks, score_shards, scores_frame
-from ntk_ray.io.outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows,
-                      write_json_atomic, write_parquet_atomic)
+from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
+from ntk_ray.io.outputs import (empty_rejects, nonfinite_scores_rejected, rank_rows, read_parquet_dir, selected_rows)
 
 
 class Progress:

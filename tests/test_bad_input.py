@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from ntk_ray import pipeline
-from ntk_ray.io import outputs
+from ntk_ray.io import atomic
 from ntk_ray.cli import main
 from ntk_ray.config import MIN_DOMAIN_ROWS
 from ntk_ray.models import ModelError, load_tokenizer
@@ -387,24 +387,24 @@ def test_write_parquet_atomic_leaves_nothing_when_the_write_fails(tmp_path, monk
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", half_write)
     with pytest.raises(OSError, match="No space left"):
-        outputs.write_parquet_atomic(pl.DataFrame({"id": ["a"], "rank": [1]}), final)
+        atomic.write_parquet_atomic(pl.DataFrame({"id": ["a"], "rank": [1]}), final)
     assert os.listdir(tmp_path) == []  # no final file, no temporary left behind
 
 
 def test_write_atomic_keeps_the_previous_complete_file(tmp_path, monkeypatch):
     final = tmp_path / "ranked.parquet"
-    outputs.write_parquet_atomic(pl.DataFrame({"id": ["old"]}), final)
+    atomic.write_parquet_atomic(pl.DataFrame({"id": ["old"]}), final)
     manifest = tmp_path / "manifest.json"
-    outputs.write_json_atomic({"counts": {"ranked": 1}}, manifest)
+    atomic.write_json_atomic({"counts": {"ranked": 1}}, manifest)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed between writing and renaming
 
-    monkeypatch.setattr(outputs.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        outputs.write_parquet_atomic(pl.DataFrame({"id": ["new"] * 1000}), final)
+        atomic.write_parquet_atomic(pl.DataFrame({"id": ["new"] * 1000}), final)
     with pytest.raises(KeyboardInterrupt):
-        outputs.write_json_atomic({"counts": {"ranked": 2}}, manifest)
+        atomic.write_json_atomic({"counts": {"ranked": 2}}, manifest)
     monkeypatch.undo()
     assert pl.read_parquet(final)["id"].to_list() == ["old"]
     assert json.loads(manifest.read_text()) == {"counts": {"ranked": 1}}
@@ -412,5 +412,5 @@ def test_write_atomic_keeps_the_previous_complete_file(tmp_path, monkeypatch):
 
 
 def test_atomic_temporary_names_are_hidden_and_never_globbed_as_parquet(tmp_path):
-    tmp = outputs.atomic_path(tmp_path / "ranked.parquet")
+    tmp = atomic.atomic_path(tmp_path / "ranked.parquet")
     assert tmp.parent == tmp_path and tmp.name.startswith(".") and not tmp.name.endswith(".parquet")

@@ -10,13 +10,12 @@ manifest.json   counts, resolved config, model/adapter/projector identity, stage
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 
 RANKED_SCHEMA = {
     "id": pl.String, "rank": pl.Int64, "stage": pl.String, "score": pl.Float64,
@@ -24,56 +23,6 @@ RANKED_SCHEMA = {
     "source": pl.String, "row": pl.Int64,
 }
 REJECTS_SCHEMA = {"id": pl.String, "source": pl.String, "row": pl.Int64, "role": pl.String, "reason": pl.String}
-
-
-def atomic_path(path: Path) -> Path:
-    """The temporary name a file is written under before the rename: hidden, same directory
-    (so the rename is atomic), not ending in ``.parquet`` (so no glob ever picks it up)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (best effort: not every platform/file system allows it)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(file)`` into the temporary name, fsync, rename over ``path``. On any failure the
-    temporary file is removed and ``path`` is untouched: a reader sees the old file or the
-    complete new one, never a half-written one, even after a crash or power loss."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    _write_atomic(path, lambda f: df.write_parquet(f, compression="zstd", statistics=True))
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
-    _write_atomic(path, lambda f: f.write(data))
 
 
 def nonfinite_scores_rejected(cand: pl.DataFrame) -> pl.DataFrame:
