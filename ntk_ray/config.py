@@ -61,3 +61,40 @@ class SelectConfig:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FeaturesConfig:
+    """``ntk-ray features``: projected LoRA gradients of any data, as feature shards."""
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    adapter: str | None = None
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    id_column: str = "id"
+    model: str | None = None
+    max_length: int = 512
+    on_too_long: str = "truncate"
+    seed: int = 0
+    projector: str = "sketch"
+    proj_dim: int = 8192
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    batch_tokens: int = 8192
+    actors: int | None = None
+    accelerator: str = "auto"
+    ray_address: str | None = None
+
+
+@dataclass
+class ScoreConfig:
+    """``ntk-ray score``: rank one feature directory against the anchors of another."""
+    features: str = ""
+    anchors: str = ""
+    budget: int = 0
+    out: str = ""
+    scorer: str = "cosine"
+    work_dir: str | None = None
+    ray_address: str | None = None
