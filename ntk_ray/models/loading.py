@@ -1,0 +1,164 @@
+"""Resolving and loading a model and its tokenizer, and what the manifest records about it.
+
+``--model`` is one of: nothing (the bundled demo model, via its cached converted copy), a
+``.gguf`` file (its cached converted copy), a local model directory, or a Hugging Face hub id.
+``resolve_model`` turns it into something ``from_pretrained`` accepts; ``load_model`` and
+``load_tokenizer`` load from that, turning library errors into one-line ``ModelError``s; and
+``model_identity`` describes the model (source, file hashes, architecture, size) for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ntk_ray.models.errors import ModelError, first_line
+from ntk_ray.models.gguf import DEMO_MODEL, converted_gguf_dir, demo_gguf_path, read_source, sha256_file
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _is_local_looking(model: str) -> bool:
+    return (
+        model.startswith(("/", "./", "../", "~", "."))
+        or model.count("/") > 1
+        or model.endswith(".gguf")
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def resolve_model(model: str | None) -> str:
+    """Something ``from_pretrained`` accepts.
+
+    ``None`` -> the cached converted demo model (converted on first use); a ``.gguf`` file ->
+    its cached converted copy; a local directory or a hub id -> returned as is.
+    """
+    if model is None:
+        return str(converted_gguf_dir(demo_gguf_path(), demo=True))
+    model = str(model)
+    if not model.strip():
+        raise ModelError("--model is empty")
+    path = Path(model).expanduser()
+    if path.exists() or _is_local_looking(model):
+        if not path.exists():
+            raise ModelError(f"--model {model}: no such file or directory")
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return str(converted_gguf_dir(path))
+            raise ModelError(f"--model {model}: expected a model directory, hub id or .gguf file")
+        return str(path) if model.startswith("~") else model
+    return model  # a hub id
+
+
+def check_local_dir(resolved: str, what: str) -> Path | None:
+    """When ``resolved`` is a local directory: a ModelError unless it holds what loading ``what``
+    (``"model"``: config.json; ``"tokenizer"``: a tokenizer file) needs; the directory's path.
+    ``None`` when it is not a local directory (a hub id)."""
+    path = Path(resolved)
+    if not path.is_dir():
+        return None
+    if what == "tokenizer" and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"model directory {resolved} has no tokenizer (tokenizer.json / tokenizer_config.json)"
+        )
+    if what == "model" and not (path / "config.json").is_file():
+        raise ModelError(f"model directory {resolved} has no config.json")
+    return path
+
+
+def load_tokenizer(model: str | None):
+    """AutoTokenizer for ``model`` (``None``: the demo model), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(model)
+    check_local_dir(resolved, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {model or DEMO_MODEL}: {first_line(e)}") from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            log.info("tokenizer of %s has no pad token; using eos %r", model or DEMO_MODEL, tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            log.info("tokenizer of %s has no pad or eos token; using unk %r", model or DEMO_MODEL, tokenizer.unk_token)
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ModelError(f"tokenizer of {model or DEMO_MODEL} has no pad, eos or unk token")
+    return tokenizer
+
+
+def load_model(
+    model: str | None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    attn_implementation: str | None = None,
+):
+    """AutoModelForCausalLM for ``model`` (``None``: the demo model), on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model(model)
+    check_local_dir(resolved, "model")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        m = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load model {model or DEMO_MODEL}: {first_line(e)}") from e
+    return m.to(device).eval()
+
+
+def _num_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in m.parameters())  # parameters() yields tied weights once
+
+
+def model_identity(model: str | None) -> dict:
+    """What the manifest records about the model."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model(model)
+    ident: dict[str, Any] = {"name": DEMO_MODEL if model is None else str(model), "path": resolved}
+    local = Path(resolved)
+    src = read_source(local) if local.is_dir() else None
+    if model is None:
+        ident["source"] = "bundled-gguf"
+    elif src is not None:
+        ident["source"] = "gguf"
+    elif local.is_dir():
+        ident["source"] = "local"
+    else:
+        ident["source"] = "hub"
+    if src is not None:
+        ident["gguf_file"] = src.get("gguf_file")
+        ident["gguf_path"] = src.get("gguf_path")
+        ident["gguf_sha256"] = src.get("gguf_sha256")
+        if "package" in src:
+            ident["gguf_package"] = src["package"]
+        ident["converted_with"] = src.get("converted_with")
+    if local.is_dir() and (local / "config.json").is_file():
+        ident["config_sha256"] = sha256_file(local / "config.json")
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of {model or DEMO_MODEL}: {first_line(e)}") from e
+    ident["architecture"] = (config.architectures or [type(config).__name__])[0]
+    ident["model_type"] = config.model_type
+    ident["num_params"] = _num_params(config)
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "tie_word_embeddings"):
+        value = getattr(config, key, None)
+        if value is not None:
+            ident[key] = value
+    return ident
