@@ -237,7 +237,8 @@ def print_summary(manifest: dict, out: str, stream=None) -> None:
 
 def _tokenized(paths, args):
     """Read + tokenize files on the driver (small sets: finetune/evaluate)."""
-    from ntk_ray.io.inputs import Columns, check_columns, read_file_rows, resolve_paths
+    from ntk_ray.io.paths import resolve_paths
+    from ntk_ray.io.rows import Columns, check_columns, read_file_rows
     from ntk_ray.models import load_tokenizer
     from ntk_ray.workers import ReadAndTokenize, ReadSpec
 
@@ -279,7 +280,8 @@ def cmd_evaluate(args) -> int:
     ``choices`` and ``answer`` (``evaluation.evaluate_rows``)."""
     from ntk_ray.io.accounting import UsageError
     from ntk_ray.core.evaluation import evaluate_rows
-    from ntk_ray.io.inputs import read_records, resolve_paths
+    from ntk_ray.io.paths import resolve_paths
+    from ntk_ray.io.rows import read_records
     from ntk_ray.models import load_adapter, load_model, load_tokenizer
 
     rows, unreadable = [], 0
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
             return cmd_demo(args)
         if args.command == "features":
             from ntk_ray.feature_jobs import run_features
-            from ntk_ray.io.inputs import Columns
+            from ntk_ray.io.rows import Columns
 
             cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
             m = run_features(args.data, args.out, model=args.model, adapter=args.adapter, projector=args.projector,

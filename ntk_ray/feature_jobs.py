@@ -41,7 +41,8 @@ def run_features(data: list[str], out: str, *, model: str | None, adapter: str |
                  ray_address: str | None, lora: dict, overwrite: bool = False, progress: Progress | None = None) -> dict:
     """Features of every usable row of ``data`` into ``out`` (shards), rejects into
     ``out/_rejects.parquet``, a summary into ``out/_manifest.json``."""
-    from ntk_ray.io.inputs import InputError, check_columns, resolve_paths
+    from ntk_ray.io.paths import resolve_paths
+    from ntk_ray.io.rows import InputError, check_columns
     from ntk_ray.models import ModelError, attach_lora, load_model, resolve_model
     from ntk_ray.workers import Featurizer, ReadSpec
 
@@ -138,7 +139,7 @@ def run_score(features: str, anchors: str, budget: int, out: str, scorer: str, r
     """Rank the rows of a feature directory against the anchors of another one. ``out`` may be
     an object-store URI: the files are written in ``work_dir`` (default under
     ~/.cache/ntk-ray/runs/) and copied there at the end, as ``select`` does."""
-    from ntk_ray.io.inputs import read_original_rows
+    from ntk_ray.io.rows import read_original_rows
     from ntk_ray.io.storage import publish
 
     progress = progress or Progress()

@@ -192,7 +192,8 @@ def check_inputs(cfg: SelectConfig):
     """Everything that can be checked before work starts: files, columns, row counts, flags,
     model, tokenizer and LoRA targets. Raises UsageError (one line) and starts nothing."""
     from ntk_ray.config import MIN_DOMAIN_ROWS
-    from ntk_ray.io.inputs import Columns, InputError, check_columns, count_rows, resolve_paths
+    from ntk_ray.io.paths import resolve_paths
+    from ntk_ray.io.rows import Columns, InputError, check_columns, count_rows
     from ntk_ray.models import ModelError, check_lora_targets, load_tokenizer, resolve_model
 
     if cfg.budget < 1:
@@ -318,7 +319,7 @@ def _check_output_uri(uri: str) -> None:
 
 def read_inputs(cfg, cols, paths, modes, model, work, resources) -> None:
     """Ray Data: every input file through ReadAndTokenize into tokens/<role>/ Parquet."""
-    from ntk_ray.io.inputs import fallback_id_prefixes
+    from ntk_ray.io.paths import fallback_id_prefixes
     from ntk_ray.workers import ReadSpec
 
     prefixes = fallback_id_prefixes(paths["domain"] + paths["pool"])  # over both roles: see its docstring
@@ -610,7 +611,7 @@ def score_features(files: list[str], anchors: np.ndarray, scorer: str, budget: i
 def write_outputs(cfg, out: Path, tables, coarse, scored, warm, model_path, plan, progress) -> dict:
     """ranked / selected / rejects / manifest, each atomically."""
     from ntk_ray import __version__
-    from ntk_ray.io.inputs import read_original_rows
+    from ntk_ray.io.rows import read_original_rows
     from ntk_ray.models import model_identity
 
     scores = scored["scores"]

@@ -13,7 +13,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress=None) -> dic
 
 def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress=None) -> dict:
     from ntk_ray.feature_jobs import run_features as run
-    from ntk_ray.io.inputs import Columns
+    from ntk_ray.io.rows import Columns
 
     cols = Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
     return run(cfg.data, cfg.out, model=cfg.model, adapter=cfg.adapter, projector=cfg.projector, proj_dim=cfg.proj_dim,

@@ -85,7 +85,7 @@ class ReadAndTokenize:
         self.tokenizer = load_tokenizer(spec.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from ntk_ray.io.inputs import read_file_rows
+        from ntk_ray.io.rows import read_file_rows
 
         done = []
         for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):

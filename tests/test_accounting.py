@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from ntk_ray.io.accounting import TOKEN_META_SCHEMA, UsageError, account_rows, reason_summary
 from ntk_ray.config import MIN_DOMAIN_ROWS
-from ntk_ray.io.inputs import Columns, fallback_id_prefixes, read_file_rows
+from ntk_ray.io.paths import fallback_id_prefixes
+from ntk_ray.io.rows import Columns, read_file_rows
 from ntk_ray.io.outputs import REJECTS_SCHEMA, empty_rejects, nonfinite_scores_rejected, rank_rows
 from ntk_ray.core.scoring import stable_keys
 

@@ -11,16 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ntk_ray.io import inputs
-from ntk_ray.io.inputs import (
+from ntk_ray.io import formats as inputs  # the JSON read size, _CHUNK_BYTES, lives in formats
+from ntk_ray.io.paths import fallback_id_prefixes, resolve_paths
+from ntk_ray.io.rows import (
     OUTPUT_SCHEMA,
     Columns,
     InputError,
     check_columns,
-    fallback_id_prefixes,
     read_file_rows,
     read_original_rows,
-    resolve_paths,
 )
 
 
@@ -463,7 +462,7 @@ def test_glob_skips_hidden_and_underscore_names_unless_spelled_out(tree: Path) -
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ntk_ray.io.inputs import count_rows  # noqa: E402
+from ntk_ray.io.rows import count_rows  # noqa: E402
 
 _LINES = [b'{"text": "a"}', b'{"text": "\xe4\xb8\xad"}', b"", b"  ", b"\t\r", b"\r", b"\x0b\x0c", b"{broken",
           b'{"text": "\xff"}', b"\xef\xbb\xbf", b" 5 ", b'{"text": "b"}\r', b"\xc2\xa0"]

@@ -23,9 +23,9 @@ RESULT_FILES = ("ranked.parquet", "selected.parquet", "rejects.parquet", "manife
 
 def is_uri(path: str | os.PathLike) -> bool:
     """True for ``scheme://...`` (a plain or relative path is not a URI): the rule the inputs use."""
-    from ntk_ray.io.inputs import _is_uri
+    from ntk_ray.io import paths
 
-    return _is_uri(str(path))
+    return paths.is_uri(str(path))
 
 
 def default_work_dir(uri: str) -> Path:

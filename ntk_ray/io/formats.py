@@ -1,0 +1,687 @@
+"""The input formats: one class per file format, all behind the :class:`FileFormat` protocol.
+
+Formats
+    * JSON Lines (:class:`JsonLines`): ``.jsonl`` (optionally compressed: ``.gz``, ``.bz2``,
+      ``.zst``, detected from the suffix by pyarrow). ``row`` is the *physical* line index (blank
+      lines are not rows but do count for the numbering, so ``row`` is the line number minus one
+      in any editor).
+    * JSON (:class:`JsonArray`): ``.json`` (compressed as JSON Lines). A file whose first
+      non-blank character is ``[`` is read as one top-level JSON array of objects, streamed
+      element by element (``row`` is the element index); any other ``.json`` file is read as
+      JSON Lines.
+    * Parquet (:class:`Parquet`): ``.parquet``, read in record batches, never whole (``row`` is
+      the Parquet row).
+
+:data:`FORMATS` is the ONE registry and :func:`format_for` the one place that maps a file name
+to its format: no other module looks at suffixes. A format yields records as (0-based row,
+value) pairs; a value that cannot be decoded at all is a :class:`BadRecord` (its reason goes to
+the reject column), a value of a column that is not valid UTF-8 is :data:`INVALID_UTF8`. What a
+record means (text, prompt/response, id, rejects) is decided by :mod:`ntk_ray.io.rows`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import json
+import re
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ntk_ray.io.paths import InputError, file_name, filesystem
+
+__all__ = [
+    "FORMATS",
+    "INVALID_UTF8",
+    "ROW_COLUMN",
+    "BadRecord",
+    "FileFormat",
+    "JsonArray",
+    "JsonLines",
+    "Parquet",
+    "encodable",
+    "expected_suffixes",
+    "format_for",
+    "one_line",
+    "reader_for",
+    "suffix_list",
+]
+
+ROW_COLUMN = "row"
+_JSON_COMPRESSIONS = (".gz", ".bz2", ".zst")
+_SAMPLE_RECORDS = 100          # records looked at per JSON file by sample_columns
+_CHUNK_BYTES = 1 << 20         # read size for JSON streams
+_MAX_RECORD_CHARS = 1 << 28    # a JSON array element larger than this is treated as malformed
+_BOM = b"\xef\xbb\xbf"
+_DECODER = json.JSONDecoder(strict=False)  # raw control characters inside strings are accepted
+_WS = re.compile(r"[ \t\n\r]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape turns invalid UTF-8 into
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that could not be decoded at all; ``reason`` goes to the reject column."""
+
+    reason: str
+
+
+INVALID_UTF8 = BadRecord("invalid UTF-8")  # a column value whose bytes are not UTF-8
+
+
+def encodable(value: str) -> bool:
+    """False for strings with unpaired surrogates (possible via JSON ``\\ud800`` escapes)."""
+    return value.isascii() or _SURROGATE.search(value) is None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (for reject reasons)."""
+    text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# low-level JSON reading
+# --------------------------------------------------------------------------------------------
+
+def _iter_chunks(stream: Any) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(_CHUNK_BYTES)
+        if not chunk:
+            return
+        yield bytes(chunk)
+
+
+def _iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split a byte stream on ``\\n`` (``\\r`` is left for JSON to ignore), linear in the size."""
+    parts: list[bytes] = []
+    for chunk in chunks:
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            parts.append(chunk)
+            continue
+        parts.append(chunk[:newline])
+        yield b"".join(parts)
+        lines = chunk[newline + 1:].split(b"\n")
+        last = lines.pop()
+        yield from lines
+        parts = [last] if last else []
+    if parts:
+        yield b"".join(parts)
+
+
+def _sniff_array(chunks: Iterator[bytes]) -> tuple[bool, Iterator[bytes]]:
+    """Whether the first non-blank byte (after a BOM) is ``[``, and the chunks, unconsumed."""
+    seen: list[bytes] = []
+    is_array = False
+    for chunk in chunks:
+        seen.append(chunk)
+        head = b"".join(seen)
+        head = head[3:] if head.startswith(_BOM) else head
+        stripped = head.lstrip()
+        if stripped:
+            is_array = stripped.startswith(b"[")
+            break
+    return is_array, chain(seen, chunks)
+
+
+def _parse_line(raw: bytes) -> Any:
+    """One JSONL line -> the parsed value, or a :class:`BadRecord` with the reason."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(f"invalid UTF-8 (byte {exc.start} of the line)")
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        return BadRecord("broken JSON line: nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, or an over-long integer
+        return BadRecord(f"broken JSON line: {exc}")
+
+
+def _iter_jsonl(chunks: Iterable[bytes], wanted: set[int] | None) -> Iterator[tuple[int, Any]]:
+    """(physical 0-based line index, value) for every non-blank line (or only ``wanted`` ones)."""
+    last_wanted = max(wanted) if wanted else -1
+    for index, raw in enumerate(_iter_lines(chunks)):
+        if index == 0 and raw.startswith(_BOM):
+            raw = raw[3:]
+        if wanted is not None:
+            if index > last_wanted:
+                return
+            if index not in wanted:
+                continue
+        if not raw.strip():
+            continue
+        yield index, _parse_line(raw)
+
+
+class _ArrayReader:
+    """Stream the elements of one top-level JSON array without holding the file in memory.
+
+    Invalid UTF-8 inside an element makes that element a :class:`BadRecord`; a JSON syntax error
+    raises :class:`InputError` (the rest of the array cannot be delimited reliably).
+    """
+
+    def __init__(self, chunks: Iterable[bytes], path: str) -> None:
+        self._chunks = iter(chunks)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._buf = ""
+        self._pos = 0
+        self._eof = False
+        self._path = path
+        self._index = 0
+
+    def _fail(self, message: str) -> InputError:
+        return InputError(f"{self._path}: malformed JSON array at element {self._index}: {message}")
+
+    def _read(self) -> bool:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            if not self._eof:
+                self._buf += self._decoder.decode(b"", final=True)
+                self._eof = True
+            return False
+        if self._pos:
+            self._buf, self._pos = self._buf[self._pos:], 0
+        self._buf += self._decoder.decode(chunk)
+        return True
+
+    def _grow(self) -> None:
+        """Read until the unconsumed buffer has doubled (amortises re-parsing big elements)."""
+        target = 2 * max(len(self._buf) - self._pos, _CHUNK_BYTES)
+        while len(self._buf) - self._pos < target and self._read():
+            pass
+
+    def _peek(self) -> str:
+        """Skip whitespace; the next character, or '' at the end of the file."""
+        while True:
+            self._pos = _WS.match(self._buf, self._pos).end()  # type: ignore[union-attr]
+            if self._pos < len(self._buf) or not self._read():
+                return self._buf[self._pos] if self._pos < len(self._buf) else ""
+
+    def _value(self) -> Any:
+        self._peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self._buf, self._pos)
+            except RecursionError:
+                raise self._fail("nested too deeply") from None
+            except json.JSONDecodeError as exc:
+                truncated = exc.msg.startswith("Unterminated string") or exc.pos >= len(self._buf) - 64
+                if self._eof or not truncated:
+                    raise self._fail(str(exc)) from None
+                if len(self._buf) - self._pos > _MAX_RECORD_CHARS:
+                    raise self._fail("element too large or malformed") from None
+                self._grow()
+                continue
+            except ValueError as exc:
+                raise self._fail(str(exc)) from None
+            if end == len(self._buf) and not self._eof:  # a number might continue
+                self._grow()
+                continue
+            raw = self._buf[self._pos:end]
+            self._pos = end
+            if not raw.isascii() and _ESCAPED_BYTE.search(raw):
+                return BadRecord("invalid UTF-8")
+            return value
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        if self._peek() == "\ufeff":
+            self._pos += 1
+        if self._peek() != "[":
+            raise self._fail("expected '['")
+        self._pos += 1
+        if self._peek() == "]":
+            self._pos += 1
+        else:
+            while True:
+                yield self._index, self._value()
+                self._index += 1
+                nxt = self._peek()
+                self._pos += 1
+                if nxt == "]":
+                    break
+                if nxt != ",":
+                    raise self._fail(f"expected ',' or ']', found {nxt!r}" if nxt else "unexpected end of file")
+        if self._peek():
+            raise self._fail("unexpected data after the closing ']'")
+
+
+def _iter_json_records(path: str, sniff: bool, wanted: set[int] | None = None) -> Iterator[tuple[int, Any]]:
+    """(row, parsed value or :class:`BadRecord`) for each record of a JSONL / JSON-array file.
+
+    ``sniff``: the file may hold one JSON array (``.json``). ``wanted`` lets JSONL files skip
+    parsing (and stop after) rows that are not needed; JSON arrays still yield every element.
+    Read errors become :class:`InputError` naming the file.
+    """
+    fs, fs_path = filesystem(path)
+    try:
+        with fs.open_input_stream(fs_path) as stream:
+            chunks: Iterator[bytes] = _iter_chunks(stream)
+            is_array = False
+            if sniff:
+                is_array, chunks = _sniff_array(chunks)
+            if is_array:
+                yield from _ArrayReader(chunks, path)
+            else:
+                yield from _iter_jsonl(chunks, wanted)
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _sample_json_columns(path: str, flag: str, sniff: bool) -> list[str] | None:
+    """Keys seen in the first records of a JSON file; None if it has no records at all."""
+    records: list[Any] = []
+    try:
+        for _, record in _iter_json_records(path, sniff):
+            records.append(record)
+            if len(records) >= _SAMPLE_RECORDS or isinstance(records[0], BadRecord):
+                break
+    except InputError as exc:
+        raise InputError(f"{flag}: {exc}") from exc
+    if not records:
+        return None
+    if isinstance(records[0], BadRecord):
+        raise InputError(f"{flag}: {path} is not JSON Lines or a JSON array "
+                         f"(first record: {records[0].reason})")
+    keys: dict[str, None] = {}
+    for record in records:
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+    if not keys and not any(isinstance(r, dict) for r in records):
+        raise InputError(f"{flag}: {path}: no JSON object among the first {len(records)} records "
+                         f"(the first is a {type(records[0]).__name__})")
+    return list(keys)
+
+
+_NON_BLANK = re.compile(rb"[^ \t\n\r\x0b\x0c]")  # what bytes.strip() does not strip
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*(?=\n)")  # a newline, then a blank line (faster than ^...$)
+
+
+def _without_bom(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunks with a leading UTF-8 BOM removed (however the first bytes are split)."""
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= len(_BOM):
+            break
+    yield head[3:] if head.startswith(_BOM) else head
+    yield from chunks
+
+
+def _count_lines(chunks: Iterable[bytes], limit: int | None) -> int:
+    """Non-blank ``\n``-separated lines (as :func:`_iter_jsonl` yields them), by a byte scan.
+
+    Stops early once ``limit`` lines were counted. Lines are never assembled, so a huge line
+    costs no memory; complete lines inside a chunk are counted by ``bytes.count`` less one
+    C-level regex pass for the (rare) blank ones.
+    """
+    count = 0
+    open_line = False  # the unfinished line carried over from earlier chunks has a non-blank byte
+    for chunk in _without_bom(chunks):
+        first = chunk.find(b"\n")
+        if first < 0:
+            open_line = open_line or _NON_BLANK.search(chunk) is not None
+            continue
+        if open_line or _NON_BLANK.search(chunk, 0, first):
+            count += 1
+        last = chunk.rfind(b"\n")
+        if last > first:  # the complete lines in between: all of them, less the blank ones
+            count += chunk.count(b"\n", first + 1, last + 1) - len(_BLANK_LINE.findall(chunk, first, last + 1))
+        open_line = _NON_BLANK.search(chunk, last + 1) is not None
+        if limit is not None and count >= limit:
+            return count
+    return count + open_line
+
+
+def _count_json(path: str, limit: int | None, sniff: bool) -> int:
+    """Rows of a JSONL file (non-blank lines) or JSON array (elements, parsed), up to ``limit``."""
+    fs, fs_path = filesystem(path)
+    try:
+        with fs.open_input_stream(fs_path) as stream:
+            chunks: Iterator[bytes] = _iter_chunks(stream)
+            is_array = False
+            if sniff:
+                is_array, chunks = _sniff_array(chunks)
+            if not is_array:
+                return _count_lines(chunks, limit)
+            count = 0
+            for _ in _ArrayReader(chunks, path):
+                count += 1
+                if limit is not None and count >= limit:
+                    break
+            return count
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str) and encodable(value):
+        return value
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if encodable(text) else json.dumps(value, default=str)
+
+
+def _to_arrow(values: list[Any]) -> pa.Array:
+    """An Arrow array of JSON values; values Arrow cannot unify are stored as JSON strings."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeError):
+        return pa.array([None if v is None else _as_text(v) for v in values], pa.string())
+
+
+def _records_to_table(records: list[dict], rows: list[int]) -> pa.Table:
+    names = list(dict.fromkeys(key for record in records for key in record))
+    arrays = [_to_arrow([record.get(name) for record in records]) for name in names]
+    if not names:
+        return pa.table({ROW_COLUMN: pa.array(rows, pa.int64())})
+    return pa.table(arrays, names=names)
+
+
+def _json_original(path: str, rows: list[int], sniff: bool) -> pa.Table:
+    wanted = set(rows)
+    found: dict[int, Any] = {}
+    for row, record in _iter_json_records(path, sniff, wanted):
+        if row in wanted:
+            found[row] = record
+            if len(found) == len(wanted):
+                break
+    for row in rows:
+        if row not in found:
+            raise IndexError(f"{path}: no record at row {row}")
+        if not isinstance(found[row], dict):
+            raise ValueError(f"{path}: row {row} is not a readable JSON object")
+    return _records_to_table([found[r] for r in rows], rows)
+
+
+def _split_records(records: Iterable[tuple[int, Any]]) -> tuple[list[dict], list[tuple[int, str]]]:
+    """(the records that are dicts, (row, reason) of the others)."""
+    good, bad = [], []
+    for row, value in records:
+        if isinstance(value, BadRecord):
+            bad.append((row, value.reason))
+        elif not isinstance(value, dict):
+            bad.append((row, f"not a JSON object ({type(value).__name__})"))
+        else:
+            good.append(value)
+    return good, bad
+
+
+# --------------------------------------------------------------------------------------------
+# low-level Parquet reading
+# --------------------------------------------------------------------------------------------
+
+def _open_parquet(path: str) -> tuple[Any, pq.ParquetFile]:
+    """(open file handle, ParquetFile); the footer is read here. Errors -> InputError."""
+    fs, fs_path = filesystem(path)
+    handle = None
+    try:
+        handle = fs.open_input_file(fs_path)
+        return handle, pq.ParquetFile(handle)
+    except (OSError, pa.ArrowException) as exc:
+        if handle is not None:
+            handle.close()
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
+
+
+def _column_to_py(array: pa.Array) -> list[Any]:
+    """Python values of a column; a value that is not valid UTF-8 becomes ``INVALID_UTF8``."""
+    try:
+        return array.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for scalar in array:
+            try:
+                values.append(scalar.as_py())
+            except UnicodeDecodeError:
+                values.append(INVALID_UTF8)
+        return values
+
+
+def _iter_parquet_records(path: str, names: Sequence[str], batch_rows: int,
+                          on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+    """(row, {column: value}) for every row, with only those of ``names`` the file has.
+
+    Row groups are read one by one. Corrupt data in a row group: with ``on_corrupt="raise"``
+    :class:`InputError` after the rows read so far were yielded (every row group before the
+    corrupt one comes through, rows of the corrupt one may be lost); with ``"reject"`` every
+    row of the corrupt row group not yet yielded comes as a :class:`BadRecord` and reading goes on
+    with the next row group, so the file still yields exactly ``num_rows`` rows.
+    """
+    handle, pf = _open_parquet(path)
+    row = 0
+    with handle:
+        present = [n for n in dict.fromkeys(names) if n in pf.schema_arrow.names]
+        if not present:
+            for row in range(pf.metadata.num_rows):
+                yield row, {}
+            return
+        for group in range(pf.metadata.num_row_groups):  # batches never span row groups
+            group_end = row + pf.metadata.row_group(group).num_rows
+            try:
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                             columns=present, use_threads=False):
+                    columns = [_column_to_py(batch.column(i)) for i in range(batch.num_columns)]
+                    for values in zip(*columns):
+                        yield row, dict(zip(present, values))
+                        row += 1
+            except (OSError, pa.ArrowException) as exc:
+                if on_corrupt != "reject":
+                    raise InputError(f"{path}: corrupt Parquet data after {row} good rows: {exc}") from exc
+                bad = BadRecord(f"corrupt Parquet data in row group {group}: {one_line(exc)}")
+                while row < group_end:
+                    yield row, bad
+                    row += 1
+
+
+def _parquet_original(path: str, rows: list[int]) -> pa.Table:
+    handle, pf = _open_parquet(path)
+    with handle:
+        meta = pf.metadata
+        starts = [0]
+        for g in range(meta.num_row_groups):
+            starts.append(starts[-1] + meta.row_group(g).num_rows)
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for position, row in enumerate(rows):
+            if not 0 <= row < meta.num_rows:
+                raise IndexError(f"{path}: row {row} out of range (the file has {meta.num_rows} rows)")
+            g = bisect.bisect_right(starts, row) - 1
+            by_group.setdefault(g, []).append((position, row - starts[g]))
+        pieces, order = [], []
+        try:
+            for g in sorted(by_group):
+                picks = by_group[g]
+                table = pf.read_row_group(g)
+                pieces.append(table.take(pa.array([local for _, local in picks], pa.int64())))
+                order.extend(position for position, _ in picks)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path}: corrupt Parquet data: {exc}") from exc
+        if not pieces:
+            return pf.schema_arrow.empty_table().replace_schema_metadata(None)
+    combined = pa.concat_tables(pieces)
+    inverse = [0] * len(order)
+    for i, position in enumerate(order):
+        inverse[position] = i
+    return combined.take(pa.array(inverse, pa.int64())).replace_schema_metadata(None)
+
+
+# --------------------------------------------------------------------------------------------
+# the formats
+# --------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class FileFormat(Protocol):
+    """What every input format provides; :mod:`ntk_ray.io.rows` and :mod:`ntk_ray.io.paths` use
+    nothing else. ``path`` is a local path or URI; errors are :class:`InputError` naming it."""
+
+    name: str                        # short name: "jsonl", "json", "parquet", ...
+    label: str                       # for messages: "JSON", "Parquet", ...
+    suffixes: tuple[str, ...]        # the suffixes it claims (lower case)
+    compressions: tuple[str, ...]    # suffixes that may follow them (compressed streams)
+
+    def matches(self, name: str) -> bool:
+        """Whether a file name (not a path) is of this format."""
+        ...
+
+    def sample_columns(self, path: str, flag: str) -> list[str] | None:
+        """Column names of the file (from its schema or first records); None for a file without
+        records. Errors are :class:`InputError` with ``flag`` in front."""
+        ...
+
+    def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
+                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+        """(0-based row, record) for every row, in order: a record is a dict (holding at least
+        those of ``names`` the row has), another JSON value, or a :class:`BadRecord`.
+
+        ``wanted``: rows the caller needs (a format may skip the others, or yield them anyway).
+        ``on_corrupt="reject"``: a part of the file that cannot be read comes as
+        :class:`BadRecord` rows where the format can tell how many rows it had; otherwise (and
+        with ``"raise"``) reading stops with :class:`InputError` after the rows read so far.
+        """
+        ...
+
+    def count(self, path: str, limit: int | None) -> int:
+        """How many rows :meth:`iter_records` yields (rejects included), cheaply; may stop
+        once ``limit`` is reached (and then return any number >= ``limit``)."""
+        ...
+
+    def original_rows(self, path: str, rows: list[int]) -> pa.Table:
+        """All original columns of ``rows`` (in that order). IndexError for a row the file does
+        not have, ValueError for a row that is not a readable record."""
+        ...
+
+    def read_records(self, path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+        """Every record as a dict with all its columns (small files), and (row, reason) of the
+        records that are not readable objects."""
+        ...
+
+
+class _Format:
+    """Suffix matching shared by the concrete formats."""
+
+    name = ""
+    label = ""
+    suffixes: tuple[str, ...] = ()
+    compressions: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        low = name.lower()
+        return any(low.endswith(suffix + comp) for suffix in self.suffixes
+                   for comp in ("",) + self.compressions)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class JsonLines(_Format):
+    """JSON Lines: one JSON value per line; ``row`` is the physical line index."""
+
+    name = "jsonl"
+    label = "JSON"
+    suffixes = (".jsonl",)
+    compressions = _JSON_COMPRESSIONS
+    _sniff = False  # whether a file may instead hold one JSON array
+
+    def sample_columns(self, path: str, flag: str) -> list[str] | None:
+        return _sample_json_columns(path, flag, self._sniff)
+
+    def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
+                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+        # a read error always raises: the rest of a JSON file cannot be delimited
+        return _iter_json_records(path, self._sniff, wanted)
+
+    def count(self, path: str, limit: int | None) -> int:
+        return _count_json(path, limit, self._sniff)
+
+    def original_rows(self, path: str, rows: list[int]) -> pa.Table:
+        return _json_original(path, rows, self._sniff)
+
+    def read_records(self, path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+        return _split_records(_iter_json_records(path, self._sniff))
+
+
+class JsonArray(JsonLines):
+    """``.json``: one top-level JSON array (streamed; ``row`` is the element index) when the
+    first non-blank character is ``[``, else JSON Lines."""
+
+    name = "json"
+    suffixes = (".json",)
+    _sniff = True
+
+
+class Parquet(_Format):
+    """Parquet, read in record batches one row group at a time; ``row`` is the Parquet row."""
+
+    name = "parquet"
+    label = "Parquet"
+    suffixes = (".parquet",)
+
+    def sample_columns(self, path: str, flag: str) -> list[str] | None:
+        try:
+            handle, pf = _open_parquet(path)
+        except InputError as exc:
+            raise InputError(f"{flag}: {exc}") from exc
+        with handle:
+            return list(pf.schema_arrow.names)
+
+    def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
+                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+        return _iter_parquet_records(path, names, batch_rows, on_corrupt)
+
+    def count(self, path: str, limit: int | None) -> int:
+        handle, pf = _open_parquet(path)
+        with handle:
+            return pf.metadata.num_rows
+
+    def original_rows(self, path: str, rows: list[int]) -> pa.Table:
+        return _parquet_original(path, rows)
+
+    def read_records(self, path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+        handle, f = _open_parquet(path)
+        try:
+            return f.read().to_pylist(), []
+        finally:
+            handle.close()
+
+
+FORMATS: tuple[FileFormat, ...] = (JsonLines(), JsonArray(), Parquet())
+"""The registry: every input format, in the order they are listed in messages."""
+_FALLBACK = FORMATS[0]  # JSON Lines: how a name no format claims was always read
+
+
+def format_for(path: str) -> FileFormat | None:
+    """The format of a file (by the suffix of its name; a path or URI is fine), or None."""
+    name = file_name(path)
+    return next((fmt for fmt in FORMATS if fmt.matches(name)), None)
+
+
+def reader_for(path: str) -> FileFormat:
+    """:func:`format_for`, but a name that no format claims is read as JSON Lines (files given
+    straight to the readers; :func:`ntk_ray.io.paths.resolve_paths` never returns such names)."""
+    return format_for(path) or _FALLBACK
+
+
+def _or_join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def suffix_list() -> str:
+    """The supported suffixes for messages: ``.jsonl/.json/.parquet``."""
+    return "/".join(s for fmt in FORMATS for s in fmt.suffixes)
+
+
+def expected_suffixes() -> str:
+    """The supported suffixes in a sentence, with the compressions each format accepts."""
+    text = _or_join([s for fmt in FORMATS for s in fmt.suffixes])
+    compressed: dict[str, tuple[str, ...]] = {}
+    for fmt in FORMATS:
+        if fmt.compressions:
+            compressed.setdefault(fmt.label, fmt.compressions)
+    for label, comps in compressed.items():
+        text += f"; {label} may also end in {_or_join(list(comps))}"
+    return text
