@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ntk_ray.core.projection import ModuleShape, Projector, make_projector
+from ntk_ray.core.projection import ModuleShape, Projector, make_projector, per_sample_gradient
 
 OBJECTIVES = ("summed-logits", "loss")
 
@@ -282,12 +282,7 @@ def _mask_smaller_side(inputs: torch.Tensor, out_grads: torch.Tensor, token_mask
     return inputs.float() * mask.to(torch.float32), out_grads.float()
 
 
-def per_sample_gradient(inputs: torch.Tensor, out_grads: torch.Tensor) -> torch.Tensor:
-    """(B, out, in) per-sample dF/dW = sum_t g_t a_t^T of one linear factor (one bmm)."""
-    return torch.bmm(out_grads.transpose(1, 2), inputs)
-
-
-_SKETCHED = torch.empty(0)  # a backward hook's result when its module was added to the sketch accumulator
+_HANDED_OVER = torch.empty(0)  # a backward hook's result: its module went to the projection batch
 
 
 @dataclass
@@ -305,8 +300,8 @@ class FeatureComputer:
     ``model`` must be a peft model (or any model whose trainable parameters are in nn.Linear
     modules without bias). It is used in eval mode; the projection is built from ``seed``.
 
-    * ``projector``: 'kron', 'sketch', 'dense' or 'none' (``projection.make_projector``), with
-      output dimension ``dim``.
+    * ``projector``: a name in ``projection.PROJECTORS`` ('sketch', 'kron', 'dense' or 'none';
+      ``projection.make_projector``), with output dimension ``dim``.
     * ``objective``: what is differentiated per sample. 'summed-logits' (default): NTK-Selector's
       F(x), the masked mean over positions of the logits summed over the vocabulary (the mask
       given to ``features`` is the score mask). 'loss': LESS's per-sample mean causal-LM
@@ -350,8 +345,9 @@ class FeatureComputer:
         self.capture = GradientCapture(self.linears)
         # fixed cost of one batch in padded-token units, for ``pack_tight``: small on CPU (the
         # model's matmuls dominate from a few hundred tokens on), larger on accelerators (Python
-        # and kernel-launch overhead per batch); a dense projection regenerates its whole matrix
-        # per batch, so there the fewest batches win
+        # and kernel-launch overhead per batch), unless the projector sets it
+        # (``Projector.batch_cost_tokens``: a dense projection regenerates its whole matrix per
+        # batch, so there the fewest batches win)
         self.batch_cost_tokens = batch_cost_tokens
 
     def batches(self, lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -359,12 +355,9 @@ class FeatureComputer:
         use for rows of these lengths (``pack_tight``)."""
         cost = self.batch_cost_tokens
         if cost is None:
-            if self.projector.kind == "dense":
-                cost = 4 * max_tokens
-            elif self.device.type == "cpu":
-                cost = 32
-            else:
-                cost = max(max_tokens // 4, 1)
+            cost = self.projector.batch_cost_tokens(max_tokens)
+        if cost is None:
+            cost = 32 if self.device.type == "cpu" else max(max_tokens // 4, 1)
         return pack_tight(lengths, max_tokens, batch_cost_tokens=cost)
 
     @property
@@ -402,62 +395,53 @@ class FeatureComputer:
 
         The backward is taken with respect to the hooked module outputs
         (``GradientCapture.grad_targets``), not the LoRA weights, so autograd skips the
-        weight-gradient matmuls that nothing here uses. Per module, the Kronecker projector picks
-        the cheaper exact route (``KronProjector.project_module``); the sketch projector builds
-        the module's per-sample gradient and adds its sketch into a (B, d) accumulator right in
-        the backward hook, so at most one module's per-sample gradient exists at a time. With a
-        ``gradient_transform`` every projector works on the transformed per-sample gradient."""
+        weight-gradient matmuls that nothing here uses. Each module's captures go to the
+        projector's batch right in the backward hook (``ProjectionBatch.add_captures``), which
+        takes its own route: the Kronecker projector the cheaper exact one
+        (``KronProjector.project_module``), the sketch projector adds the module's per-sample
+        gradient into a (B, d) running sum, so at most one module's per-sample gradient exists at
+        a time. With a ``gradient_transform`` the per-sample gradient is built here, transformed
+        and handed over (``ProjectionBatch.add_gradient``)."""
         n_rows = input_ids.shape[0]
         norms = torch.zeros(n_rows, device=self.device)
-        projector = self.projector
-        kind = projector.kind
         want_norm = self.compute_norm
         transform = self.gradient_transform
         token_mask = attention_mask
-        sketch = torch.zeros(n_rows, projector.dim, device=self.device) if kind == "sketch" else None
+        batch = self.projector.begin(n_rows, self.device)
 
-        def finish(index, full):
-            """A module's per-sample gradient (B, out, in) -> its part of the result."""
+        def add_gradient(index, full):
+            """A module's per-sample gradient (B, out, in) -> (transform) -> norm -> projection."""
             if transform is not None:
                 full = self._transformed(index, full)
             if want_norm:
                 norms.add_(full.pow(2).sum(dim=(1, 2)))
-            if kind == "sketch":
-                projector.accumulate(index, full, sketch)
-                return _SKETCHED
-            if kind == "kron":
-                return projector.project_gradient(index, full)
-            return full
+            batch.add_gradient(index, full)
 
         def on_backward(index, inputs, out_grads):
             a, g = _mask_smaller_side(inputs, out_grads, token_mask)
-            if kind == "kron" and transform is None:
-                psi, sq_norm = projector.project_module(index, g, a, want_norm)
+            if transform is None:
+                sq_norm = batch.add_captures(index, g, a, want_norm)
                 if sq_norm is not None:
                     norms.add_(sq_norm)
-                return psi
-            return finish(index, per_sample_gradient(a, g))  # per-sample gradient (B, out, in)
+            else:
+                add_gradient(index, per_sample_gradient(a, g))
+            return _HANDED_OVER
 
         with self.capture.active(on_backward, attention_mask):
             objective = self.objective(input_ids, attention_mask, score_mask)
             targets = self.capture.grad_targets()
             if targets:
                 torch.autograd.grad(objective.sum(), targets, allow_unused=True)
-            parts = list(self.capture.results)
-        for index, part in enumerate(parts):
+            delivered = list(self.capture.results)
+        for index, part in enumerate(delivered):
             if part is None:
                 if not self.capture.called[index]:
                     raise ValueError(f"trainable module {self.shapes[index].name} is not used by the decoder's forward "
                                      "(LoRA on the LM head is not supported: F is taken through the head's column-sum)")
                 # the objective does not depend on it: a zero gradient (through the transform too)
                 shape = self.shapes[index]
-                parts[index] = finish(index, torch.zeros(n_rows, shape.out_features, shape.in_features, device=self.device))
-        if kind == "sketch":
-            feature = sketch
-        elif kind == "kron":
-            feature = torch.cat(parts, dim=1)
-        else:
-            feature = projector.project_full(parts)
+                add_gradient(index, torch.zeros(n_rows, shape.out_features, shape.in_features, device=self.device))
+        feature = batch.result()
         return FeatureBatch(feature.float(), norms.sqrt(), objective.detach().float())
 
     def features(self, sequences: list[list[int]], score_masks: list[list[int]], max_tokens: int = 8192) -> FeatureBatch:

@@ -8,9 +8,10 @@ bit stream, whose outputs numpy guarantees not to change between versions and wh
 depend on hardware, thread count or device. So the same seed gives the same Pi on a laptop, on
 every GPU worker of a cluster, and next year.
 
-Projectors (chosen by name, see ``make_projector``):
+Projectors (chosen by name from the registry ``PROJECTORS``, see ``make_projector``; the
+default, of ``FeatureComputer`` and of ``config.py``, is ``sketch``):
 
-* ``kron`` (default): Kronecker-factored per module (LoGra-style). For a linear factor with
+* ``kron``: Kronecker-factored per module (LoGra-style). For a linear factor with
   weight W (out x in), per-sample gradient G_W = sum_t g_t a_t^T (g_t output gradient, a_t input
   activation of token t). With Rademacher P_o (k_o x out) and P_i (k_i x in), scaled by
   1/sqrt(k_o k_i),
@@ -26,7 +27,7 @@ Projectors (chosen by name, see ``make_projector``):
   projection of the same d: on the demo model's LoRA gradients (r = 16, so k_o = 1 or k_i = 1
   at d = 8192) about 5x the dense error at d = 8192, shrinking more slowly with d
   (``benchmarks/bench_features.py``, ``benchmarks/results/features_cpu.md``).
-* ``sketch``: a CountSketch of the per-sample gradient (``SketchProjector``). Every LoRA
+* ``sketch`` (default): a CountSketch of the per-sample gradient (``SketchProjector``). Every LoRA
   parameter j of module m gets a bucket h_m(j) in [0, d) and a sign s_m(j) in {-1, +1}, both
   from the key (seed, "sketch/<module name>") through the same SeedSequence + PCG64 stream as
   the Rademacher signs (``sketch_hashes`` documents the exact bits), and
@@ -44,6 +45,15 @@ Projectors (chosen by name, see ``make_projector``):
 * ``dense``: a dense Rademacher matrix over the flattened gradient, generated block by block
   (never stored whole); the reference projection of LESS/TRAK. Slow for millions of parameters.
 * ``none``: no projection, psi = g (d = number of LoRA parameters). For small models and tests.
+
+Every projector is one ``Projector`` subclass behind one interface, and one entry in
+``PROJECTORS``; ``FeatureComputer`` never asks which one it has. Per batch of B samples it calls
+``begin(B, device)`` for a ``ProjectionBatch``, hands each module's data to it as the backward
+delivers it (in any module order), either the captures (``add_captures``: output gradients
+g_t and inputs a_t of every token, from which the projector may avoid building G_W) or a
+per-sample gradient G_W (``add_gradient``: after a gradient transform, or a zero gradient),
+and reads psi from ``result()``. ``project_full`` is the same map on a list of full per-sample
+gradients, ``spec`` what rebuilds it elsewhere, ``batch_cost_tokens`` what a batch costs it.
 """
 
 from __future__ import annotations
@@ -54,9 +64,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-PROJECTORS = ("kron", "sketch", "dense", "none")
-
 
 _SIGNS_OF_BYTE = (1.0 - 2.0 * np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")).astype(np.float32)
 
@@ -129,8 +136,57 @@ class ModuleShape:
         return self.out_features * self.in_features
 
 
+def per_sample_gradient(inputs: torch.Tensor, out_grads: torch.Tensor) -> torch.Tensor:
+    """(B, out, in) per-sample gradient G_W = sum_t g_t a_t^T of one linear factor (one bmm),
+    from its inputs a (B, T, in) and output gradients g (B, T, out)."""
+    return torch.bmm(out_grads.transpose(1, 2), inputs)
+
+
+class ProjectionBatch:
+    """The projection of one batch of B samples in progress (``Projector.begin``): each module's
+    part as it arrives, in any module order, and a running (B, d) sum for a projector that adds
+    modules into one vector (``total``, else None). Calls go to the projector's
+    ``add_gradient`` / ``add_captures`` / ``result``, so a projector defines them in one place."""
+
+    def __init__(self, projector: Projector, n_rows: int, device, total: torch.Tensor | None = None):
+        self.projector = projector
+        self.n_rows = n_rows
+        self.device = device
+        self.parts: list[torch.Tensor | None] = [None] * len(projector.modules)
+        self.total = total
+
+    def add_captures(self, index: int, out_grads: torch.Tensor, inputs: torch.Tensor,
+                     want_norm: bool = False) -> torch.Tensor | None:
+        """Module ``index``'s output gradients (B, T, out) and inputs (B, T, in), padded positions
+        already zero on one side; returns its squared per-sample gradient norm (B,) when
+        ``want_norm``, else None."""
+        return self.projector.add_captures(self, index, out_grads, inputs, want_norm)
+
+    def add_gradient(self, index: int, g: torch.Tensor) -> None:
+        """Module ``index``'s per-sample gradient g (B, out, in)."""
+        self.projector.add_gradient(self, index, g)
+
+    def result(self) -> torch.Tensor:
+        """psi (B, dim) float32, once every module has been added."""
+        return self.projector.result(self)
+
+
 class Projector:
-    """Maps per-module captures to a (B, dim) feature matrix. Subclasses define how."""
+    """Maps per-sample LoRA gradients, one module at a time, to a (B, dim) feature matrix.
+
+    The interface (all that ``FeatureComputer`` uses):
+
+    * ``kind`` (its name in ``PROJECTORS``), ``dim`` (output dimension), ``spec()``;
+    * ``batch_cost_tokens(max_tokens)``: the fixed cost of one batch in padded-token units when
+      the projector dominates it, else None (the caller's device default);
+    * ``begin(n_rows, device)`` -> ``ProjectionBatch``, fed by ``add_captures`` /
+      ``add_gradient`` per module and read by ``result()``;
+    * ``project_full(grads)``: the same map on all modules' full per-sample gradients.
+
+    A subclass defines ``project_gradient(index, g)`` (module ``index``'s part from its
+    per-sample gradient) and, where the defaults do not fit, ``combine`` (the parts, in module
+    order, -> psi), ``begin``/``add_gradient``/``result`` (a running sum instead of parts) or
+    ``add_captures`` (a route that does not build the per-sample gradient)."""
 
     kind = "base"
 
@@ -151,6 +207,48 @@ class Projector:
             "modules": [[m.name, m.out_features, m.in_features] for m in self.modules],
         }
 
+    def batch_cost_tokens(self, max_tokens: int) -> int | None:
+        """Fixed cost of one batch in padded-token units (``features.pack_tight``) when this
+        projector sets it, else None."""
+        return None
+
+    # per batch ---------------------------------------------------------------------------
+    def begin(self, n_rows: int, device) -> ProjectionBatch:
+        """A new batch of ``n_rows`` samples whose modules are added one at a time."""
+        return ProjectionBatch(self, n_rows, device)
+
+    def add_captures(self, batch: ProjectionBatch, index: int, out_grads: torch.Tensor, inputs: torch.Tensor,
+                     want_norm: bool = False) -> torch.Tensor | None:
+        """Default: build the per-sample gradient (one bmm), take its squared norm, add it."""
+        g = per_sample_gradient(inputs, out_grads)
+        sq = g.pow(2).sum(dim=(1, 2)) if want_norm else None
+        self.add_gradient(batch, index, g)
+        return sq
+
+    def add_gradient(self, batch: ProjectionBatch, index: int, g: torch.Tensor) -> None:
+        """Default: keep module ``index``'s part, ``project_gradient(index, g)``."""
+        batch.parts[index] = self.project_gradient(index, g)
+
+    def result(self, batch: ProjectionBatch) -> torch.Tensor:
+        """Default: ``combine`` the parts."""
+        return self.combine(batch.parts)
+
+    # what a subclass defines -------------------------------------------------------------
+    def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """Module ``index``'s part (B, *) from its per-sample gradient g (B, out, in)."""
+        raise NotImplementedError
+
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The parts of every module, in module order -> psi (B, dim). Default: concatenation."""
+        return torch.cat(parts, dim=1)
+
+    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """grads: per module (B, out, in) per-sample gradients, in module order -> (B, dim)."""
+        batch = self.begin(grads[0].shape[0], grads[0].device)
+        for index, g in enumerate(grads):
+            self.add_gradient(batch, index, g)
+        return self.result(batch)
+
 
 class NoProjector(Projector):
     """psi = g: the flattened per-sample gradient itself."""
@@ -161,9 +259,9 @@ class NoProjector(Projector):
         super().__init__(modules, dim, seed)
         self.dim = self.grad_dim
 
-    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """grads: per module (B, out, in) per-sample gradients -> (B, grad_dim)."""
-        return torch.cat([g.flatten(1) for g in grads], dim=1)
+    def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """The module's gradient itself, flattened: (B, out * in)."""
+        return g.flatten(1)
 
 
 class DenseProjector(Projector):
@@ -189,8 +287,16 @@ class DenseProjector(Projector):
             out += flat[:, start:stop].float() @ r
         return out / math.sqrt(self.dim)
 
-    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        return self.project_flat(torch.cat([g.flatten(1) for g in grads], dim=1))
+    def batch_cost_tokens(self, max_tokens: int) -> int:
+        """The whole matrix is regenerated per batch, so the fewest batches win."""
+        return 4 * max_tokens
+
+    def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """Kept whole (B, out * in): the rows of R span all modules, ``combine`` projects."""
+        return g.flatten(1)
+
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return self.project_flat(torch.cat(parts, dim=1))
 
 
 class KronProjector(Projector):
@@ -226,6 +332,12 @@ class KronProjector(Projector):
                 p_i = (p_i / math.sqrt(k_i)).to(device)
             self._cache[key] = (p_o, p_i)
         return self._cache[key]
+
+    def add_captures(self, batch: ProjectionBatch, index: int, out_grads: torch.Tensor, inputs: torch.Tensor,
+                     want_norm: bool = False) -> torch.Tensor | None:
+        """The cheaper exact route of ``project_module``; the per-sample gradient may never exist."""
+        batch.parts[index], sq = self.project_module(index, out_grads, inputs, want_norm)
+        return sq
 
     def project_tokens(self, index: int, out_grads: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """out_grads (B, T, out), inputs (B, T, in) -> (B, k_o * k_i) for module ``index``:
@@ -270,7 +382,7 @@ class KronProjector(Projector):
                 g, a = out_grads.float(), inputs.float()
                 sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum(dim=(1, 2))
             return psi, sq
-        g = torch.bmm(out_grads.float().transpose(1, 2), inputs.float())  # (B, out, in)
+        g = per_sample_gradient(inputs.float(), out_grads.float())  # (B, out, in)
         sq = g.pow(2).sum(dim=(1, 2)) if want_norm else None
         return self._project_gradient(g, p_o, p_i).flatten(1), sq
 
@@ -291,12 +403,14 @@ class KronProjector(Projector):
 
     def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
         """psi_m (B, k_o * k_i) of module ``index`` from its full per-sample gradient g (B, out, in):
-        P_o g P_i^T (the route ``FeatureComputer`` takes when a gradient transform is given)."""
+        P_o g P_i^T, multiplying in the cheaper order (``add_gradient``: after a gradient
+        transform, or for a module without gradient)."""
         p_o, p_i = self.side_matrices(index, g.device)
         return self._project_gradient(g.float(), p_o, p_i).flatten(1)
 
     def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Same map applied to full per-sample gradients (B, out, in): P_o G P_i^T (tests)."""
+        """Same map applied to full per-sample gradients (B, out, in): P_o G P_i^T, always P_o
+        first (``project_gradient`` takes the cheaper order; equal up to float rounding)."""
         parts = []
         for index, g in enumerate(grads):
             p_o, p_i = self.side_matrices(index, g.device)
@@ -348,12 +462,21 @@ class SketchProjector(Projector):
         bucket, sign = self.hashes(index, g.device)
         return out.index_add_(1, bucket, g.reshape(g.shape[0], -1).float() * sign)
 
-    def project_full(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """grads: per module (B, out, in) per-sample gradients -> (B, d)."""
-        out = torch.zeros(grads[0].shape[0], self.dim, dtype=torch.float32, device=grads[0].device)
-        for index, g in enumerate(grads):
-            self.accumulate(index, g, out)
-        return out
+    def begin(self, n_rows: int, device) -> ProjectionBatch:
+        """A batch whose modules are added into one (B, d) running sum as they arrive, so at
+        most one module's per-sample gradient need exist at a time."""
+        total = torch.zeros(n_rows, self.dim, dtype=torch.float32, device=device)
+        return ProjectionBatch(self, n_rows, device, total=total)
+
+    def add_gradient(self, batch: ProjectionBatch, index: int, g: torch.Tensor) -> None:
+        self.accumulate(index, g, batch.total)
+
+    def result(self, batch: ProjectionBatch) -> torch.Tensor:
+        return batch.total
+
+    def project_gradient(self, index: int, g: torch.Tensor) -> torch.Tensor:
+        """Module ``index``'s sketch alone (B, d)."""
+        return self.accumulate(index, g, torch.zeros(g.shape[0], self.dim, dtype=torch.float32, device=g.device))
 
 
 def _full_projection_cost(o: int, i: int, k_o: int, k_i: int, has_o: bool, has_i: bool) -> int:
@@ -367,14 +490,14 @@ def _full_projection_cost(o: int, i: int, k_o: int, k_i: int, has_o: bool, has_i
     return 0
 
 
+# The registry: one entry per projector, the default (``sketch``) first. Code that offers a choice
+# of projector (the CLI) takes the names from here.
+PROJECTORS: dict[str, type[Projector]] = {cls.kind: cls for cls in (SketchProjector, KronProjector, DenseProjector, NoProjector)}
+
+
 def make_projector(kind: str, modules: list[ModuleShape], dim: int, seed: int) -> Projector:
-    """Projector by name: 'kron' (default), 'sketch', 'dense' or 'none'."""
-    if kind == "kron":
-        return KronProjector(modules, dim, seed)
-    if kind == "sketch":
-        return SketchProjector(modules, dim, seed)
-    if kind == "dense":
-        return DenseProjector(modules, dim, seed)
-    if kind == "none":
-        return NoProjector(modules, dim, seed)
-    raise ValueError(f"unknown projector {kind!r} (choose from {', '.join(PROJECTORS)})")
+    """Projector by its name in ``PROJECTORS``: 'sketch' (default), 'kron', 'dense' or 'none'."""
+    cls = PROJECTORS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown projector {kind!r} (choose from {', '.join(PROJECTORS)})")
+    return cls(modules, dim, seed)
