@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-MIN_DOMAIN_ROWS = 4  # fewer usable domain rows than this is an error: the kernel mean is noise
+from ntk_ray.io.accounting import MIN_DOMAIN_ROWS  # noqa: F401 (the rule lives with the row accounting)
 
 ACCELERATORS = ("auto", "gpu", "cpu")  # pipeline.actor_plan
 WARMUP_MODES = ("train", "fresh")

@@ -1,30 +1,239 @@
-"""Temporary forwarding module: the stage runner replaces it (run_select, run_features, run_score)."""
+"""The stage runner: checks the inputs, opens the output directory, runs a selector's plan and
+owns resume.
+
+    run_select(cfg)  ->  check_inputs  ->  open OUT (stamp)  ->  plan = registry[cfg.selector]
+                     ->  for stage in plan: reuse its saved result, or run it and save it
+                     ->  keep or drop the intermediate shards  ->  manifest
+
+Resume is one mechanism for every stage (``stages.base``, ``io.markers``): a stage that
+finished left its result under ``_work/<stage>/`` and, after it, a ``_SUCCESS`` marker; a rerun
+of the same config loads that result instead of running the stage. Inside the model stages the
+workers skip the shards they already wrote (unit markers, same module).
+
+Where the stages run is the executor's business: ``RayExecutor`` (the CLI, ``ray job submit``,
+KubeRay) or ``LocalExecutor`` (in this process; tests, benchmarks, notebooks). The executor is
+started only when a stage has to run, so a rerun of a complete run starts no Ray.
+"""
 
 from __future__ import annotations
 
-from ntk_ray.config import FeaturesConfig, ScoreConfig, SelectConfig
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ntk_ray.config import MIN_DOMAIN_ROWS, FeaturesConfig, ScoreConfig, SelectConfig
+from ntk_ray.io.accounting import UsageError
+from ntk_ray.io.markers import is_done, mark_done
+from ntk_ray.io.outdir import open_out_dir
+from ntk_ray.progress import Progress
+from ntk_ray.stages.base import Context, Stage, load_result, save_result
 
 
-def run_select(cfg: SelectConfig, overwrite: bool = False, progress=None) -> dict:
-    from ntk_ray.pipeline import run_select as run
+@dataclass
+class CheckedInputs:
+    """What ``check_inputs`` found: the resolved files of each role, their column mode, the
+    column names and the resolved model path."""
+    columns: object  # io.rows.Columns
+    paths: dict  # role -> [file, ...]
+    modes: dict  # role -> "text" | "prompt_response"
+    model_path: str
 
-    return run(cfg, overwrite=overwrite, progress=progress)
 
-
-def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress=None) -> dict:
-    from ntk_ray.feature_jobs import run_features as run
+def columns_of(cfg):
     from ntk_ray.io.rows import Columns
 
-    cols = Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
-    return run(cfg.data, cfg.out, model=cfg.model, adapter=cfg.adapter, projector=cfg.projector, proj_dim=cfg.proj_dim,
-               seed=cfg.seed, max_length=cfg.max_length, on_too_long=cfg.on_too_long, columns=cols,
-               batch_tokens=cfg.batch_tokens, actors=cfg.actors, ray_address=cfg.ray_address,
-               lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets)},
-               overwrite=overwrite, progress=progress)
+    return Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
 
 
-def run_score(cfg: ScoreConfig, overwrite: bool = False, progress=None) -> dict:
-    from ntk_ray.feature_jobs import run_score as run
+def check_model(cfg, lora_targets=None) -> str:
+    """Resolve the model (converting the demo GGUF if needed), load its tokenizer, check the
+    LoRA targets: every model problem as one UsageError before any work."""
+    from ntk_ray.models import ModelError, check_lora_targets, load_tokenizer, resolve_model
 
-    return run(cfg.features, cfg.anchors, cfg.budget, cfg.out, cfg.scorer, cfg.ray_address, overwrite,
-               progress=progress, work_dir=cfg.work_dir)
+    try:
+        model = resolve_model(cfg.model)
+        load_tokenizer(cfg.model)  # no tokenizer files; no pad, eos or unk token
+        if lora_targets is not None:
+            check_lora_targets(cfg.model, lora_targets)
+    except ModelError as e:
+        message = str(e)
+        raise UsageError(message if message.startswith("--") else f"--model: {message}") from None
+    return model
+
+
+def check_inputs(cfg: SelectConfig) -> CheckedInputs:
+    """Everything that can be checked before work starts: files, columns, row counts, flags,
+    model, tokenizer and LoRA targets. Raises UsageError (one line) and starts nothing."""
+    from ntk_ray.core.scoring import SCORERS
+    from ntk_ray.io.paths import InputError, resolve_paths
+    from ntk_ray.io.rows import check_columns, count_rows
+    from ntk_ray.stages.registry import get_selector
+
+    if cfg.budget < 1:
+        raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
+    if cfg.scorer not in SCORERS:
+        raise UsageError(f"--scorer {cfg.scorer!r}: choose {', '.join(SCORERS[:-1])} or {SCORERS[-1]}")
+    try:
+        selector = get_selector(cfg.selector)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    if selector.check:
+        selector.check(cfg)
+    if cfg.on_too_long not in ("truncate", "reject"):
+        raise UsageError(f"--on-too-long {cfg.on_too_long!r}: choose truncate or reject")
+    if cfg.max_length < 8:
+        raise UsageError(f"--max-length must be at least 8 (got {cfg.max_length})")
+    if cfg.coarse_factor < 1:
+        raise UsageError(f"--coarse-factor must be at least 1 (got {cfg.coarse_factor})")
+    if cfg.adapter and not (Path(cfg.adapter).expanduser() / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {cfg.adapter}: no adapter_config.json (not a saved LoRA adapter)")
+    cols = columns_of(cfg)
+    try:
+        domain = resolve_paths(cfg.domain, "--domain")
+        pool = resolve_paths(cfg.pool, "--pool")
+        modes = {"domain": check_columns(domain, cols, "--domain"), "pool": check_columns(pool, cols, "--pool")}
+        # cheap counts (Parquet footers; JSON only as far as needed)
+        n_domain = count_rows(domain, flag="--domain", at_most=MIN_DOMAIN_ROWS)
+        n_pool = count_rows(pool, flag="--pool", at_most=cfg.budget)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if n_domain < MIN_DOMAIN_ROWS:
+        raise UsageError(f"--domain: {n_domain} rows in {', '.join(domain[:3])}; at least {MIN_DOMAIN_ROWS} are needed")
+    if n_pool < cfg.budget:
+        raise UsageError(f"--budget {cfg.budget} is larger than the pool ({n_pool} rows in {', '.join(pool[:3])})")
+    model = check_model(cfg, None if cfg.adapter else cfg.lora_targets)
+    return CheckedInputs(columns=cols, paths={"domain": domain, "pool": pool}, modes=modes, model_path=model)
+
+
+def ray_executor_factory(cfg) -> Callable[[Progress], object]:
+    """The default executor: Ray, as the config asks (address, actors, accelerator, wait)."""
+    def make(progress: Progress):
+        from ntk_ray.runtime.ray_executor import RayExecutor
+
+        return RayExecutor(address=cfg.ray_address, actors=cfg.actors, accelerator=getattr(cfg, "accelerator", "auto"),
+                           wait_for_resources=getattr(cfg, "wait_for_resources", 600), log=progress.log)
+
+    return make
+
+
+class Runner:
+    """Runs a plan (a list of stages) in order, reusing finished stages' saved results."""
+
+    def __init__(self, ctx: Context, make_executor: Callable[[Progress], object]):
+        self.ctx = ctx
+        self.make_executor = make_executor
+        self.results: dict[str, object] = {}
+
+    def _executor(self):
+        if self.ctx.executor is None:
+            self.ctx.executor = self.make_executor(self.ctx.progress)
+            self.ctx.progress.log(f"executor: {self.ctx.executor.describe()}; model {self.ctx.extra.get('model_path')}")
+        return self.ctx.executor
+
+    def run(self, plan: list[Stage]) -> dict[str, object]:
+        names = [s.name for s in plan]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a plan names a stage twice: {names}")
+        for stage in plan:
+            missing = [n for n in stage.needs if n not in self.results]
+            if missing:
+                raise ValueError(f"stage {stage.name!r} needs {missing}, which no earlier stage of the plan makes")
+            directory = self.ctx.stage_dir(stage.name)
+            needed = {n: self.results[n] for n in stage.needs}
+            if stage.resumable and is_done(directory):
+                self.ctx.progress.log(f"{stage.name}: reusing the finished {stage.title}")
+                self.results[stage.name] = load_result(stage.output, directory)
+                continue
+            self._executor()
+            with self.ctx.progress.stage(stage.name):
+                result = stage.run(self.ctx, **needed)
+            if stage.resumable:
+                save_result(result, directory)
+                mark_done(directory, info={"stage": type(stage).__name__})
+            self.results[stage.name] = result
+        return self.results
+
+
+def run_plan(cfg, plan: list[Stage], out: Path, inputs, progress: Progress, executor=None,
+             make_executor: Callable | None = None) -> dict[str, object]:
+    ctx = Context(cfg=cfg, work=out / "_work", out=out, executor=executor, progress=progress, inputs=inputs,
+                  extra={"model_path": getattr(inputs, "model_path", None)})
+    return Runner(ctx, make_executor or ray_executor_factory(cfg)).run(plan)
+
+
+def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | None = None, executor=None,
+               make_executor: Callable | None = None) -> dict:
+    """Run the whole selection; returns the manifest (also written to OUT/manifest.json).
+    ``executor``: run on this executor (e.g. ``runtime.local.LocalExecutor()``) instead of
+    starting Ray."""
+    from ntk_ray.stages.registry import plan_for
+    from ntk_ray.stages.registry import get_selector
+
+    progress = progress or Progress()
+    # the driver resolves the model once (converting the demo GGUF if needed) to fail early;
+    # workers are handed cfg.model and resolve it themselves, so a node that does not share
+    # this machine's cache directory converts or finds its own copy
+    inputs = check_inputs(cfg)
+    out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log)
+    plan = plan_for(cfg, publish_to=cfg.out if remote else None)
+    last = plan[-1].name
+    if is_done(out / "_work" / last) and (out / "manifest.json").exists():
+        if remote:
+            from ntk_ray.io.storage import publish
+
+            publish(out, cfg.out)
+        progress.log(f"this run is already complete: outputs in {cfg.out} (nothing recomputed)")
+        return json.loads((out / "manifest.json").read_text())
+    results = run_plan(cfg, plan, out, inputs, progress, executor, make_executor)
+    selector = get_selector(cfg.selector)
+    if cfg.keep_features and selector.keeps_features:
+        from ntk_ray.stages.features_job import export_features
+
+        export_features(Context(cfg, out / "_work", out, None, progress), results["warmup"],
+                        results["validate"].usable_domain, results["features"])
+    else:
+        for stage in ("embed", "features"):
+            shutil.rmtree(out / "_work" / stage, ignore_errors=True)
+    return results["write"].manifest
+
+
+def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progress | None = None, executor=None) -> dict:
+    """Features of every usable row of ``cfg.data`` into ``cfg.out`` (shards), rejects into
+    ``out/_rejects.parquet``, a summary into ``out/_manifest.json`` (``stages.features_job``)."""
+    from dataclasses import asdict
+
+    from ntk_ray.io.outdir import prepare_out_dir
+    from ntk_ray.io.paths import InputError, resolve_paths
+    from ntk_ray.io.rows import check_columns
+    from ntk_ray.stages.features_job import features_plan
+
+    progress = progress or Progress()
+    cols = columns_of(cfg)
+    try:
+        files = resolve_paths(cfg.data, "--data")
+        mode = check_columns(files, cols, "--data")
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    model = check_model(cfg)
+    identity = {k: v for k, v in asdict(cfg).items() if k not in ("out", "actors", "accelerator", "ray_address", "batch_tokens")}
+    identity["data"] = files
+    out = prepare_out_dir(cfg.out, identity, overwrite)
+    inputs = CheckedInputs(columns=cols, paths={"data": files}, modes={"data": mode}, model_path=model)
+    results = run_plan(cfg, features_plan(), out, inputs, progress, executor)
+    return results["summary"].manifest
+
+
+def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | None = None, executor=None) -> dict:
+    """Rank the rows of a feature directory against the anchors of another (``stages.features_job``).
+    ``cfg.out`` may be an object-store URI: the files are written in ``cfg.work_dir`` and copied
+    there at the end, as ``select`` does."""
+    from ntk_ray.stages.features_job import check_score_inputs, score_plan
+
+    progress = progress or Progress()
+    inputs = check_score_inputs(cfg)
+    identity = {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer}
+    out, remote = open_out_dir(cfg.out, cfg.work_dir, identity, overwrite, progress.log)
+    results = run_plan(cfg, score_plan(publish_to=cfg.out if remote else None), out, inputs, progress, executor)
+    return results["write"].manifest

@@ -6,27 +6,28 @@ import pytest
 
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.cli import build_parser, select_config
-from ntk_ray.pipeline import actor_plan
+from ntk_ray.runtime import actor_plan
+from ntk_ray.stages.base import ActorPlan
 
 
 def test_auto_uses_the_gpus_present_and_never_asks_for_missing_ones():
-    assert actor_plan({"CPU": 16, "GPU": 4}, None) == {"size": 4, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
-    assert actor_plan({"CPU": 16, "GPU": 4}, 8)["size"] == 4  # capped at the GPUs there are
+    assert actor_plan({"CPU": 16, "GPU": 4}, None) == ActorPlan(size=4, num_gpus=1, num_cpus=1, device="cuda")
+    assert actor_plan({"CPU": 16, "GPU": 4}, 8).size == 4  # capped at the GPUs there are
     cpu = actor_plan({"CPU": 8}, None)
-    assert cpu["num_gpus"] == 0 and cpu["device"] == "cpu" and cpu["size"] == 3 and cpu["threads"] == 2
-    assert actor_plan({"CPU": 2}, None)["size"] == 1
+    assert cpu.num_gpus == 0 and cpu.device == "cpu" and cpu.size == 3 and cpu.threads == 2
+    assert actor_plan({"CPU": 2}, None).size == 1
 
 
 def test_gpu_asks_for_gpu_actors_before_the_autoscaler_has_added_them():
     plan = actor_plan({"CPU": 4}, 3, "gpu")  # a KubeRay GPU group at zero replicas
-    assert plan == {"size": 3, "num_gpus": 1, "num_cpus": 1, "device": "cuda"}
-    assert actor_plan({"CPU": 4}, None, "gpu")["size"] == 1
-    assert actor_plan({"CPU": 4, "GPU": 2}, 5, "gpu")["size"] == 5  # more may be added
+    assert plan == ActorPlan(size=3, num_gpus=1, num_cpus=1, device="cuda")
+    assert actor_plan({"CPU": 4}, None, "gpu").size == 1
+    assert actor_plan({"CPU": 4, "GPU": 2}, 5, "gpu").size == 5  # more may be added
 
 
 def test_cpu_never_uses_gpus():
     plan = actor_plan({"CPU": 8, "GPU": 2}, None, "cpu")
-    assert plan["num_gpus"] == 0 and plan["device"] == "cpu"
+    assert plan.num_gpus == 0 and plan.device == "cpu"
 
 
 def test_bad_accelerator_is_a_usage_error():
@@ -57,10 +58,10 @@ def test_progress_seconds_split_setup_from_the_stages():
     any stage as ``setup`` (it used to be folded into ``write``)."""
     import io
 
-    from ntk_ray import pipeline
+    from ntk_ray.progress import Progress
 
     now = [0.0]
-    progress = pipeline.Progress(stream=io.StringIO(), clock=lambda: now[0])
+    progress = Progress(stream=io.StringIO(), clock=lambda: now[0])
     now[0] = 2.0
     with progress.stage("a"):
         now[0] = 5.0
@@ -76,12 +77,12 @@ def test_progress_seconds_split_setup_from_the_stages():
 def test_actor_threads_are_capped_at_this_nodes_cores(monkeypatch):
     import torch
 
-    from ntk_ray.workers import _threads
+    from ntk_ray.stages.workers import set_threads_from_env
 
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("NTK_RAY_THREADS", "4096")  # the CPUs of a whole cluster
-        _threads()
+        set_threads_from_env()
         assert 1 <= torch.get_num_threads() <= len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)

@@ -4,7 +4,7 @@ keep a bad number or a crash from corrupting the outputs (non-finite gradients, 
 a tokenizer without a pad token).
 
 Every test here runs in well under a second once the tiny model directory exists; none loads
-the demo model or starts Ray (``pipeline.init_ray`` is replaced by a function that fails).
+the demo model or starts Ray (``runtime.ray_executor.connect`` is replaced by a function that fails).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ntk_ray import pipeline
+from ntk_ray.runtime import ray_executor
 from ntk_ray.io import atomic
 from ntk_ray.cli import main
 from ntk_ray.config import MIN_DOMAIN_ROWS
@@ -85,7 +85,7 @@ def no_ray(monkeypatch):
     def init_ray(*args, **kwargs):
         raise RayStarted("the command got past every up-front check and tried to start Ray")
 
-    monkeypatch.setattr(pipeline, "init_ray", init_ray)
+    monkeypatch.setattr(ray_executor, "connect", init_ray)
     yield
     assert ray.is_initialized() == before
     if not before:
@@ -139,14 +139,14 @@ def test_directory_without_data_files(no_ray, data, model_dir, tmp_path, capsys)
     (data / "empty").mkdir()
     (data / "empty" / "notes.txt").write_text("x")
     line = error_line(capsys, select(data, model_dir, tmp_path, domain=[str(data / "empty")]))
-    assert line == f"--domain: directory {data / 'empty'} has no .jsonl/.json/.parquet files"
+    assert line == f"--domain: directory {data / 'empty'} has no .jsonl/.json/.parquet/.csv/.tsv files"
 
 
 def test_unsupported_file_type(no_ray, data, model_dir, tmp_path, capsys):
-    csv = data / "pool.csv"
-    csv.write_text("text\nhello\n")
-    line = error_line(capsys, select(data, model_dir, tmp_path, pool=[str(csv)]))
-    assert line.startswith(f"--pool: unsupported file type '{csv}'")
+    other = data / "pool.xlsx"  # (.csv is an input format now)
+    other.write_text("text\nhello\n")
+    line = error_line(capsys, select(data, model_dir, tmp_path, pool=[str(other)]))
+    assert line.startswith(f"--pool: unsupported file type '{other}'")
 
 
 def test_truncated_parquet(no_ray, data, model_dir, tmp_path, capsys):
@@ -360,7 +360,7 @@ class _FakeComputer:
 
 
 def test_featurizer_rejects_non_finite_gradients_with_a_zero_feature():
-    from ntk_ray.workers import Featurizer
+    from ntk_ray.stages.workers import Featurizer
 
     nan, inf = float("nan"), float("inf")
     feat = Featurizer.__new__(Featurizer)

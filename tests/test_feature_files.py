@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ntk_ray.core.scoring import AnchorKernel
-from ntk_ray.sharded import _score_file, iter_vectors
-from ntk_ray.workers import parquet_options, write_table_atomic
+from ntk_ray.io.shards import iter_vectors, parquet_options, write_table_atomic
+from ntk_ray.stages.kernel import score_file
 
 
 def _shard(tmp_path, x: np.ndarray):
@@ -42,7 +42,7 @@ def test_a_score_task_reads_float16_as_stored_and_scores_like_the_matrix(tmp_pat
     assert len(batches) == 4 and all(m.dtype == np.float16 for _, m in batches)
     assert np.array_equal(np.concatenate([m for _, m in batches]), x)
     for scorer in ("mean", "cosine", "max"):
-        part = _score_file(str(path), anchors, scorer, batch_rows=128)
+        part = score_file(str(path), anchors, scorer, batch_rows=128)
         assert np.array_equal(part["key"], np.arange(500))
         assert np.array_equal(part["score"], AnchorKernel(anchors).score(x, scorer))
         assert part["reject"] == [None] * 500

@@ -28,19 +28,35 @@ BATCHING = ("--batch-tokens", "300")  # the reference run uses the default, 8192
 
 
 def _with_actor_fault(monkeypatch, marker) -> None:
-    """Every model stage of the next in-process run gets NTK_RAY_FAULT_ONCE in its actors'
-    runtime environment (plan["extra_env"]): the first actor call creates ``marker`` and kills
-    its worker process (workers._inject_fault_once), as a preempted node or an OOM kill would."""
-    from ntk_ray import pipeline
+    """The next in-process run gets a test-only Ray executor whose model workers, on their first
+    call, create ``marker`` and kill their own worker process (as a preempted node or an OOM
+    kill would). Nothing of this is in the production code path."""
+    from ntk_ray import runner
+    from ntk_ray.runtime.ray_executor import RayExecutor
 
-    original = pipeline.model_map
+    class FaultOnceExecutor(RayExecutor):
+        def map_shards(self, worker, args, items, *, model=True):
+            if not model:
+                return super().map_shards(worker, args, items, model=model)
+            path = str(marker)
 
-    def model_map_with_fault(*args, **kwargs):
-        plan = dict(args[5]) if len(args) > 5 else dict(kwargs.pop("plan"))
-        plan["extra_env"] = {"NTK_RAY_FAULT_ONCE": str(marker)}
-        return original(*args[:5], plan, **kwargs)
+            class DiesOnce(worker):  # defined here, so Ray ships it by value
+                def __call__(self, batch):
+                    import os
 
-    monkeypatch.setattr(pipeline, "model_map", model_map_with_fault)
+                    if not os.path.exists(path):
+                        with open(path, "w") as f:
+                            f.write(str(os.getpid()))
+                        os._exit(1)
+                    return super().__call__(batch)
+
+            return super().map_shards(DiesOnce, args, items, model=model)
+
+    def factory(cfg):
+        return lambda progress: FaultOnceExecutor(address=cfg.ray_address, actors=cfg.actors, accelerator=cfg.accelerator,
+                                                  wait_for_resources=cfg.wait_for_resources, log=progress.log)
+
+    monkeypatch.setattr(runner, "ray_executor_factory", factory)
 
 
 def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_batching(
@@ -50,7 +66,7 @@ def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_ba
     # 1. the driver, in its own process with its own embedded Ray (which dies with it), is
     #    SIGKILLed with its whole process group as soon as the coarse stage has written its first shard
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen([sys.executable, "-m", "ntk_ray.cli", *select_args(d, out, *BATCHING)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ntk_ray", *select_args(d, out, *BATCHING)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:

@@ -83,7 +83,7 @@ def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, 
 def test_features_command_recomputes_the_same_anchor_features(first_run, demo_data, tmp_path):
     import numpy as np
 
-    from ntk_ray.sharded import read_vectors
+    from ntk_ray.io.shards import read_vectors
 
     d, _ = demo_data
     out = tmp_path / "feats"

@@ -1,6 +1,7 @@
-"""ntk_ray.sharded on a real (embedded) Ray: the sharded results equal the single-matrix ones.
+"""The sharded kernel (``stages.kernel``) on both executors, a real (embedded) Ray and the
+in-process one: the sharded results equal the single-matrix ones.
 
-* merge_topk_tasks over several shard files (several groups of files, several row batches per
+* merge_topk over several shard files (several groups of files, several row batches per
   file, tasks finishing in any order) equals one full sort of the concatenated block, ties
   included;
 * score_shards equals AnchorKernel.score on the concatenated matrix, for every scorer.
@@ -51,6 +52,18 @@ def shards(tmp_path_factory):
     return files, x, keys, anchors
 
 
+@pytest.fixture(params=["ray", "local"])
+def executor(request):
+    if request.param == "local":
+        from ntk_ray.runtime.local import LocalExecutor
+
+        return LocalExecutor(device="cpu")
+    from ntk_ray.runtime.ray_executor import RayExecutor
+
+    request.getfixturevalue("ray_session")
+    return RayExecutor(log=lambda m: None)
+
+
 def _sparse_signs(rng, rows: int, nonzero: int) -> np.ndarray:
     out = np.zeros((rows, DIM), np.float32)
     for r in range(rows):
@@ -65,9 +78,9 @@ def full_sort_topk(block: np.ndarray, keys: np.ndarray, k: int):
 
 @pytest.mark.parametrize("k,unit,files_per_task,batch_rows", [(1, False, 1, None), (9, False, 2, 7),
                                                               (60, True, None, 16), (500, False, 3, None)])
-def test_merge_topk_tasks_equals_one_full_sort(ray_session, shards, k, unit, files_per_task, batch_rows):
+def test_merge_topk_equals_one_full_sort(executor, shards, k, unit, files_per_task, batch_rows):
     from ntk_ray.core.scoring import _unit_rows as unit_rows
-    from ntk_ray.sharded import merge_topk_tasks
+    from ntk_ray.stages.kernel import merge_topk
 
     files, x, keys, anchors = shards
     a = unit_rows(anchors) if unit else anchors
@@ -75,34 +88,33 @@ def test_merge_topk_tasks_equals_one_full_sort(ray_session, shards, k, unit, fil
     block = (a @ xs.T).astype(np.float64)
     assert (np.count_nonzero(block == block.max(axis=1, keepdims=True), axis=1) > 1).any()  # ties exist
     expected_s, expected_k = full_sort_topk(block, keys, k)
-    got = merge_topk_tasks(files, ray_session.put(a), k, "embedding", n_anchors=N_ANCHORS, unit=unit,
-                           max_in_flight=2, files_per_task=files_per_task, batch_rows=batch_rows)
+    got = merge_topk(executor, files, executor.put(a), k, "embedding", n_anchors=N_ANCHORS, unit=unit,
+                     files_per_task=files_per_task, batch_rows=batch_rows)
     got_s, got_k = got.sorted()
     assert got_s.shape == (N_ANCHORS, min(k, len(keys)))
     np.testing.assert_array_equal(got_k, expected_k)
     np.testing.assert_array_equal(got_s, expected_s)
 
 
-def test_merge_topk_tasks_skips_rejected_rows(ray_session, tmp_path):
-    from ntk_ray.sharded import merge_topk_tasks
+def test_merge_topk_skips_rejected_rows(executor, tmp_path):
+    from ntk_ray.stages.kernel import merge_topk
 
     x = np.eye(4, dtype=np.float32)
     path = tmp_path / "f.parquet"
     pq.write_table(pa.table({"key": np.arange(4, dtype=np.int64), "feature": _vectors(x),
                              "reject": pa.array([None, "non-finite gradient (NaN/inf)", None, None], pa.string())}), path)
-    got = merge_topk_tasks([str(path)], ray_session.put(np.ones((2, 4), np.float32)), 10, "feature", n_anchors=2)
+    got = merge_topk(executor, [str(path)], executor.put(np.ones((2, 4), np.float32)), 10, "feature", n_anchors=2)
     assert sorted(got.keys[0].tolist()) == [0, 2, 3]
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
-def test_score_shards_equals_kernel_on_concatenated_matrix(ray_session, shards, scorer):
-    from ntk_ray.sharded import score_shards
+def test_score_shards_equals_kernel_on_concatenated_matrix(executor, shards, scorer):
+    from ntk_ray.stages.kernel import score_shards
 
     files, x, keys, anchors = shards
     anchors = anchors[1:]  # cosine of a zero anchor is defined but says nothing; keep it in top-k only
     expected = AnchorKernel(anchors).score(x, scorer)
-    parts = score_shards(files, ray_session.put(anchors), scorer, max_in_flight=2, batch_rows=10)
-    assert [len(p["key"]) for p in parts] == list(SHARD_ROWS)  # file order kept
-    np.testing.assert_array_equal(np.concatenate([p["key"] for p in parts]), keys)
-    np.testing.assert_allclose(np.concatenate([p["score"] for p in parts]), expected, rtol=1e-6, atol=1e-7)
-    assert all(r is None for p in parts for r in p["reject"])
+    frame = score_shards(executor, files, executor.put(anchors), scorer, batch_rows=10)
+    np.testing.assert_array_equal(frame["key"].to_numpy(), keys)  # file order kept
+    np.testing.assert_allclose(frame["score"].to_numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert frame["reject"].null_count() == frame.height

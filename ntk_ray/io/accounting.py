@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from ntk_ray.config import MIN_DOMAIN_ROWS
+MIN_DOMAIN_ROWS = 4  # fewer usable domain rows than this is an error: the kernel mean is noise
 
 
 class UsageError(ValueError):

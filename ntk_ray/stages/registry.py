@@ -1,7 +1,16 @@
 """The selectors: each a named plan of stages, registered here and nowhere else.
 
 ``select --selector NAME`` looks the name up here; ``--help`` lists the registered names and
-their help text; adding a selector is one ``register`` call (see docs/architecture.md).
+their help text; adding a selector is one ``register`` call (see docs/architecture.md). The
+built-in plans (the order their stages run in):
+
+    ntk        read, validate, warmup, embed, coarse, features (candidates), score, write
+    random     read, validate, coarse (every row), score, write
+    bm25       read, validate, coarse (every row), score, write
+    embedding  read, validate, warmup, embed (every row), coarse (every row), score, write
+    less       read, validate, warmup (+ Adam moments), coarse (every row), features (every row), score, write
+
+A URI ``--out`` adds ``publish`` at the end.
 """
 
 from __future__ import annotations
@@ -9,12 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ntk_ray.io.accounting import UsageError
+from ntk_ray.stages.model import EmbedStage, FeaturesStage, WarmupStage
+from ntk_ray.stages.rank import (AllRowsStage, Bm25ScoreStage, CoarseStage, EmbeddingScoreStage, LessScoreStage,
+                                 NtkScoreStage, RandomScoreStage)
+from ntk_ray.stages.read import ReadStage, ValidateStage
+from ntk_ray.stages.write import PublishStage, WriteStage
+
 
 @dataclass(frozen=True)
 class Selector:
+    """A selector: its name, one sentence of help, and its plan: ``plan(cfg)`` returns the
+    list of stages (``stages.base.Stage``) from reading the inputs to writing the results.
+    ``check(cfg)`` raises ``UsageError`` for settings the selector cannot work with, before any
+    work; ``keeps_features`` says whether ``--keep-features`` has NTK-style features to keep."""
     name: str
-    help: str  # one sentence for --help
-    plan: Callable | None = None  # (SelectConfig) -> list of stages; filled in by stages.plans
+    help: str
+    plan: Callable
+    check: Callable | None = None
+    keeps_features: bool = False
 
 
 SELECTORS: dict[str, Selector] = {}
@@ -28,12 +50,10 @@ def register(selector: Selector) -> Selector:
 
 
 def selector_names() -> tuple[str, ...]:
-    _load_builtin()
     return tuple(SELECTORS)
 
 
 def get_selector(name: str) -> Selector:
-    _load_builtin()
     try:
         return SELECTORS[name]
     except KeyError:
@@ -41,10 +61,40 @@ def get_selector(name: str) -> Selector:
 
 
 def selector_help() -> str:
-    _load_builtin()
     return "; ".join(f"{s.name}: {s.help}" for s in SELECTORS.values())
 
 
-def _load_builtin() -> None:
-    """The built-in selectors register themselves when their module is imported."""
-    import ntk_ray.stages.plans  # noqa: F401
+def plan_for(cfg, publish_to: str | None = None) -> list:
+    """The stages of ``cfg.selector``'s plan, plus ``publish`` when the results go to a URI."""
+    plan = list(get_selector(cfg.selector).plan(cfg))
+    return plan + [PublishStage(publish_to)] if publish_to else plan
+
+
+# -------------------------------------------------------------------------------------------
+# the built-in selectors
+def _less_check(cfg) -> None:
+    if cfg.adapter or cfg.warmup != "train":
+        raise UsageError("--selector less needs the warm-up's optimizer state: drop --adapter / --warmup fresh")
+
+
+register(Selector(
+    "ntk", "warm-up, coarse kNN votes, NTK kernel scores (default)",
+    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(), EmbedStage(), CoarseStage(), FeaturesStage("coarse"),
+                 NtkScoreStage(), WriteStage("ntk", warm=True)],
+    keeps_features=True))
+register(Selector(
+    "random", "a seeded uniform pick; no model",
+    lambda cfg: [ReadStage(), ValidateStage(), AllRowsStage(), RandomScoreStage(), WriteStage("random", warm=False)]))
+register(Selector(
+    "bm25", "lexical BM25 against the domain rows, on token ids; no model pass",
+    lambda cfg: [ReadStage(), ValidateStage(), AllRowsStage(), Bm25ScoreStage(), WriteStage("bm25", warm=False)]))
+register(Selector(
+    "embedding", "RDS+: round-robin over anchors by cosine of the warmed-up model's mean-pooled hidden states",
+    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(), EmbedStage(only_if_over_m=False), AllRowsStage(),
+                 EmbeddingScoreStage(), WriteStage("embedding", warm=True)]))
+register(Selector(
+    "less", "LESS: Adam-preconditioned loss gradients, max cosine over anchors; a backward pass per pool row "
+            "(the most expensive)",
+    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(less=True), AllRowsStage(),
+                 FeaturesStage(candidates_from=None, less=True), LessScoreStage(), WriteStage("less", warm=True)],
+    check=_less_check, keeps_features=True))

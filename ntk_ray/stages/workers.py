@@ -1,13 +1,13 @@
-"""Batch callables that Ray Data runs in its workers: read+tokenize, embed, NTK features.
+"""Batch callables the executor runs in its workers: read+tokenize, embed, NTK features.
 
-Each is a plain class (load once in ``__init__``, one pyarrow Table in, one out) that knows
-nothing about Ray, so tests call ``Cls(...)(table)`` directly. ``pipeline.py`` hands them to
-``map_batches`` on actor pools.
+Each is a plain class (load once in ``__init__``, one pyarrow Table in, one summary Table out)
+that knows nothing about Ray, so tests call ``Cls(...)(table)`` directly and the in-process
+executor runs them as they are. Each writes its own output shards and, after them, a unit
+marker (``io.markers``), so a rerun after a crash skips the units already done.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,9 @@ import pyarrow as pa
 import torch
 
 from ntk_ray.core.scoring import stable_keys
+from ntk_ray.io.feature_files import SPEC_KEY
+from ntk_ray.io.markers import is_done, mark_done, read_marker
+from ntk_ray.io.shards import fixed_size_list, keep_set, read_shard, write_table_atomic
 
 TOKENS_SCHEMA = pa.schema([
     ("role", pa.string()), ("id", pa.string()), ("key", pa.int64()), ("source", pa.string()),
@@ -26,55 +29,41 @@ TOKENS_SCHEMA = pa.schema([
 ])
 
 
+
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    """(N, d) float array -> Arrow fixed_size_list<float32>[d] (Polars reads it as Array)."""
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+def set_threads_from_env() -> None:
+    """Torch threads in a CPU worker: Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which
+    would leave the other cores idle; NTK_RAY_THREADS (set by the executor from the cluster's
+    CPUs per actor) says how many, capped at the cores this node lets the process use (on a
+    multi-node cluster the cluster's CPUs are not one node's)."""
+    n = int(os.environ.get("NTK_RAY_THREADS", "0") or 0)
+    if n > 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or n
+        torch.set_num_threads(max(1, min(n, cores)))
 
 
 @dataclass
 class ReadSpec:
     role: str  # "domain" | "pool"
     mode: str  # "text" | "prompt_response"
-    columns: object  # inputs.Columns
+    columns: object  # io.rows.Columns
     model: str | None
     max_length: int
     on_too_long: str
-    id_prefixes: dict | None = None  # path -> fallback id prefix (inputs.fallback_id_prefixes of domain + pool)
-
-
-def parquet_options(schema: pa.Schema) -> dict:
-    """``pq.write_table`` options: zstd, and neither dictionary encoding nor min/max statistics
-    for float vector columns (features, embeddings). float16 vectors have at most 65,536
-    distinct values, so Parquet dictionary-encodes them by default, which is the slow path:
-    measured on 20,000 x 8192 float16 features, write 15 s -> 3.7 s, read 7.3 s -> 1.3 s, file
-    324 MB -> 301 MB."""
-    def is_vector(t) -> bool:
-        return (pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t)) and \
-            pa.types.is_floating(t.value_type)
-
-    plain = [f.name for f in schema if not is_vector(f.type)]
-    return {"compression": "zstd", "use_dictionary": plain, "write_statistics": plain}
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet shard under a temporary name, then rename: a shard that exists is whole."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, **parquet_options(table.schema))
-    os.replace(tmp, path)
+    id_prefixes: dict | None = None  # path -> fallback id prefix (io.paths.fallback_id_prefixes of domain + pool)
 
 
 class ReadAndTokenize:
     """Reads whole input files and tokenizes their rows into ``out_dir`` shards
-    ``<file index>-<chunk>.parquet``; a ``<file index>.done`` marker is written once a file is
-    complete, and a rerun skips files that have one (resume). Every row read comes out, usable
-    or with a ``reject`` reason."""
+    ``<file index>-<chunk>.parquet``; the unit marker ``<file index>`` is written once a file is
+    complete, and a rerun skips files that have one. Every row read comes out, usable or with a
+    ``reject`` reason."""
 
     def __init__(self, spec: ReadSpec, out_dir: str | None = None, chunk_rows: int = 2048):
         from ntk_ray.models import load_tokenizer
@@ -89,18 +78,18 @@ class ReadAndTokenize:
 
         done = []
         for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):
-            marker = self.out_dir / f"{index:06d}.done"
-            if not marker.exists():
-                for stale in self.out_dir.glob(f"{index:06d}-*.parquet"):
+            unit = f"{index:06d}"
+            if not is_done(self.out_dir, unit):
+                for stale in self.out_dir.glob(f"{unit}-*.parquet"):
                     stale.unlink()  # a file interrupted half-way is read again from its start
                 rows = 0
                 chunks = read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows,
                                         id_prefix=(self.spec.id_prefixes or {}).get(path), on_corrupt="reject")
                 for c, chunk in enumerate(chunks):
-                    write_table_atomic(self.tokenize(chunk), self.out_dir / f"{index:06d}-{c:06d}.parquet")
+                    write_table_atomic(self.tokenize(chunk), self.out_dir / f"{unit}-{c:06d}.parquet")
                     rows += chunk.num_rows
-                marker.write_text(json.dumps({"path": path, "rows": rows}))
-            done.append(json.loads(marker.read_text()))
+                mark_done(self.out_dir, unit, {"path": path, "rows": rows})
+            done.append(read_marker(self.out_dir, unit))
         return pa.table({"path": [d["path"] for d in done], "rows": [d["rows"] for d in done]})
 
     def tokenize(self, chunk: pa.Table) -> pa.Table:
@@ -156,95 +145,59 @@ def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, 
     return attach_lora(base, **(lora or {})).to(device)
 
 
-def read_shard(path: str, columns: list[str], keep) -> pa.Table:
-    """Rows of one tokens shard whose (key, source, row) is in ``keep`` (a set)."""
-    import pyarrow.parquet as pq
+def less_transform_for(model, moments_path: str, device):
+    """The LESS Adam transform (``core.selectors.adam_gradient_transform``) for ``model``'s
+    trainable linears, in ``FeatureComputer``'s module order, from the warm-up's saved moments
+    (keyed by parameter name)."""
+    from ntk_ray.core.features import trainable_linears
+    from ntk_ray.core.selectors import adam_gradient_transform
+    from ntk_ray.core.training import as_moments, load_adam_moments
 
-    table = pq.read_table(path, columns=columns)
-    rows = zip(table.column("key").to_pylist(), table.column("source").to_pylist(), table.column("row").to_pylist())
-    return table.filter(pa.array([r in keep for r in rows], pa.bool_()))
-
-
-def _keep_set(keep) -> set:
-    """The broadcast (key, source, row) table -> a set; accepts an ObjectRef (resolved here,
-    since Ray Data does not resolve refs inside constructor arguments) or a table."""
-    if not hasattr(keep, "num_rows"):
-        import ray
-
-        keep = ray.get(keep)
-    return set(zip(keep.column("key").to_pylist(), keep.column("source").to_pylist(), keep.column("row").to_pylist()))
+    names = [f"{name}.weight" for name, _ in trainable_linears(model)]
+    m = as_moments(load_adam_moments(moments_path)).select(names)  # ValueError naming what is missing
+    return adam_gradient_transform([t.to(device) for t in m.exp_avg], [t.to(device) for t in m.exp_avg_sq],
+                                   m.step, m.betas, m.eps)
 
 
 class ShardMapper:
-    """Base of the model actors: a batch of token-shard paths in; for each, the rows in the
-    broadcast keep-set go through ``process`` and the result is written atomically to
-    ``out_dir/<shard name>`` (or an ``.empty`` marker). Shards already written are skipped, so
-    a rerun after a crash resumes where it stopped. Returns one summary row per shard."""
+    """Base of the model workers: a batch of token-shard paths in; for each, the rows in the
+    keep-set go through ``process`` and the result is written atomically to
+    ``out_dir/<shard name>`` (no file when no row is kept), then the shard's unit marker.
+    Shards with a marker are skipped, so a rerun after a crash resumes where it stopped.
+    Returns one summary row per shard."""
 
     columns = ["id", "key", "source", "row", "input_ids", "score_mask", "loss_mask"]
     out_dir: Path
+    keep: set
     metadata: dict | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for path in batch.column("path").to_pylist():
-            _inject_fault_once()
-            target = self.out_dir / Path(path).name
-            empty = target.with_suffix(".empty")
-            if target.exists():
-                import pyarrow.parquet as pq
-
-                n = pq.ParquetFile(target).metadata.num_rows
-            elif empty.exists():
-                n = 0
-            else:
+            unit = Path(path).stem
+            if not is_done(self.out_dir, unit):
                 table = read_shard(path, self.columns, self.keep)
-                n = table.num_rows
-                if n:
+                if table.num_rows:
                     result = self.process(table)
                     if self.metadata:
                         result = result.replace_schema_metadata({k.encode(): v.encode() for k, v in self.metadata.items()})
-                    write_table_atomic(result, target)
-                else:
-                    empty.write_text("")
-            rows.append((path, n))
+                    write_table_atomic(result, self.out_dir / Path(path).name)
+                mark_done(self.out_dir, unit, {"rows": table.num_rows})
+            rows.append((path, read_marker(self.out_dir, unit)["rows"]))
         return pa.table({"path": [r[0] for r in rows], "rows": [r[1] for r in rows]})
 
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
 
 
-def _inject_fault_once() -> None:
-    """Fault injection for tests: when NTK_RAY_FAULT_ONCE names a file that does not exist yet,
-    create it and kill this worker process (as a preempted node or OOM kill would)."""
-    marker = os.environ.get("NTK_RAY_FAULT_ONCE")
-    if marker and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)
-
-
-def _threads():
-    """Torch threads in a CPU actor: Ray sets OMP_NUM_THREADS to the actor's num_cpus (1), which
-    would leave the other cores idle; NTK_RAY_THREADS (set by the pipeline from the cluster's
-    CPUs per actor) says how many, capped at the cores this node lets the process use (on a
-    multi-node cluster the cluster's CPUs are not one node's)."""
-    n = int(os.environ.get("NTK_RAY_THREADS", "0") or 0)
-    if n > 0:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or n
-        torch.set_num_threads(max(1, min(n, cores)))
-
-
 class Embedder(ShardMapper):
     """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised."""
 
-    def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
+    def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
                  device: str | None = None):
-        _threads()
+        set_threads_from_env()
         self.out_dir = Path(out_dir)
-        self.keep = _keep_set(keep)
+        self.keep = keep_set(keep)
         self.device = device or pick_device()
         self.model = load_adapted_model(model, adapter_dir, self.device).eval()
         self.batch_tokens = batch_tokens
@@ -258,20 +211,20 @@ class Embedder(ShardMapper):
 
 
 class Featurizer(ShardMapper):
-    """NTK features psi(x) (``features.FeatureComputer``) for batches of tokenized rows. A row
-    whose gradient is not finite gets a ``reject`` reason and a zero feature instead of poisoning
-    the ranking."""
+    """NTK features psi(x) (``core.features.FeatureComputer``) for batches of tokenized rows. A
+    row whose gradient is not finite gets a ``reject`` reason and a zero feature instead of
+    poisoning the ranking."""
 
     mask_column = "score_mask"  # "loss_mask" for objective="loss"
 
-    def __init__(self, out_dir: str, keep, model: str | None, adapter_dir: str | None, projector: str, dim: int,
+    def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, projector: str, dim: int,
                  seed: int, batch_tokens: int = 8192, device: str | None = None, objective: str = "summed-logits",
                  adam_moments: str | None = None):
         from ntk_ray.core.features import FeatureComputer
 
-        _threads()
+        set_threads_from_env()
         self.out_dir = Path(out_dir)
-        self.keep = _keep_set(keep)
+        self.keep = keep_set(keep)
         self.device = device or pick_device()
         adapted = load_adapted_model(model, adapter_dir, self.device)
         autocast = torch.bfloat16 if self.device == "cuda" else None
@@ -279,14 +232,14 @@ class Featurizer(ShardMapper):
         if objective != "summed-logits":  # LESS: loss gradients
             options["objective"] = objective
         if adam_moments:  # LESS: Adam-preconditioned by the warm-up's optimizer state
-            from ntk_ray.selector_stages import less_transform_for
-
             options["gradient_transform"] = less_transform_for(adapted, adam_moments, self.device)
         self.mask_column = "loss_mask" if objective == "loss" else "score_mask"
         self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device,
                                         autocast_dtype=autocast, **options)
         self.batch_tokens = batch_tokens
-        self.metadata = {"ntk_ray.projector": json.dumps(self.computer.projector.spec())}
+        import json
+
+        self.metadata = {SPEC_KEY.decode(): json.dumps(self.computer.projector.spec())}
 
     def process(self, batch: pa.Table) -> pa.Table:
         seqs = batch.column("input_ids").to_pylist()
@@ -303,3 +256,4 @@ class Featurizer(ShardMapper):
             "norm": pa.array(out.norm.numpy().astype(np.float32)),
             "reject": pa.array(reject, pa.string()),
         })
+

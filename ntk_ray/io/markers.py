@@ -1,0 +1,42 @@
+"""Completion markers: the one resume mechanism, for whole stages and for the units inside one.
+
+A stage that finished leaves ``<stage dir>/_SUCCESS``; a unit of work inside a stage (an input
+file read, a token shard embedded or featurised) leaves ``<stage dir>/_done/<unit>.json``. Each
+marker is a small JSON document written atomically and durably (``io.atomic``) *after* the data
+it vouches for, so a marker that exists means its data is whole. A marker that cannot be read
+(truncated by a crash on a file system without atomic rename, edited by hand) means "not done":
+the work is redone, never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ntk_ray.io.atomic import write_json_atomic
+
+STAGE_MARKER = "_SUCCESS"
+UNITS_DIR = "_done"
+
+
+def _path(directory: Path, unit: str | None) -> Path:
+    return Path(directory) / STAGE_MARKER if unit is None else Path(directory) / UNITS_DIR / f"{unit}.json"
+
+
+def read_marker(directory: str | Path, unit: str | None = None) -> dict | None:
+    """The marker's info, or None when there is none or it cannot be read."""
+    try:
+        info = json.loads(_path(Path(directory), unit).read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_done(directory: str | Path, unit: str | None = None) -> bool:
+    return read_marker(directory, unit) is not None
+
+
+def mark_done(directory: str | Path, unit: str | None = None, info: dict | None = None) -> None:
+    path = _path(Path(directory), unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(info or {}, path)

@@ -1,0 +1,96 @@
+"""The sharded blockwise kernel: per-shard work as small tasks, merged on the driver.
+
+Shards are Parquet files with a ``key`` column and a vector column (embeddings or NTK
+features). Each task reads its shards in row batches (``io.shards.iter_vectors``) and reduces
+them against the broadcast anchors:
+
+* ``score_shards``: one kernel score per row (``core.scoring.AnchorKernel``), and
+* ``merge_topk``: each anchor's top-k rows (``core.scoring.AnchorTopK``); a task keeps one
+  running state over a group of shards, and the driver merges the tasks' states as they
+  finish. The merge is exact, so the result equals one full sort.
+
+Memory does not grow with the pool. Inside a task: one row batch of vectors and its
+(anchors x batch) kernel block plus the (anchors x k) state, whatever the shard size. In
+flight: the executor's bound (twice the cluster's CPUs on Ray). On the driver: the merged
+(anchors x k) state, or the per-row scores (16 bytes a row) that ``score_shards`` must return.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from ntk_ray.core.scoring import AnchorKernel, AnchorTopK
+from ntk_ray.io.shards import iter_vectors
+
+
+def topk_of_files(paths: list[str], anchors, k: int, column: str, unit: bool, batch_rows: int | None = None) -> AnchorTopK:
+    """One task: the running per-anchor top-k over a group of shards, batch by batch. Rows
+    with a ``reject`` reason (zero features standing in for non-finite gradients) are skipped."""
+    kernel = AnchorKernel(np.asarray(anchors, dtype=np.float32))
+    state = AnchorTopK(kernel.n_anchors, k)
+    for path in paths:
+        extra = ("key", "reject") if "reject" in pq.ParquetFile(path).schema_arrow.names else ("key",)
+        for batch, x in iter_vectors(path, column, extra, batch_rows, kernel.n_anchors, dtype=None):
+            keys = batch.column("key").to_numpy()
+            if "reject" in extra and batch.column("reject").null_count != batch.num_rows:
+                keep = batch.column("reject").is_null().to_numpy(zero_copy_only=False)
+                x, keys = x[keep], keys[keep]
+            if not len(keys):
+                continue
+            state.update(kernel.kernel_block(x, unit=unit), keys)
+    return state
+
+
+def merge_topk(executor, files: list[str], anchors, k: int, column: str, n_anchors: int, unit: bool = False,
+               files_per_task: int | None = None, batch_rows: int | None = None) -> AnchorTopK:
+    """Per-anchor top-k over shards as tasks (each over a group of ``files_per_task`` shards),
+    merged as they finish. Exact: the merge equals one full sort. ``anchors`` may be a handle
+    from ``executor.put``. Default grouping: about two waves of tasks (few, large
+    (anchors x k) results to move and merge, enough tasks to balance and retry)."""
+    files = list(files)
+    if files_per_task is None:
+        files_per_task = max(1, math.ceil(len(files) / (4 * max(1, executor.cpus))))
+    groups = [files[i:i + files_per_task] for i in range(0, len(files), files_per_task)]
+    merged = AnchorTopK(n_anchors, k)
+    for _, state in executor.map_tasks(topk_of_files, groups, anchors, k, column, unit, batch_rows):
+        merged.merge(state)
+    return merged
+
+
+def score_file(path: str, anchors, scorer: str, column: str = "feature", batch_rows: int | None = None) -> dict:
+    """One task: the kernel score of every row of one shard, with its key and reject reason."""
+    kernel = AnchorKernel(anchors)
+    has_reject = "reject" in pq.ParquetFile(path).schema_arrow.names
+    keys, scores, rejects = [], [], []
+    extra = ("key", "reject") if has_reject else ("key",)
+    for batch, x in iter_vectors(path, column, extra, batch_rows, kernel.n_anchors, dtype=None):
+        keys.append(batch.column("key").to_numpy())
+        scores.append(kernel.score(x, scorer))
+        rejects.extend(batch.column("reject").to_pylist() if has_reject else [None] * batch.num_rows)
+    return {"key": np.concatenate(keys) if keys else np.zeros(0, np.int64),
+            "score": np.concatenate(scores) if scores else np.zeros(0), "reject": rejects}
+
+
+def scores_frame(parts: list[dict]) -> pl.DataFrame:
+    """Per-shard score parts as one frame: key (Int64), score (Float64), reject (String)."""
+    return pl.DataFrame({
+        "key": np.concatenate([p["key"] for p in parts]) if parts else np.zeros(0, np.int64),
+        "score": np.concatenate([np.asarray(p["score"], dtype=np.float64) for p in parts]) if parts else np.zeros(0),
+        "reject": [r for p in parts for r in p["reject"]],
+    }, schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
+
+
+def score_shards(executor, files: list[str], anchors, scorer: str, column: str = "feature",
+                 batch_rows: int | None = None) -> pl.DataFrame:
+    """Kernel scores of every row of every shard (one task per shard), in file order, as one
+    frame (``scores_frame``). ``column`` names the vectors (``feature``, or ``embedding``);
+    shards without a ``reject`` column have no rejects."""
+    parts: list = [None] * len(files)
+    for i, part in executor.map_tasks(score_file, files, anchors, scorer, column, batch_rows):
+        # copied, so a finished task's object can be freed at once
+        parts[i] = {"key": np.array(part["key"]), "score": np.array(part["score"]), "reject": part["reject"]}
+    return scores_frame(parts)

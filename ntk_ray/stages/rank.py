@@ -1,0 +1,191 @@
+"""The stages that turn vectors into an order: the coarse cut and every selector's scores.
+
+  coarse    per-anchor top-K over the embed/ shards (tasks, merged exactly) -> reverse-kNN
+            votes -> candidates = top M = coarse_factor x budget (``core.coarse``)
+  score     one score per candidate (tasks over shards): the NTK kernel (``--scorer``), or a
+            baseline's (random, bm25, embedding, less); round-robin selectors also return the
+            picking order
+
+Every score stage returns ``Scores``: a frame of (key, score, reject) and, for round-robin
+selectors, an ``order`` frame (key, order). The write stage ranks from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from ntk_ray.stages.base import Context, Stage
+from ntk_ray.stages.kernel import merge_topk, score_shards, scores_frame
+from ntk_ray.stages.model import Shards, Warm, pool_rows
+from ntk_ray.stages.read import Accounting, Tokens
+
+
+@dataclass
+class Candidates:
+    """Rows that go on to be scored (``candidates``: id, key, source, row, coarse_votes,
+    coarse_sim) and rows cut before (``cut``, same columns, in coarse order)."""
+    candidates: pl.DataFrame
+    cut: pl.DataFrame
+    skipped: bool
+    M: int | None = None
+    K: int | None = None
+
+
+@dataclass
+class Scores:
+    scores: pl.DataFrame  # key, score, reject
+    order: pl.DataFrame | None = None  # key, order (round-robin picking order)
+
+
+def no_coarse(pool: pl.DataFrame, m: int | None = None) -> Candidates:
+    """Every pool row is a candidate (no coarse votes)."""
+    cand = pool.with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"),
+                             pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
+    return Candidates(candidates=cand, cut=cand.head(0), skipped=True, M=m)
+
+
+def order_frame(order) -> pl.DataFrame:
+    return pl.DataFrame({"key": np.asarray(order, dtype=np.int64), "order": np.arange(len(order), dtype=np.int64)})
+
+
+class CoarseStage(Stage):
+    """Reverse-kNN votes on the pool embeddings; candidates = top M = coarse_factor x budget."""
+    name = "coarse"
+    needs = ("validate", "warmup", "embed")
+    output = Candidates
+
+    def run(self, ctx: Context, validate: Accounting, warmup: Warm, embed: Shards) -> Candidates:
+        from ntk_ray.core.coarse import coarse_order, votes
+
+        cfg = ctx.cfg
+        pool = pool_rows(validate)
+        m = cfg.coarse_factor * cfg.budget
+        if embed.skipped:
+            ctx.progress.log(f"coarse: skipped ({pool.height} usable pool rows <= M = {m})")
+            return no_coarse(pool, m)
+        k = min(cfg.coarse_k or cfg.budget, pool.height)
+        anchors = ctx.executor.put(warmup.anchor_embeddings)
+        topk = merge_topk(ctx.executor, embed.files(), anchors, k, "embedding", n_anchors=len(warmup.anchor_embeddings))
+        ordered = coarse_order(pool, votes(topk))
+        ctx.progress.log(f"coarse: {pool.height} -> {m} candidates by kNN votes (K = {k} per domain sample)")
+        return Candidates(candidates=ordered.head(m), cut=ordered.slice(m), skipped=False, M=m, K=k)
+
+
+class AllRowsStage(Stage):
+    """The baselines' "coarse" stage: every usable pool row is a candidate."""
+    name = "coarse"
+    needs = ("validate",)
+    output = Candidates
+    resumable = False
+
+    def run(self, ctx: Context, validate: Accounting) -> Candidates:
+        return no_coarse(pool_rows(validate))
+
+
+def kernel_scores(ctx: Context, files: list[str], anchors: np.ndarray, scorer: str, budget: int,
+                  column: str = "feature") -> Scores:
+    """Scores of every row of the shards against ``anchors``; for round-robin (``scorer``
+    "round-robin" on features) also the picking order from the exact per-anchor top-``budget``
+    lists."""
+    from ntk_ray.core.scoring import round_robin_order
+
+    anchors = np.asarray(anchors, dtype=np.float32)  # cosines: the kernel normalises both sides
+    ref = ctx.executor.put(anchors)
+    row_scorer = "max-cosine" if scorer == "embedding-round-robin" else scorer
+    scores = score_shards(ctx.executor, files, ref, row_scorer, column=column)
+    if scorer not in ("round-robin", "embedding-round-robin"):
+        return Scores(scores)
+    k = max(1, min(budget, scores.height))
+    topk = merge_topk(ctx.executor, files, ref, k, column, n_anchors=len(anchors), unit=True)
+    return Scores(scores, order_frame(round_robin_order(topk, budget)))
+
+
+class NtkScoreStage(Stage):
+    """Kernel scores of every candidate against the warm-up's anchor features (``--scorer``)."""
+    name = "score"
+    output = Scores
+    needs = ("warmup", "features")
+
+    def run(self, ctx: Context, warmup: Warm, features: Shards) -> Scores:
+        return kernel_scores(ctx, features.files(), warmup.anchor_features, ctx.cfg.scorer, ctx.cfg.budget)
+
+
+class RandomScoreStage(Stage):
+    """s(x) = a uniform number drawn from (seed, key): the same for any sharding or worker count."""
+    name = "score"
+    output = Scores
+    needs = ("validate",)
+
+    def run(self, ctx: Context, validate: Accounting) -> Scores:
+        from ntk_ray.core.selectors import random_scores
+
+        keys = validate.usable_pool["key"].to_numpy()
+        return Scores(scores_frame([{"key": keys, "score": random_scores(keys, ctx.cfg.seed), "reject": [None] * len(keys)}]))
+
+
+def _shard_docs(path: str, keep) -> tuple[np.ndarray, list[list[int]]]:
+    from ntk_ray.io.shards import keep_set, read_shard
+
+    table = read_shard(path, ["key", "source", "row", "input_ids"], keep_set(keep))
+    return table.column("key").to_numpy(), table.column("input_ids").to_pylist()
+
+
+def bm25_stats_task(path: str, keep):
+    from ntk_ray.core.lexical import bm25_stats
+
+    return bm25_stats(_shard_docs(path, keep)[1])
+
+
+def bm25_score_task(path: str, keep, queries, stats) -> dict:
+    from ntk_ray.core.lexical import bm25_scores
+
+    keys, docs = _shard_docs(path, keep)
+    return {"key": keys, "score": bm25_scores(docs, queries, stats) if docs else np.zeros(0), "reject": [None] * len(keys)}
+
+
+class Bm25ScoreStage(Stage):
+    """BM25 of each pool row against the domain rows as queries, on the model's token ids
+    (``core.lexical``): term statistics per token shard (tasks), merged, then scores per shard."""
+    name = "score"
+    output = Scores
+    needs = ("read", "validate")
+
+    def run(self, ctx: Context, read: Tokens, validate: Accounting) -> Scores:
+        from ntk_ray.core.lexical import merge_bm25_stats
+        from ntk_ray.io.shards import list_shards
+        from ntk_ray.stages.read import domain_tokens
+
+        ex = ctx.executor
+        domain_ids = domain_tokens(read, validate.usable_domain.select("key", "source", "row"))[1]
+        shards = list_shards(read.pool)
+        keep = ex.put(validate.usable_pool.select("key", "source", "row").to_arrow())
+        stats = merge_bm25_stats(part for _, part in sorted(ex.map_tasks(bm25_stats_task, shards, keep), key=lambda t: t[0]))
+        parts: list = [None] * len(shards)
+        for i, part in ex.map_tasks(bm25_score_task, shards, keep, ex.put(domain_ids), ex.put(stats)):
+            parts[i] = part
+        return Scores(scores_frame(parts))
+
+
+class EmbeddingScoreStage(Stage):
+    """RDS+: anchors take turns picking their most similar unpicked row (round-robin over exact
+    per-anchor top-``budget`` lists of the embeddings); the rest by their best cosine."""
+    name = "score"
+    output = Scores
+    needs = ("warmup", "embed")
+
+    def run(self, ctx: Context, warmup: Warm, embed: Shards) -> Scores:
+        return kernel_scores(ctx, embed.files(), warmup.anchor_embeddings, "embedding-round-robin", ctx.cfg.budget,
+                             column="embedding")
+
+
+class LessScoreStage(Stage):
+    """s(x) = max over anchors of the cosine of the LESS features."""
+    name = "score"
+    output = Scores
+    needs = ("warmup", "features")
+
+    def run(self, ctx: Context, warmup: Warm, features: Shards) -> Scores:
+        return kernel_scores(ctx, features.files(), warmup.anchor_features, "max-cosine", ctx.cfg.budget)

@@ -1,0 +1,112 @@
+"""The last stages: the contract's result files, then (for a URI ``--out``) their upload.
+
+  write     driver, Polars: ranked / selected / rejects / manifest, each atomically
+  publish   copy the four files to the ``--out`` URI (only when ``--out`` is a URI)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import polars as pl
+
+from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
+from ntk_ray.io.outputs import empty_rejects, nonfinite_scores_rejected, rank_rows, selected_rows
+from ntk_ray.stages.base import Context, Stage
+from ntk_ray.stages.model import Warm
+from ntk_ray.stages.rank import Candidates, Scores
+from ntk_ray.stages.read import Accounting
+
+
+@dataclass
+class Written:
+    manifest: dict
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    from ntk_ray import __version__
+
+    versions = {}
+    for pkg in ("ntk-ray", "ray", "torch", "transformers", "peft", "polars", "pyarrow", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = __version__ if pkg == "ntk-ray" else None
+    return versions
+
+
+class WriteStage(Stage):
+    """ranked / selected / rejects / manifest from the accounting, the candidates and their
+    scores; checks that every pool row is ranked or rejected exactly once."""
+    name = "write"
+    output = Written
+    needs = ("validate", "coarse", "score")
+
+    def __init__(self, selector: str, warm: bool):
+        self.selector = selector
+        if warm:
+            self.needs = self.needs + ("warmup",)
+
+    def run(self, ctx: Context, validate: Accounting, coarse: Candidates, score: Scores, warmup: Warm | None = None) -> Written:
+        from ntk_ray.io.rows import read_original_rows
+        from ntk_ray.models import model_identity
+
+        cfg, out = ctx.cfg, ctx.out
+        cand = nonfinite_scores_rejected(coarse.candidates.join(score.scores, on="key", how="left"))
+        missing = cand.filter(pl.col("score").is_null() & pl.col("reject").is_null())
+        if missing.height:
+            raise RuntimeError(f"{missing.height} candidates came back from the feature stage without a score")
+        bad = cand.filter(pl.col("reject").is_not_null())
+        scored = cand.filter(pl.col("reject").is_null()).drop("reject")
+        if score.order is not None:
+            scored = scored.join(score.order, on="key", how="left")
+        ranked = rank_rows(scored, coarse.cut, cfg.budget, stage=self.selector)
+        rejects = pl.concat([
+            validate.rejects,
+            bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason")),
+        ]) if validate.rejects.height or bad.height else empty_rejects()
+        counts = dict(validate.counts)
+        counts["rejected"] = int(rejects.filter(pl.col("role") == "pool").height)
+        counts["ranked"] = ranked.height
+        counts["selected"] = int(ranked["selected"].sum())
+        if counts["pool_rows"] != counts["ranked"] + counts["rejected"]:
+            raise RuntimeError(f"row accounting failed: {counts}")
+        if counts["selected"] < cfg.budget:
+            ctx.progress.log(f"warning: only {counts['selected']} usable pool rows for a budget of {cfg.budget}: all are selected")
+        write_parquet_atomic(ranked, out / "ranked.parquet")
+        write_parquet_atomic(selected_rows(ranked, read_original_rows), out / "selected.parquet")
+        write_parquet_atomic(rejects.cast({"row": pl.Int64}), out / "rejects.parquet")
+        manifest = {
+            "counts": counts,
+            "config": asdict(cfg),
+            "model": model_identity(cfg.model) | {"resolved": ctx.inputs.model_path},
+            "selector": self.selector,
+            "adapter": {"path": str(ctx.work / "warmup/adapter"), "warmup": warmup.history,
+                        "lora_parameters": warmup.lora_parameters} if warmup else None,
+            "projector": warmup.projector if warmup else None,
+            "coarse": {"skipped": coarse.skipped, "M": coarse.M} | ({"K": coarse.K} if coarse.K is not None else {}),
+            "actors": asdict(ctx.executor.plan),
+            "stage_seconds": ctx.progress.seconds(),  # the write stage so far: all but this file
+            "versions": package_versions(),
+        }
+        write_json_atomic(manifest, out / "manifest.json")
+        return Written(manifest)
+
+
+class PublishStage(Stage):
+    """Copy the result files to the ``--out`` URI (the stages ran in a local working directory)."""
+    name = "publish"
+    output = Written
+    needs = ("write",)
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def run(self, ctx: Context, write: Written) -> Written:
+        from ntk_ray.io.storage import publish
+
+        for path in publish(ctx.out, self.uri):
+            ctx.progress.log(f"publish: {path}")
+        return write
