@@ -11,6 +11,14 @@ Formats
       JSON Lines.
     * Parquet (:class:`Parquet`): ``.parquet``, read in record batches, never whole (``row`` is
       the Parquet row).
+    * CSV and TSV (:class:`Csv`): ``.csv`` (comma) and ``.tsv`` (tab), with a header line, read
+      in blocks by ``pyarrow.csv``. Every column is a string, as written (no type inference: an
+      id ``007`` stays ``007``, an empty field is an empty string, ``NA`` is the text ``NA``).
+      Fields may be quoted with ``"`` (``""`` inside quotes is one ``"``) and then hold the
+      delimiter and newlines, in TSV too. ``row`` is the 0-based index of the record below the
+      header (a record may span several lines; blank lines are skipped and not counted). A
+      record with another number of fields than the header is a reject (``malformed CSV row:
+      3 fields, the header has 2``); one record must fit in 16 MiB.
 
 :data:`FORMATS` is the ONE registry and :func:`format_for` the one place that maps a file name
 to its format: no other module looks at suffixes. A format yields records as (0-based row,
@@ -30,6 +38,7 @@ from itertools import chain
 from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ntk_ray.io.paths import InputError, file_name, filesystem
@@ -39,6 +48,7 @@ __all__ = [
     "INVALID_UTF8",
     "ROW_COLUMN",
     "BadRecord",
+    "Csv",
     "FileFormat",
     "JsonArray",
     "JsonLines",
@@ -511,6 +521,110 @@ def _parquet_original(path: str, rows: list[int]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------------------------
+# low-level CSV reading
+# --------------------------------------------------------------------------------------------
+
+_CSV_BLOCK_BYTES = 1 << 24  # pyarrow.csv block size: the largest record a CSV file may hold
+
+
+def _decode(value: bytes | None, errors: str) -> Any:
+    """A CSV field as a string; invalid UTF-8 gives :data:`INVALID_UTF8` (``errors="strict"``)
+    or replacement characters (``"replace"``)."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8", errors)
+    except UnicodeDecodeError:
+        return INVALID_UTF8
+
+
+def _csv_column(array: pa.Array, errors: str) -> list[Any]:
+    """Python strings of a binary CSV column (one C-level UTF-8 check, per value only if it fails)."""
+    try:
+        return array.cast(pa.string()).to_pylist()
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return [_decode(value, errors) for value in array.to_pylist()]
+
+
+def _open_csv(path: str, delimiter: str, *, convert: pacsv.ConvertOptions | None = None,
+              on_invalid: Any = None) -> tuple[Any, Any]:
+    """(open stream, streaming reader) of a CSV file, or (None, None) for an empty file."""
+    fs, fs_path = filesystem(path)
+    stream = fs.open_input_stream(fs_path)
+    try:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=_CSV_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                              invalid_row_handler=on_invalid),
+            convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        stream.close()
+        if str(exc).startswith("Empty CSV file"):
+            return None, None
+        raise
+    except BaseException:
+        stream.close()
+        raise
+    return stream, reader
+
+
+def _csv_names(path: str, delimiter: str) -> list[str] | None:
+    """The column names in the header of a CSV file; None for an empty file."""
+    # the first block is parsed (and its types guessed) too: malformed records do not matter here
+    stream, reader = _open_csv(path, delimiter, on_invalid=lambda bad: "skip")
+    if stream is None:
+        return None
+    with stream:
+        return list(reader.schema.names)
+
+
+def _iter_csv_records(path: str, delimiter: str, names: Sequence[str] | None, errors: str = "strict",
+                      label: str = "CSV") -> Iterator[tuple[int, Any]]:
+    """(row, {column: string}) for every record, with only those of ``names`` the file has (all
+    columns when ``names`` is None, none when none of them); a record with the wrong number of
+    fields comes as a :class:`BadRecord` at its place. Read errors -> :class:`InputError`."""
+    row = 0
+    try:
+        header = _csv_names(path, delimiter)
+        if header is None:
+            return
+        present = header if names is None else [n for n in dict.fromkeys(names) if n in header]
+        # pyarrow reads at least one column: the first one stands in when none is wanted
+        read = present or header[:1]
+        invalid: dict[int, BadRecord] = {}
+
+        def on_invalid(bad: Any) -> str:
+            if bad.number is None or bad.number < 2:
+                raise InputError(f"{path}: malformed {label} record at an unknown place: {(bad.text or '')[:100]!r}")
+            fields = f"{bad.actual_columns} field{'' if bad.actual_columns == 1 else 's'}"
+            invalid[bad.number - 2] = BadRecord(  # number: 1-based, the header is record 1
+                f"malformed {label} row: {fields}, the header has {bad.expected_columns}")
+            return "skip"
+
+        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in read}, include_columns=read)
+        stream, reader = _open_csv(path, delimiter, convert=convert, on_invalid=on_invalid)
+        if stream is None:
+            return
+        with stream:
+            for batch in reader:
+                columns = [_csv_column(batch.column(i), errors) for i in range(batch.num_columns)]
+                for values in zip(*columns):
+                    while row in invalid:
+                        yield row, invalid.pop(row)
+                        row += 1
+                    yield row, dict(zip(present, values)) if present else {}
+                    row += 1
+        for bad_row in sorted(invalid):  # malformed records after the last good one
+            if bad_row != row:  # every record is either good or malformed: cannot happen
+                raise InputError(f"{path}: malformed {label}: record {row} is missing")
+            yield row, invalid[bad_row]
+            row += 1
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: unreadable {label} after {row} rows: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
 # the formats
 # --------------------------------------------------------------------------------------------
 
@@ -649,7 +763,71 @@ class Parquet(_Format):
             handle.close()
 
 
-FORMATS: tuple[FileFormat, ...] = (JsonLines(), JsonArray(), Parquet())
+class Csv(_Format):
+    """CSV (``.csv``) or, with ``delimiter="\\t"``, TSV (``.tsv``): a header line, then one record
+    per line (quoted fields may hold newlines); ``row`` is the 0-based record index below the
+    header, blank lines skipped. All columns are strings."""
+
+    def __init__(self, suffix: str = ".csv", delimiter: str = ",") -> None:
+        self.suffixes = (suffix.lower(),)
+        self.name = suffix.lower().lstrip(".")
+        self.label = self.name.upper()
+        self.delimiter = delimiter
+
+    def __repr__(self) -> str:
+        return f"Csv({self.suffixes[0]!r}, {self.delimiter!r})"
+
+    def _records(self, path: str, names: Sequence[str] | None, errors: str = "strict") -> Iterator[tuple[int, Any]]:
+        return _iter_csv_records(path, self.delimiter, names, errors, self.label)
+
+    def sample_columns(self, path: str, flag: str) -> list[str] | None:
+        try:
+            names = _csv_names(path, self.delimiter)
+        except (OSError, pa.ArrowException, InputError) as exc:
+            raise InputError(f"{flag}: {path} is not a readable {self.label} file: {one_line(exc)}") from exc
+        try:
+            empty = names is None or self.count(path, 1) == 0
+        except InputError as exc:
+            raise InputError(f"{flag}: {exc}") from exc
+        return None if empty else names
+
+    def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
+                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+        # malformed records are rejects; any other read error raises (rows makes it one reject)
+        return self._records(path, names)
+
+    def count(self, path: str, limit: int | None) -> int:
+        count = 0
+        for _ in self._records(path, ()):
+            count += 1
+            if limit is not None and count >= limit:
+                break
+        return count
+
+    def original_rows(self, path: str, rows: list[int]) -> pa.Table:
+        names = _csv_names(path, self.delimiter) or []
+        wanted = set(rows)
+        last = max(rows, default=-1)
+        found: dict[int, Any] = {}
+        for row, record in self._records(path, None, "replace"):
+            if row in wanted:
+                found[row] = record
+            if row >= last:
+                break
+        for row in rows:
+            if row not in found:
+                raise IndexError(f"{path}: no record at row {row}")
+            if isinstance(found[row], BadRecord):
+                raise ValueError(f"{path}: row {row} is not a readable {self.label} record")
+        if not names:
+            return pa.table({ROW_COLUMN: pa.array(rows, pa.int64())})
+        return pa.table({name: pa.array([found[r][name] for r in rows], pa.string()) for name in names})
+
+    def read_records(self, path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+        return _split_records(self._records(path, None, "replace"))
+
+
+FORMATS: tuple[FileFormat, ...] = (JsonLines(), JsonArray(), Parquet(), Csv(".csv", ","), Csv(".tsv", "\t"))
 """The registry: every input format, in the order they are listed in messages."""
 _FALLBACK = FORMATS[0]  # JSON Lines: how a name no format claims was always read
 

@@ -4,9 +4,10 @@ Plain pyarrow and Python, no Ray. The files themselves are found by :mod:`ntk_ra
 read by the format classes of :mod:`ntk_ray.io.formats` (looked up in its registry); this module
 turns their records into rows.
 
-Row numbers (``row``) are 0-based: the Parquet row, the element of a JSON array, or the *physical*
+Row numbers (``row``) are 0-based: the Parquet row, the element of a JSON array, the *physical*
 line index of a JSONL file (blank lines are not rows but do count for the numbering, so ``row`` is
-the line number minus one in any editor). Rows that cannot be used are never dropped: they are
+the line number minus one in any editor), or the record below the header of a CSV/TSV file
+(blank lines skipped, not counted). Rows that cannot be used are never dropped: they are
 yielded with a ``reject`` reason.
 
 Who calls what: the driver calls :func:`ntk_ray.io.paths.resolve_paths`, :func:`check_columns`
@@ -92,7 +93,8 @@ def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
 
     The mode is ``"prompt_response"`` when every non-empty file has both the prompt and the
     response column (preferred even when ``text`` exists too), else ``"text"`` when every one has
-    the text column. Only Parquet footers and the first records of JSON files are read.
+    the text column. Only Parquet footers, the first records of JSON files and the header (and
+    first block) of CSV files are read.
 
     Raises:
         InputError: a file that is not Parquet/JSON at all (truncated footer, first record not
@@ -131,7 +133,8 @@ def count_rows(paths: Sequence[str], *, flag: str | None = None, at_most: int | 
 
     Parquet: the footer's row count (no data page is read). JSONL: non-blank lines, by a byte
     scan (no JSON parsing). A ``.json`` file holding one JSON array: its elements, by a
-    streamed parse (which also finds a malformed array before any work starts).
+    streamed parse (which also finds a malformed array before any work starts). CSV/TSV: the
+    records (malformed ones included), by a streamed parse of one column.
 
     ``at_most``: stop counting once the total reaches it and return ``at_most``; enough to
     check "at least N rows" (``count_rows(pool, at_most=budget) < budget``) while reading
