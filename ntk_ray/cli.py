@@ -348,7 +348,8 @@ def cmd_finetune(args) -> int:
     from ntk_ray.core.training import TrainConfig, train_lora
 
     seqs, masks, rejected = _tokenized(args.train, args)
-    model = attach_lora(load_model(args.model), r=args.lora_r, alpha=args.lora_alpha, targets=tuple(args.lora_targets))
+    model = attach_lora(load_model(args.model), r=args.lora_r, alpha=args.lora_alpha, targets=tuple(args.lora_targets),
+                        seed=args.seed)
     history = train_lora(model, seqs, masks, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
                          log=lambda m: print(m, file=sys.stderr))
     model.save_pretrained(args.out)

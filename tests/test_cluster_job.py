@@ -1,9 +1,9 @@
-"""End to end on a real (local) multi-node Ray cluster: `ray job submit ... python jobs/select.py`.
+"""End to end on a real (local) multi-node Ray cluster: `ray job submit ... python jobs/ntk_ray_select.py`.
 
 A head node (1 CPU) and a worker node (2 CPUs) are started as separate `ray start` processes on
 this machine, each with its own free ports and a short temp dir (AF_UNIX paths must stay under
 107 bytes). The job is submitted with the repository as working_dir, exactly as on a real
-cluster, so it also checks that jobs/select.py finds the uploaded package and that
+cluster, so it also checks that jobs/ntk_ray_select.py finds the uploaded package and that
 ``pipeline.init_ray`` joins the cluster (RAY_ADDRESS set by the job) instead of starting its own.
 
 Teardown never uses `ray stop` (that stops every Ray on the machine, including other people's):
@@ -152,7 +152,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
 
         job_id = f"ntkr-{os.getpid()}"
         _run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", f"--submission-id={job_id}",
-              "--no-wait", "--", "python", "jobs/select.py",
+              "--no-wait", "--", "python", "jobs/ntk_ray_select.py",
               "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.parquet"), "--budget", "5",
               "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5", "--proj-dim", "256"], env, 120)
         status = None
@@ -173,7 +173,7 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
     # the job joined the 3-CPU cluster rather than starting an embedded Ray on the head
     assert "ray: 3 CPUs, 0 GPUs" in logs, logs[-3000:]
     # ... and ran the package uploaded as working_dir, not an installed copy
-    origin = next(line for line in logs.splitlines() if line.startswith("[jobs/select.py] ntk_ray"))
+    origin = next(line for line in logs.splitlines() if line.startswith("[jobs/ntk_ray_select.py] ntk_ray"))
     assert "working_dir_files" in origin and str(REPO) not in origin, origin
     ranked = pl.read_parquet(out / "ranked.parquet")
     rejects = pl.read_parquet(out / "rejects.parquet")

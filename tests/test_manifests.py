@@ -4,7 +4,7 @@
   tests/kuberay/validate.py (unknown keys are errors), and a deliberately broken copy fails it;
 * Ray versions agree: rayVersion == installed ray == the pyproject pin == the Dockerfile base tag;
 * the invariants the schema cannot express: GPU workers really ask for a GPU, the head runs no
-  tasks, the entrypoint is `python jobs/select.py` with the required flags, the PVC is mounted at
+  tasks, the entrypoint is `python jobs/ntk_ray_select.py` with the required flags, the PVC is mounted at
   /data everywhere, ttlSecondsAfterFinished only with shutdownAfterJobFinishes.
 """
 
@@ -196,7 +196,7 @@ def test_ray_containers_use_the_image():
         for role, pod in _pod_specs(doc):
             image = pod["containers"][0]["image"]
             assert image.rsplit("/", 1)[-1] == f"ntk-ray:{version}", f"{name} {role}: {image}"
-            # the entrypoint `python jobs/select.py` is relative to the Dockerfile's WORKDIR
+            # the entrypoint `python jobs/ntk_ray_select.py` is relative to the Dockerfile's WORKDIR
             assert pod["containers"][0].get("workingDir", "/app") == "/app", f"{name} {role}"
 
 
@@ -243,7 +243,7 @@ def test_rayjob_has_a_fixed_gpu_pool_and_raycluster_autoscales_from_zero():
 
 def test_entrypoint_runs_the_job_script_with_required_flags():
     argv = _entrypoint_argv(_rayjob())
-    assert argv[:2] == ["python", "jobs/select.py"], argv
+    assert argv[:2] == ["python", "jobs/ntk_ray_select.py"], argv
     assert (ROOT / "jobs").is_dir()
     flags = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}
     for flag in ("--domain", "--pool", "--budget", "--out"):
