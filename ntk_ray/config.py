@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from ntk_ray.io.accounting import MIN_DOMAIN_ROWS  # noqa: F401 (the rule lives with the row accounting)
 
-ACCELERATORS = ("auto", "gpu", "cpu")  # pipeline.actor_plan
+ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
 WARMUP_MODES = ("train", "fresh")
 
 
