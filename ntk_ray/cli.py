@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from ntk_ray import __version__
+from ntk_ray.version import __version__
 from ntk_ray.config import FeaturesConfig, ScoreConfig, SelectConfig
 
 DESCRIPTION = """\

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ntk_ray.io.paths import InputError, file_name, filesystem
+from ntk_ray.io.fs import InputError, file_name, filesystem
 
 __all__ = [
     "FORMATS",

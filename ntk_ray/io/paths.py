@@ -21,6 +21,9 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from ntk_ray.io import formats
+from ntk_ray.io.fs import InputError, components, file_name, filesystem, is_uri, split_query, URI
+
 __all__ = [
     "InputError",
     "fallback_id_prefixes",
@@ -31,76 +34,17 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
-    """Bad input detected before work starts. ``str(e)`` is ONE line naming the file/column/flag.
-
-    Also raised by :func:`ntk_ray.io.rows.read_file_rows` when a file turns out to be unreadable
-    part-way (corrupt Parquet pages, a malformed JSON array); the message then names the file.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
-
-
 # Hive/Spark convention (as pyarrow.dataset): names starting with these are skipped in directories.
 _IGNORED_PREFIXES = (".", "_")
-_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)(.*)\Z", re.DOTALL)
-
-
-def is_uri(path: str) -> bool:
-    """True for ``scheme://...`` (a plain or relative path is not a URI)."""
-    return _URI.match(path) is not None
-
-
-def _split_query(uri: str) -> tuple[str, str]:
-    """``'s3://b/k?region=x'`` -> ``('s3://b/k', '?region=x')``."""
-    head, sep, query = uri.partition("?")
-    return head, (sep + query if sep else "")
-
-
-def _components(path: str) -> list[str]:
-    """The path components of a local path or URI (scheme and query removed, %-decoded)."""
-    if is_uri(path):
-        rest = _URI.match(_split_query(path)[0]).group(2)  # type: ignore[union-attr]
-        return [urllib.parse.unquote(c) for c in rest.split("/") if c]
-    return [c for c in os.path.normpath(path).split(os.sep) if c and c != "."]
-
-
-def file_name(path: str) -> str:
-    """The file name of a local path or URI (the default prefix of fallback ids)."""
-    comps = _components(path)
-    return comps[-1] if comps else path
-
-
-def _formats():
-    """The format registry, :mod:`ntk_ray.io.formats` (imported on first use: it imports this
-    module for file systems and :class:`InputError`)."""
-    from ntk_ray.io import formats
-
-    return formats
 
 
 def _supported(name: str) -> bool:
     """Whether a file name is an input file (some format of the registry claims it)."""
-    return _formats().format_for(name) is not None
+    return formats.format_for(name) is not None
 
 
 def _ignored(name: str) -> bool:
     return name.startswith(_IGNORED_PREFIXES)
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow file system and in-filesystem path of a local path or URI.
-
-    Raises:
-        InputError: a URI that pyarrow cannot open (unknown scheme, bad bucket name ...).
-    """
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowException, OSError, ValueError) as exc:
-            raise InputError(f"cannot open {path}: {exc}") from exc
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
 def _filesystem_for(spec: str, flag: str) -> tuple[pafs.FileSystem, str]:
@@ -155,7 +99,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def _unsupported(flag: str, path: str, glob: str | None = None) -> InputError:
     where = f"glob '{glob}' matched an " if glob else ""
-    expected = _formats().expected_suffixes()
+    expected = formats.expected_suffixes()
     return InputError(f"{flag}: {where}unsupported file type '{path}' (expected {expected})")
 
 
@@ -202,7 +146,7 @@ def _resolve_local_glob(spec: str, flag: str) -> list[str]:
         elif not _ignored(os.path.basename(match)):
             raise _unsupported(flag, match, glob=spec)
     if not found:
-        raise InputError(f"{flag}: glob '{spec}' matched no {_formats().suffix_list()} files")
+        raise InputError(f"{flag}: glob '{spec}' matched no {formats.suffix_list()} files")
     return sorted(found)
 
 
@@ -211,7 +155,7 @@ def _resolve_local(spec: str, flag: str) -> list[str]:
     if os.path.isdir(expanded):
         found = _walk_local(spec)
         if not found:
-            raise InputError(f"{flag}: directory {spec} has no {_formats().suffix_list()} files")
+            raise InputError(f"{flag}: directory {spec} has no {formats.suffix_list()} files")
         return found
     if os.path.exists(expanded):
         if not _supported(os.path.basename(expanded)):
@@ -242,8 +186,8 @@ def _usable_under_dir(rel_parts: list[str]) -> bool:
 
 
 def _resolve_uri_glob(spec: str, flag: str) -> list[str]:
-    head, query = _split_query(spec)
-    scheme, rest = _URI.match(head).groups()  # type: ignore[union-attr]
+    head, query = split_query(spec)
+    scheme, rest = URI.match(head).groups()  # type: ignore[union-attr]
     comps = rest.split("/")
     first = next(i for i, c in enumerate(comps) if "*" in c or "[" in c)
     if first == 0:
@@ -280,12 +224,12 @@ def _resolve_uri_glob(spec: str, flag: str) -> list[str]:
     if not matched:
         raise InputError(f"{flag}: glob '{spec}' matched no files")
     if not found:
-        raise InputError(f"{flag}: glob '{spec}' matched no {_formats().suffix_list()} files")
+        raise InputError(f"{flag}: glob '{spec}' matched no {formats.suffix_list()} files")
     return sorted(found)
 
 
 def _resolve_uri(spec: str, flag: str) -> list[str]:
-    head, query = _split_query(spec)
+    head, query = split_query(spec)
     if "*" in head or "[" in head:
         return _resolve_uri_glob(spec, flag)
     fs, path = _filesystem_for(spec, flag)
@@ -297,7 +241,7 @@ def _resolve_uri(spec: str, flag: str) -> list[str]:
             found = [_child_uri(head, rel, query) for rel in _list_files(fs, path)
                      if _usable_under_dir(rel.split("/"))]
             if not found:
-                raise InputError(f"{flag}: directory {spec} has no {_formats().suffix_list()} files")
+                raise InputError(f"{flag}: directory {spec} has no {formats.suffix_list()} files")
             return found
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{flag}: cannot list {spec}: {exc}") from exc
@@ -354,7 +298,7 @@ def fallback_id_prefixes(paths: Sequence[str]) -> dict[str, str]:
     """
     # local paths are made absolute first, so two spellings of one file get the same prefix
     # and 'part-0.parquet' vs '../x/part-0.parquet' get 'cwd/...' and 'x/...'
-    comps = {p: _components(_identity(p)) or [p] for p in paths}
+    comps = {p: components(_identity(p)) or [p] for p in paths}
     prefixes: dict[str, str] = {}
     for path, parts in comps.items():
         for k in range(1, len(parts) + 1):

@@ -57,7 +57,6 @@ MODE_TEXT = "text"
 MODE_PROMPT_RESPONSE = "prompt_response"
 _MODES = (MODE_TEXT, MODE_PROMPT_RESPONSE)
 
-ROW_COLUMN = "row"
 OUTPUT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
     pa.field("source", pa.string()),

@@ -26,7 +26,7 @@ class Written:
 def package_versions() -> dict:
     import importlib.metadata as md
 
-    from ntk_ray import __version__
+    from ntk_ray.version import __version__
 
     versions = {}
     for pkg in ("ntk-ray", "ray", "torch", "transformers", "peft", "polars", "pyarrow", "numpy"):
