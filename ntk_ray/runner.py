@@ -143,9 +143,13 @@ class Runner:
             directory = self.ctx.stage_dir(stage.name)
             needed = {n: self.results[n] for n in stage.needs}
             if stage.resumable and is_done(directory):
-                self.ctx.progress.log(f"{stage.name}: reusing the finished {stage.title}")
-                self.results[stage.name] = load_result(stage.output, directory)
-                continue
+                try:
+                    self.results[stage.name] = load_result(stage.output, directory)
+                except (OSError, ValueError, KeyError, TypeError) as e:  # a marker without a readable result
+                    self.ctx.progress.log(f"{stage.name}: its saved result is unreadable ({type(e).__name__}); running it again")
+                else:
+                    self.ctx.progress.log(f"{stage.name}: reusing the finished {stage.title}")
+                    continue
             self._executor()
             with self.ctx.progress.stage(stage.name):
                 result = stage.run(self.ctx, **needed)

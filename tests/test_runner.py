@@ -1,0 +1,196 @@
+"""The stage runner on the in-process executor (no Ray): a toy selector registered through the
+registry alone runs end to end; resume reuses finished stages and redoes a stage whose marker
+is unreadable; the ntk plan runs the same on the in-process and the Ray executor; the Python
+API takes in-memory tables.
+
+A tiny random Llama with weights and a word-level tokenizer keeps every model pass to
+milliseconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ntk_ray.config import SelectConfig
+from ntk_ray.runtime.local import LocalExecutor
+from ntk_ray.stages.base import Stage
+from ntk_ray.stages.rank import AllRowsStage, Scores
+from ntk_ray.stages.read import Accounting, ReadStage, ValidateStage
+from ntk_ray.stages.registry import SELECTORS, Selector, register
+from ntk_ray.stages.write import WriteStage
+
+WORDS = [f"w{i}" for i in range(40)] + ["what", "is", "a", "the", "food", "word"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "<s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+
+    def row(prefix, i, n):
+        return {"id": f"{prefix}{i}", "text": " ".join(rng.choice(WORDS, size=n))}
+
+    (d / "domain.jsonl").write_text("".join(json.dumps(row("d", i, 6)) + "\n" for i in range(6)))
+    pool = [row("p", i, int(rng.integers(2, 12))) for i in range(30)]
+    (d / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    return d
+
+
+def config(data: Path, out: Path, model: Path, **options) -> SelectConfig:
+    return SelectConfig(domain=[str(data / "domain.jsonl")], pool=[str(data / "pool.jsonl")], budget=5, out=str(out),
+                        model=str(model), max_length=32, proj_dim=64, warmup_epochs=1.0, batch_tokens=512, **options)
+
+
+# -------------------------------------------------------------------------------------------
+# a toy selector, registered through the registry alone
+class ShortestScoreStage(Stage):
+    """s(x) = -n_tokens: the shortest rows first."""
+    name = "score"
+    needs = ("validate",)
+    output = Scores
+
+    def run(self, ctx, validate: Accounting) -> Scores:
+        pool = validate.usable_pool
+        return Scores(pool.select("key", (-pl.col("n_tokens")).cast(pl.Float64).alias("score"),
+                                  pl.lit(None, dtype=pl.String).alias("reject")))
+
+
+@pytest.fixture
+def shortest_selector():
+    selector = register(Selector(
+        "shortest", "toy: the shortest rows first",
+        lambda cfg: [ReadStage(), ValidateStage(), AllRowsStage(), ShortestScoreStage(), WriteStage("shortest", warm=False)]))
+    yield selector
+    del SELECTORS["shortest"]
+
+
+def test_a_toy_selector_registered_alone_runs_end_to_end(shortest_selector, data, tiny_model_dir, tmp_path):
+    from ntk_ray.runner import run_select
+
+    out = tmp_path / "out"
+    manifest = run_select(config(data, out, tiny_model_dir, selector="shortest"), executor=LocalExecutor(device="cpu"))
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    assert set(ranked["stage"]) == {"shortest"} and manifest["selector"] == "shortest"
+    assert ranked.height == manifest["counts"]["ranked"] == 30
+    # the ranking is the toy score's: fewest tokens first (ties by key, as every selector)
+    scores = ranked["score"].to_list()
+    assert scores == sorted(scores, reverse=True) and scores[0] == max(scores)
+    selected = pl.read_parquet(out / "selected.parquet")
+    lengths = [len(t.split()) for t in selected["text"]]
+    pool_lengths = sorted(len(json.loads(line)["text"].split()) for line in (data / "pool.jsonl").read_text().splitlines())
+    assert sorted(lengths) == pool_lengths[:5]
+
+
+def test_the_cli_lists_registered_selectors(shortest_selector):
+    from ntk_ray.cli import build_parser
+
+    args = build_parser().parse_args(["select", "--domain", "d", "--pool", "p", "--budget", "1", "--out", "o",
+                                      "--selector", "shortest"])
+    assert args.selector == "shortest"
+
+
+# -------------------------------------------------------------------------------------------
+# resume
+class CountingScore(ShortestScoreStage):
+    calls = 0
+
+    def run(self, ctx, validate):
+        CountingScore.calls += 1
+        return super().run(ctx, validate)
+
+
+def test_resume_reuses_finished_stages_and_redoes_one_with_a_broken_marker(data, tiny_model_dir, tmp_path, capsys):
+    from ntk_ray.runner import run_select
+
+    register(Selector("counting", "toy", lambda cfg: [ReadStage(), ValidateStage(), AllRowsStage(), CountingScore(),
+                                                      WriteStage("counting", warm=False)]))
+    try:
+        out = tmp_path / "out"
+        cfg = config(data, out, tiny_model_dir, selector="counting")
+        CountingScore.calls = 0
+        first = run_select(cfg, executor=LocalExecutor(device="cpu"))
+        first_ids = pl.read_parquet(out / "ranked.parquet")["id"].to_list()
+        assert CountingScore.calls == 1
+        # a run killed after its score stage: no write marker, no results
+        (out / "_work" / "write" / "_SUCCESS").unlink()
+        (out / "ranked.parquet").unlink()
+        capsys.readouterr()
+        run_select(cfg, executor=LocalExecutor(device="cpu"))
+        err = capsys.readouterr().err
+        assert CountingScore.calls == 1 and "score: reusing the finished score" in err
+        assert "read: reusing the finished read" in err
+        assert pl.read_parquet(out / "ranked.parquet")["id"].to_list() == first_ids
+        # a truncated marker is not trusted: the stage runs again
+        (out / "_work" / "write" / "_SUCCESS").unlink()
+        (out / "_work" / "score" / "_SUCCESS").write_text('{"stage": "Coun')
+        run_select(cfg, executor=LocalExecutor(device="cpu"))
+        assert CountingScore.calls == 2
+        assert json.loads((out / "manifest.json").read_text())["counts"] == first["counts"]
+    finally:
+        del SELECTORS["counting"]
+
+
+# -------------------------------------------------------------------------------------------
+# the same stages on both executors
+@pytest.mark.ray
+@pytest.mark.parametrize("selector", ["ntk", "bm25"])
+def test_local_and_ray_executors_rank_the_same(ray_session, data, tiny_model_dir, tmp_path, selector):
+    from ntk_ray.runner import run_select
+    from ntk_ray.runtime.ray_executor import RayExecutor
+
+    options = {"selector": selector, "coarse_factor": 2}  # pool 30 > M = 10: the coarse cut runs
+    run_select(config(data, tmp_path / "local", tiny_model_dir, **options), executor=LocalExecutor(device="cpu"))
+    run_select(config(data, tmp_path / "ray", tiny_model_dir, **options), executor=RayExecutor(log=lambda m: None))
+    local = pl.read_parquet(tmp_path / "local" / "ranked.parquet")
+    ray_ = pl.read_parquet(tmp_path / "ray" / "ranked.parquet")
+    assert local["id"].to_list() == ray_["id"].to_list()
+    assert local["score"].to_list() == ray_["score"].to_list()
+    if selector == "ntk":
+        assert set(local["stage"]) == {"ntk", "coarse"}
+
+
+# -------------------------------------------------------------------------------------------
+# the Python API
+def test_python_api_takes_in_memory_tables(data, tiny_model_dir, tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import ntk_ray
+
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    domain = pl.read_ndjson(data / "domain.jsonl")
+    pool = pa.Table.from_pylist([json.loads(line) for line in (data / "pool.jsonl").read_text().splitlines()])
+    result = ntk_ray.select(domain=domain, pool=pool, budget=5, out=tmp_path / "api", executor="local",
+                            model=str(tiny_model_dir), selector="random", max_length=32)
+    assert result.selected.height == 5 and result.ranked.height == 30
+    assert set(result.selected["id"]) <= set(pool.column("id").to_pylist())
+    assert result.manifest["counts"]["pool_rows"] == 30
+    # the same call again resumes (the tables are stored by content): nothing is recomputed
+    again = ntk_ray.select(domain=domain, pool=pool, budget=5, out=tmp_path / "api", executor="local",
+                           model=str(tiny_model_dir), selector="random", max_length=32)
+    assert again.ranked["id"].to_list() == result.ranked["id"].to_list()
+    with pytest.raises(TypeError, match="unknown option"):
+        ntk_ray.select(domain=domain, pool=pool, budget=5, executor="local", not_an_option=1)
