@@ -4,7 +4,7 @@
         python jobs/ntk_ray_select.py --domain DOMAIN --pool POOL --budget N --out OUT [options]
 
 All arguments are those of `ntk-ray select --help` (including `--config run.toml`). Inside a
-job Ray sets RAY_ADDRESS, so `ntk_ray.pipeline.init_ray` joins the running cluster (plain
+job Ray sets RAY_ADDRESS, so `ntk_ray.runtime.ray_executor.connect` joins the running cluster (plain
 `ray.init()`, no local resources) instead of starting an embedded Ray. Paths (--domain, --pool,
 --out) must be readable and writable from every node: shared storage on a real cluster.
 

@@ -393,8 +393,8 @@ def cmd_demo(args) -> int:
     from ntk_ray.demo.report import label_lift_report
     from ntk_ray.runner import run_select
 
-    split = make_demo_split(Path(args.out) / "data", domain_label=args.domain_label, n_domain=args.n_domain,
-                            n_pool=args.n_pool, seed=args.seed)
+    make_demo_split(Path(args.out) / "data", domain_label=args.domain_label, n_domain=args.n_domain,
+                    n_pool=args.n_pool, seed=args.seed)
     data = Path(args.out) / "data"
     cfg = SelectConfig(domain=[str(data / "domain.jsonl")], pool=[str(data / "pool.parquet")], budget=args.budget,
                        out=str(Path(args.out) / "select"), max_length=args.max_length, scorer=args.scorer,

@@ -1,7 +1,7 @@
 """Row bookkeeping after reading: rejects, duplicates, overlap, counts (Polars, no Ray).
 
 Nothing is lost: every row read is either usable (and will be ranked) or a reject with a
-reason; ``pipeline.write_outputs`` checks ``pool_rows == ranked + rejected`` at the end.
+reason; the write stage (``stages.write``) checks ``pool_rows == ranked + rejected`` at the end.
 """
 
 from __future__ import annotations

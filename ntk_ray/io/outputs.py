@@ -10,11 +10,8 @@ manifest.json   counts, resolved config, model/adapter/projector identity, stage
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 
 RANKED_SCHEMA = {
@@ -73,11 +70,3 @@ def selected_rows(ranked: pl.DataFrame, read_original_rows) -> pl.DataFrame:
 
 def empty_rejects() -> pl.DataFrame:
     return pl.DataFrame(schema=REJECTS_SCHEMA)
-
-
-def read_parquet_dir(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """All Parquet files under a directory written by Ray Data, as one frame."""
-    files = sorted(str(p) for p in Path(path).rglob("*.parquet"))
-    if not files:
-        return pl.DataFrame()
-    return pl.from_arrow(pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="permissive"))

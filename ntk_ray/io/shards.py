@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,6 +27,19 @@ BLOCK_BYTES = 64 << 20
 def list_shards(directory: str | Path) -> list[str]:
     """The shards of a directory, sorted (names starting with '_' or '.' are not shards)."""
     return sorted(str(p) for p in Path(directory).glob("*.parquet") if not p.name.startswith(("_", ".")))
+
+
+def shards_frame(files: list[str], columns: list[str]) -> pl.DataFrame:
+    """``columns`` of the shards ``files`` as one Polars frame (String columns when there are
+    no files)."""
+    if not files:
+        return pl.DataFrame(schema={c: pl.String for c in columns})
+    return pl.from_arrow(pa.concat_tables([pq.read_table(f, columns=columns) for f in files], promote_options="permissive"))
+
+
+def read_shards(directory: str | Path, columns: list[str]) -> pl.DataFrame:
+    """``columns`` of every shard of a directory (``list_shards``) as one frame."""
+    return shards_frame(list_shards(directory), columns)
 
 
 def fixed_size_list(matrix: np.ndarray) -> pa.FixedSizeListArray:

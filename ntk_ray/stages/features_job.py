@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from ntk_ray.io.accounting import UsageError, mark_duplicates
 from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
 from ntk_ray.io.feature_files import adapter_hash, dir_spec, read_spec, stamp_adapter
-from ntk_ray.io.outputs import empty_rejects, rank_rows, read_parquet_dir, selected_rows
-from ntk_ray.io.shards import fixed_size_list, read_vectors, write_table_atomic
+from ntk_ray.io.outputs import empty_rejects, rank_rows, selected_rows
+from ntk_ray.io.shards import fixed_size_list, read_shards, read_vectors, shards_frame, write_table_atomic
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.model import Shards, Warm, map_tokens
 from ntk_ray.stages.rank import Scores, kernel_scores
@@ -33,12 +32,6 @@ from ntk_ray.stages.read import read_files
 from ntk_ray.io.feature_files import SPEC_KEY
 from ntk_ray.stages.workers import Featurizer, ReadSpec
 from ntk_ray.stages.write import PublishStage, Written
-
-
-def read_files_frame(files: list[str], columns: list[str]) -> pl.DataFrame:
-    if not files:
-        return pl.DataFrame(schema={c: pl.String for c in columns})
-    return pl.concat([pl.from_arrow(pq.read_table(f, columns=columns)) for f in files], how="vertical_relaxed")
 
 
 # -------------------------------------------------------------------------------------------
@@ -83,7 +76,7 @@ class DataRowsStage(Stage):
     resumable = False
 
     def run(self, ctx: Context, tokens: DataTokens) -> DataRows:
-        meta = mark_duplicates(read_parquet_dir(tokens.dir, ["id", "key", "source", "row", "reject"]), ctx.inputs.paths["data"])
+        meta = mark_duplicates(read_shards(tokens.dir, ["id", "key", "source", "row", "reject"]), ctx.inputs.paths["data"])
         usable = meta.filter(pl.col("reject").is_null())
         if usable.is_empty():
             raise UsageError(f"--data: no usable rows in {', '.join(ctx.inputs.paths['data'][:3])}")
@@ -131,7 +124,7 @@ class SummaryStage(Stage):
 
         shards = features.files()
         stamp_adapter(shards, adapter_hash(adapter.dir))
-        feats = read_files_frame(shards, ["id", "source", "row", "reject"])
+        feats = shards_frame(shards, ["id", "source", "row", "reject"])
         as_rejects = [pl.col("id"), pl.col("source"), pl.col("row"), pl.lit("data").alias("role"), pl.col("reject").alias("reason")]
         rejects = pl.concat([
             rows.meta.filter(pl.col("reject").is_not_null()).select(as_rejects),
@@ -201,7 +194,7 @@ class FeatureScoreStage(Stage):
 
     def run(self, ctx: Context) -> Scores:
         files = ctx.inputs.anchor_files
-        table = read_files_frame(files, ["id", "reject"])
+        table = shards_frame(files, ["id", "reject"])
         anchors = np.concatenate([read_vectors(f, "feature")[1] for f in files])
         anchors = anchors[table["reject"].is_null().to_numpy()]
         if len(anchors) == 0:
@@ -218,7 +211,7 @@ class FeatureWriteStage(Stage):
         from ntk_ray.io.rows import read_original_rows
 
         cfg, out = ctx.cfg, ctx.out
-        rows = read_files_frame(ctx.inputs.pool_files, ["id", "key", "source", "row"])
+        rows = shards_frame(ctx.inputs.pool_files, ["id", "key", "source", "row"])
         cand = rows.join(score.scores, on="key", how="left")
         scored = cand.filter(pl.col("reject").is_null()).drop("reject").with_columns(
             pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
@@ -237,7 +230,7 @@ class FeatureWriteStage(Stage):
         write_parquet_atomic(rejects.cast({"row": pl.Int64}) if rejects.height else empty_rejects(), out / "rejects.parquet")
         manifest = {"counts": {"pool_rows": rows.height, "rejected": rejects.height, "ranked": ranked.height,
                                "selected": int(ranked["selected"].sum()),
-                               "anchors": int(read_files_frame(ctx.inputs.anchor_files, ["reject"])["reject"].is_null().sum())},
+                               "anchors": int(shards_frame(ctx.inputs.anchor_files, ["reject"])["reject"].is_null().sum())},
                     "config": {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer},
                     "projector": ctx.inputs.spec, "stage_seconds": ctx.progress.seconds()}
         write_json_atomic(manifest, out / "manifest.json")

@@ -14,7 +14,7 @@ import polars as pl
 
 from ntk_ray.io.accounting import UsageError, account_rows
 from ntk_ray.io.atomic import write_parquet_atomic
-from ntk_ray.io.outputs import read_parquet_dir
+from ntk_ray.io.shards import read_shards
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
 
@@ -77,7 +77,7 @@ class ValidateStage(Stage):
 
     def run(self, ctx: Context, read: Tokens) -> Accounting:
         cols = ["role", "id", "key", "source", "row", "n_tokens", "truncated", "reject"]
-        frames = {role: read_parquet_dir(read.of(role), cols) for role in ROLES}
+        frames = {role: read_shards(read.of(role), cols) for role in ROLES}
         try:
             tables = account_rows(frames, ctx.inputs.paths, ctx.cfg.budget)
         except UsageError as e:
@@ -95,6 +95,6 @@ class ValidateStage(Stage):
 def domain_tokens(read: Tokens, keys: pl.DataFrame) -> tuple[list, list, list, list]:
     """(ids, input_ids, loss_masks, score_masks) of the domain rows in ``keys`` (key, source,
     row), ordered by key; for the small domain side only."""
-    df = read_parquet_dir(read.domain, ["id", "key", "source", "row", "input_ids", "loss_mask", "score_mask"])
+    df = read_shards(read.domain, ["id", "key", "source", "row", "input_ids", "loss_mask", "score_mask"])
     df = df.join(keys, on=["key", "source", "row"], how="semi").sort("key")
     return (df["id"].to_list(), df["input_ids"].to_list(), df["loss_mask"].to_list(), df["score_mask"].to_list())
