@@ -112,7 +112,8 @@ def ray_executor_factory(cfg) -> Callable[[Progress], object]:
     def make(progress: Progress):
         from ntk_ray.runtime.ray_executor import RayExecutor
 
-        return RayExecutor(address=cfg.ray_address, actors=cfg.actors, accelerator=getattr(cfg, "accelerator", "auto"),
+        return RayExecutor(address=cfg.ray_address, actors=getattr(cfg, "actors", None),
+                           accelerator=getattr(cfg, "accelerator", "auto"),
                            wait_for_resources=getattr(cfg, "wait_for_resources", 600), log=progress.log)
 
     return make

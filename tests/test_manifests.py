@@ -191,7 +191,10 @@ def test_dockerfile_installs_the_project_at_the_entrypoint_directory():
 
 def test_ray_containers_use_the_image():
     """ntk-ray:<project version>, from any registry (the README says to prefix yours)."""
-    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    from ntk_ray.version import __version__ as version
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]["version"] == \
+        {"attr": "ntk_ray.version.__version__"}  # the package's version is the image's
     for name, doc in _ray_docs():
         for role, pod in _pod_specs(doc):
             image = pod["containers"][0]["image"]

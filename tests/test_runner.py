@@ -192,5 +192,12 @@ def test_python_api_takes_in_memory_tables(data, tiny_model_dir, tmp_path, monke
     again = ntk_ray.select(domain=domain, pool=pool, budget=5, out=tmp_path / "api", executor="local",
                            model=str(tiny_model_dir), selector="random", max_length=32)
     assert again.ranked["id"].to_list() == result.ranked["id"].to_list()
+    # a Hugging Face dataset (a shuffled view: its rows in view order) is taken as it is
+    import datasets
+
+    view = datasets.Dataset.from_list(pool.to_pylist()).shuffle(seed=1).select(range(20))
+    from_hf = ntk_ray.select(domain=domain, pool=view, budget=5, out=tmp_path / "hf", executor="local",
+                             model=str(tiny_model_dir), selector="random", max_length=32)
+    assert from_hf.ranked.height == 20 and set(from_hf.ranked["id"]) == set(view["id"])
     with pytest.raises(TypeError, match="unknown option"):
         ntk_ray.select(domain=domain, pool=pool, budget=5, executor="local", not_an_option=1)
