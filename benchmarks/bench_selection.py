@@ -1,40 +1,49 @@
 """Does the selection help fine-tuning? The paper's comparison in miniature (GitHub issue 4).
 
-    .venv/bin/python benchmarks/bench_selection.py                 # the full run (about an hour, 2-core CPU)
-    .venv/bin/python benchmarks/bench_selection.py --smoke --out /tmp/sel   # one tiny cell (CI)
+    .venv/bin/python benchmarks/bench_selection.py                  # the full run (2-core CPU: hours)
+    .venv/bin/python benchmarks/bench_selection.py --smoke --out /tmp/sel    # one tiny cell (CI)
+    .venv/bin/python benchmarks/bench_selection.py --executor ray   # the jobs on Ray instead of in-process
 
-On the bundled WordNet corpus with the bundled demo model (SmolLM2-135M-Instruct), plain torch in
-one process (no Ray; the same library functions the pipeline's workers call). For every target
-domain and seed (a "cell"):
+It measures the product: every selection is an ``ntk-ray select`` job (``runner.run_select``, the
+same stages, outputs and resume as the CLI), on the in-process ``runtime.local.LocalExecutor`` by
+default or on Ray (``--executor ray``); the selected ids are read back from the job's
+``ranked.parquet`` / ``selected.parquet``. Only what comes after selection (fine-tune and
+evaluation) is a plain-torch harness in this process (``core.training``, ``core.evaluation``).
+On the bundled WordNet corpus with the bundled demo model (SmolLM2-135M-Instruct). For every
+target domain and seed (a "cell"):
 
-1. ``demo.make_demo_split``: a domain set (``--n-domain`` rows), a held-out eval set (``--n-eval``
-   rows of the same label, never seen by any selector or any setting) and a pool (``--n-pool``
-   rows, ``--pool-share`` of them from the domain label). Rows are tokenized with the project's
-   chat-template tokenization (``tokenize.tokenize_batch``) at ``--max-length``.
-2. Warm-up, as ``ntk-ray select`` does it: a fresh LoRA (r=16, alpha=32, q/k/v/o) trained on the
-   domain rows (2 epochs, lr 1e-4; method.md defaults), keeping its AdamW moments for LESS.
-3. Each selector picks N = ``--budget`` pool rows:
-   - ``random``: ``selectors.random_scores`` (seeded), top N.
-   - ``bm25``: ``lexical.bm25_scores`` of the pool rows' token ids against the domain rows' ids.
-   - ``embedding``: mean-pooled final hidden states of the warmed model,
-     ``selectors.embedding_selection`` against the domain rows.
-   - ``less``: LESS (Xia et al. 2024) on one checkpoint: Adam-preconditioned loss gradients of
-     the pool rows (``FeatureComputer(objective="loss", gradient_transform=adam moments)``,
-     sketch projection) against plain loss gradients of the domain rows, ``selectors.less_scores``.
-   - ``ntk`` (ntk-ray, the ``select`` defaults): coarse reverse-kNN votes on the warmed embeddings
-     (M = coarse_factor * N, K = N), then NTK features of the M candidates and the domain rows
-     (default projector), ``AnchorKernel.score(x, <default scorer>)``, top N.
-   - ``ntk-mean``: the paper's scorer ``mean`` on the same features (no extra model work).
-4. Per condition (domain-only and domain + each selector's N rows): a fresh LoRA on the base model,
+1. ``demo.make_demo_split`` into ``<work>/<settings>/<domain>-seed<seed>/data``: a domain set
+   (``--n-domain`` rows, domain.jsonl), a held-out eval set (``--n-eval`` rows of the same label,
+   never seen by any selector or any setting) and a pool (``--n-pool`` rows, pool.parquet,
+   ``--pool-share`` of them from the domain label).
+2. Each selector picks N = ``--budget`` pool rows, one job per selector, each into its own OUT
+   (``<cell>/<selector>``), with the job's defaults except: ``--max-length``, ``--warmup-epochs``,
+   ``--warmup-lr``, ``--proj-dim``, ``--seed`` = the cell's seed, LoRA r=16, alpha=32, q/k/v/o:
+   - ``random``: ``select --selector random``.
+   - ``bm25``: ``select --selector bm25`` (BM25 on the chat-template token ids, as the job does).
+   - ``embedding``: ``select --selector embedding`` (RDS+; its own warm-up).
+   - ``less``: ``select --selector less --projector sketch`` (its own warm-up, keeping the Adam
+     moments).
+   - ``ntk``: ``select --keep-features --projector <--ntk-projector>`` (the ``select`` defaults:
+     warm-up, coarse kNN votes, NTK features of the candidates, the default scorer).
+   - ``ntk-mean``: ``ntk-ray score --scorer mean`` (``runner.run_score``) on the ntk job's kept
+     features (``OUT/_work/features``, ``OUT/_work/anchor_features``): the paper's scorer, no
+     extra model work.
+   Each model selector warms up in its own job, as a user running ``select`` would (the warm-ups
+   are identical in settings; sharing one through ``--adapter`` would be a different config).
+   A rerun of a finished job reuses it (the runner's resume): nothing is recomputed.
+3. Per condition (domain-only and domain + each selector's N rows): a fresh LoRA on the base model,
    ``train_lora`` with the settings fixed below (the same for every condition and seed, chosen
-   before any evaluation), then on the eval rows: ``training.mean_token_loss`` (response tokens)
-   and multiple-choice accuracy (``evaluation.choice_accuracy``: each eval question with its true
-   definition and 3 definitions of other eval rows, positions and distractors drawn from a fixed
-   rng per (domain, seed)). The base model (no fine-tune) is evaluated once per cell.
+   before any evaluation) on the rows tokenized with the project's chat-template tokenization
+   (``tokenize.tokenize_batch``) at ``--max-length``, then on the eval rows:
+   ``training.mean_token_loss`` (response tokens) and multiple-choice accuracy
+   (``evaluation.choice_accuracy``: each eval question with its true definition and 3 definitions
+   of other eval rows, positions and distractors drawn from a fixed rng per (domain, seed)). The
+   base model (no fine-tune) is evaluated once per cell.
 
-Costs: wall seconds of the warm-up (shared by embedding, less and ntk; reported on its own), of
-each selector (its model passes and scoring; ntk includes the embedding pass of its coarse stage;
-ntk-mean shares ntk's features, so its cost is ntk's) and of each fine-tune.
+Costs: wall seconds of each selector's whole job (input checks, read + tokenize, warm-up where it
+has one, model passes, scoring, writing; the per-stage split from the job's manifest is in the
+cost-breakdown table; ntk-mean: the ntk job plus its score job) and of each fine-tune.
 
 Sizes (the defaults): 8 domain rows, 8 eval rows, a 100-row pool (5 domain rows), N = 8, at most
 64 tokens, fine-tunes of 1 epoch at 2 rows per step (4 steps domain-only, 8 with N rows added).
@@ -43,11 +52,12 @@ average 4, one torch thread): about 1,000 s, from roughly 0.9 s per row per fine
 2.4 s per eval row and condition (one loss row + 4 multiple-choice rows), 0.34 s per row for the
 embedding pass, 0.8 s per row for LESS features, 0.65 s per row for NTK features, i.e. a cell
 costs about 16 D + 13 N + 1.2 P + 19 E seconds (D domain, N budget, P pool, E eval rows) with
-2 epochs, 9 D + 7 N + 1.2 P + 19 E with 1; 4 domains x 3 seeds at these sizes take 1-1.5 hours
-there (less on an idle machine, where each cell uses every core).
+2 epochs, 9 D + 7 N + 1.2 P + 19 E with 1 (measured when the selections ran in memory with one
+shared warm-up; the jobs add three warm-ups, model loads and shard I/O per cell: re-measure).
 
 Every finished piece (a selection, a fine-tune result) is appended to a JSON-lines cache
-(``--cache``) keyed by (kind, domain, seed, condition) and the settings' fingerprint, and the
+(``--cache``) keyed by (kind, domain, seed, condition) and the settings' fingerprint (version 2:
+records of the earlier in-memory selections, version 1, are not reused), and the
 table and plot are rewritten after every cell: a killed run leaves its results so far, and the same
 command resumes where it stopped. Output: ``<out>/selection.md`` (the command that regenerates it
 is at its top) and ``<out>/selection.png``.
@@ -60,12 +70,10 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -83,6 +91,7 @@ MC_MAX_LENGTH = 256  # token limit of a multiple-choice item (prompt + one whole
 LORA = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DEFAULT_CACHE = ROOT / "runs" / "bench_selection" / "cache.jsonl"
+DEFAULT_WORK = ROOT / "runs" / "bench_selection" / "work"
 # the smallest cell where every check of tests/test_bench_selection.py still means something:
 # 4 eval rows is the least that gives each multiple-choice item 3 distractors; 12 pool rows keep
 # one domain-label row (round(12 * 0.05) = 1, so the lift is defined) and more rows than the
@@ -120,6 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "with --smoke runs/bench_selection/smoke)")
     ap.add_argument("--cache", default=None, help=f"JSON-lines cache (default {DEFAULT_CACHE.relative_to(ROOT)}; "
                     "with --smoke <out>/cache.jsonl)")
+    ap.add_argument("--work", default=None, help=f"where the select/score jobs write (their OUT directories; a rerun "
+                    f"reuses finished jobs) and the cells' data (default {DEFAULT_WORK.relative_to(ROOT)}; with --smoke "
+                    "<out>/work)")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local", help="where the jobs run: local = "
+                    "runtime.local.LocalExecutor (in this process, no Ray), ray = the runner's default RayExecutor "
+                    "(starts or joins Ray, RAY_ADDRESS); the same stages either way")
     ap.add_argument("--smoke", action="store_true", help="one domain, one seed, tiny sizes (CI): "
                     + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = ap.parse_args(argv)
@@ -128,12 +143,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, k, v)
         args.out = args.out or str(ROOT / "runs" / "bench_selection" / "smoke")
         args.cache = args.cache or str(Path(args.out) / "cache.jsonl")
+        args.work = args.work or str(Path(args.out) / "work")
     if args.ntk_projector is None:
         from ntk_ray.config import SelectConfig
 
         args.ntk_projector = SelectConfig().projector
     args.out = Path(args.out or DEFAULT_OUT)
     args.cache = Path(args.cache or DEFAULT_CACHE)
+    args.work = Path(args.work or DEFAULT_WORK)
     unknown = [d for d in args.domains if d not in DEMO_DOMAINS]
     if unknown:
         ap.error(f"--domains: {unknown} are not demo domains ({', '.join(DEMO_DOMAINS)})")
@@ -151,7 +168,8 @@ def settings(args) -> dict:
             "batch_rows": args.batch_rows, "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr,
             "proj_dim": args.proj_dim, "lora": [LORA["r"], LORA["alpha"], list(LORA["targets"])],
             "ntk": {"projector": args.ntk_projector, "scorer": sc.scorer, "coarse_factor": sc.coarse_factor,
-                    "coarse_k": sc.coarse_k}, "choices": N_CHOICES, "mc_max_length": MC_MAX_LENGTH, "version": 1}
+                    "coarse_k": sc.coarse_k}, "choices": N_CHOICES, "mc_max_length": MC_MAX_LENGTH,
+            "version": 2}  # 2: selections by the product's jobs (runner.run_select / run_score)
 
 
 FINETUNE_SETTINGS = ("epochs", "lr", "batch_rows", "choices", "mc_max_length")  # do not change a selection
@@ -187,8 +205,10 @@ def command_line(args) -> str:
         for flag in ("n_domain", "n_eval", "n_pool", "pool_share", "budget", "max_length", "epochs", "lr",
                      "batch_rows", "warmup_epochs", "warmup_lr", "proj_dim", "ntk_projector"):
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    for flag in ("out", "cache"):
+    for flag in ("out", "cache", "work"):
         parts += ["--" + flag, _rel(getattr(args, flag))]
+    if args.executor != "local":
+        parts += ["--executor", args.executor]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -244,13 +264,6 @@ class Clock:
         print(f"[{time.time() - self.start:7.0f}s, load {os.getloadavg()[0]:4.1f}] {msg}", flush=True)
 
 
-@contextlib.contextmanager
-def timed(into: dict, name: str):
-    t0 = time.time()
-    yield
-    into[name] = into.get(name, 0.0) + time.time() - t0
-
-
 def tokenized_rows(tokenizer, df, max_length: int) -> dict:
     """ids, input_ids, loss/score masks, labels, prompts, responses of the usable rows."""
     from ntk_ray.core.tokenize import tokenize_batch
@@ -262,11 +275,6 @@ def tokenized_rows(tokenizer, df, max_length: int) -> dict:
     out.update(input_ids=[tok.input_ids[i] for i in keep], loss_mask=[tok.loss_mask[i] for i in keep],
                score_mask=[tok.score_mask[i] for i in keep], rejected=len(df) - len(keep))
     return out
-
-
-def top_keys(scores: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
-    """The n best keys by score descending, ties by key ascending (the pipeline's order)."""
-    return keys[np.lexsort((keys, -np.asarray(scores, dtype=np.float64)))[:n]]
 
 
 class Adapter:
@@ -332,109 +340,101 @@ def evaluate(model, tokenizer, eval_rows, mc, max_length) -> dict:
             "eval_tokens": int(loss["tokens"]), "mc_items": int(acc["rows"]), "mc_skipped": int(acc["skipped"])}
 
 
-def run_selectors(needed: list[str], adapter: Adapter, tokenizer, args, seed, dom, pool, clock, label) -> dict:
-    """Warm-up, then every selector in ``needed``: {name: {"keys", "seconds", "parts"}} and
-    the warm-up record under "_warmup"."""
-    import torch
+def make_executor(kind: str):
+    """The executor every job of the benchmark runs on: the in-process ``LocalExecutor`` (one
+    process, no Ray; the default), or None for ``ray``: the runner's default ``RayExecutor``
+    (starts or joins Ray as ``ntk-ray select`` does)."""
+    if kind == "local":
+        from ntk_ray.runtime.local import LocalExecutor
 
-    from ntk_ray.core import coarse, lexical, selectors
+        return LocalExecutor()
+    return None
+
+
+def select_config(selector: str, args, seed: int, data: dict, out: Path):
+    """The ``ntk-ray select`` config of one selector: the library defaults except the sizes and
+    the warm-up settings of the benchmark (the same for every selector)."""
     from ntk_ray.config import SelectConfig
-    from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings, trainable_linears
-    from ntk_ray.core.scoring import AnchorKernel, stable_keys
 
-    sc = SelectConfig()
-    n = args.budget
-    keys = stable_keys(pool["id"])
+    options = {"ntk": {"projector": args.ntk_projector, "keep_features": True},
+               "less": {"projector": "sketch"}}.get(selector, {})
+    return SelectConfig(domain=[data["domain"]], pool=[data["pool"]], budget=args.budget, out=str(out),
+                        selector=selector, max_length=args.max_length, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+                        lora_targets=list(LORA["targets"]), warmup_epochs=args.warmup_epochs,
+                        warmup_lr=args.warmup_lr, proj_dim=args.proj_dim, seed=seed, **options)
+
+
+def picked_ids(out: Path) -> list[str]:
+    """The ids the job selected, best first, from its ``ranked.parquet`` (checked against
+    ``selected.parquet``)."""
+    import polars as pl
+
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    ids = ranked.filter(pl.col("selected")).sort("rank")["id"].to_list()
+    selected = pl.read_parquet(out / "selected.parquet", columns=["id"])["id"].to_list()
+    if ids != selected:
+        raise RuntimeError(f"{out}: ranked.parquet and selected.parquet disagree")
+    return ids
+
+
+def run_selectors(needed: list[str], args, seed: int, data: dict, cell_dir: Path, clock, label) -> dict:
+    """Every selector in ``needed`` as the product runs it: ``runner.run_select`` into
+    ``cell_dir/<selector>`` (a rerun of a finished job reuses it: nothing is recomputed), and
+    ntk-mean as ``runner.run_score`` on the ntk job's kept features. Returns
+    {name: {"ids", "seconds", "parts", "run"}}."""
+    from ntk_ray.config import ScoreConfig
+    from ntk_ray.progress import Progress
+    from ntk_ray.runner import run_score, run_select
+
     out: dict = {}
-    t0 = time.time()
-    warmed = adapter.fresh()
-    history = train(warmed, dom["input_ids"], dom["loss_mask"], args.warmup_epochs, args.warmup_lr, None, seed, keep_state=True)
-    warmed.eval()
-    out["_warmup"] = {"seconds": time.time() - t0, "epoch_loss": history.get("epoch_loss"), "steps": history.get("steps")}
-    clock.log(f"{label}: warm-up {out['_warmup']['seconds']:.1f}s, loss {history.get('epoch_loss')}")
+    executor = make_executor(args.executor)
+    jobs = [c for c in ("random", "bm25", "embedding", "less", "ntk") if c in needed or (c == "ntk" and "ntk-mean" in needed)]
+    for name in jobs:
+        run = cell_dir / name
+        t0 = time.time()
+        manifest = run_select(select_config(name, args, seed, data, run), progress=Progress(), executor=executor)
+        seconds = time.time() - t0
+        out[name] = {"ids": picked_ids(run), "seconds": seconds, "run": _rel(run),
+                     "parts": {k: float(v) for k, v in manifest.get("stage_seconds", {}).items()}}
+        clock.log(f"{label}: {name} picked {len(out[name]['ids'])} in {seconds:.1f}s (select job)")
+    if "ntk-mean" in needed:
+        ntk_run, run = cell_dir / "ntk", cell_dir / "ntk-mean"
+        cfg = ScoreConfig(features=str(ntk_run / "_work" / "features"), anchors=str(ntk_run / "_work" / "anchor_features"),
+                          budget=args.budget, scorer="mean", out=str(run))
+        t0 = time.time()
+        manifest = run_score(cfg, progress=Progress(), executor=executor)
+        seconds = time.time() - t0
+        parts = {f"ntk {k}": v for k, v in out["ntk"]["parts"].items()}
+        parts.update({k: float(v) for k, v in manifest.get("stage_seconds", {}).items()})
+        # its features are the ntk job's: its cost is that job plus the score job
+        out["ntk-mean"] = {"ids": picked_ids(run), "seconds": out["ntk"]["seconds"] + seconds, "run": _rel(run),
+                           "parts": parts, "score_seconds": seconds}
+        clock.log(f"{label}: ntk-mean picked {len(out['ntk-mean']['ids'])} in {seconds:.1f}s (score job)")
+    return {k: v for k, v in out.items() if k in needed}
 
-    def done(name, chosen, parts):
-        out[name] = {"keys": [int(k) for k in chosen], "seconds": sum(parts.values()), "parts": parts}
-        clock.log(f"{label}: {name} picked {len(chosen)} in {out[name]['seconds']:.1f}s")
 
-    if "random" in needed:
-        parts: dict = {}
-        with timed(parts, "score"):
-            chosen = top_keys(selectors.random_scores(keys, seed), keys, n)
-        done("random", chosen, parts)
-    if "bm25" in needed:
-        parts = {}
-        with timed(parts, "score"):
-            def words(rows):
-                texts = [p + "\n" + r for p, r in zip(rows["prompt"], rows["response"])]
-                return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            docs, queries = words(pool), words(dom)
-            s = np.asarray(lexical.bm25_scores(docs, queries, lexical.bm25_stats(docs)), dtype=np.float64)
-            if s.ndim == 2:  # per (doc, query) or (query, doc): mean over the domain rows
-                s = s.mean(axis=1) if s.shape[0] == len(docs) and s.shape[1] == len(queries) else s.mean(axis=0)
-            chosen = top_keys(s, keys, n)
-        done("bm25", chosen, parts)
-    emb_parts: dict = {}
-    if {"embedding", "ntk", "ntk-mean"} & set(needed):
-        with timed(emb_parts, "embed"):
-            pool_emb = mean_pooled_embeddings(warmed, pool["input_ids"]).numpy()
-            dom_emb = mean_pooled_embeddings(warmed, dom["input_ids"]).numpy()
-    if "embedding" in needed:
-        parts = dict(emb_parts)
-        with timed(parts, "score"):
-            _, order = selectors.embedding_selection(pool_emb, dom_emb, keys, n)
-            chosen = np.asarray(order)[:n]
-        done("embedding", chosen, parts)
-    if "less" in needed:
-        parts = {}
-        # the warm-up's AdamW moments, in the FeatureComputer's module order
-        adam = history["adam"].select([f"{name}.weight" for name, _ in trainable_linears(warmed)])
-        transform = selectors.adam_gradient_transform(adam.exp_avg, adam.exp_avg_sq, adam.step, adam.betas, adam.eps)
-        with timed(parts, "features"):
-            pool_fc = FeatureComputer(warmed, projector="sketch", dim=args.proj_dim, seed=seed, objective="loss",
-                                      gradient_transform=transform)
-            pool_f = pool_fc.features(pool["input_ids"], pool["loss_mask"]).feature.numpy()
-            dom_fc = FeatureComputer(warmed, projector="sketch", dim=args.proj_dim, seed=seed, objective="loss")
-            dom_f = dom_fc.features(dom["input_ids"], dom["loss_mask"]).feature.numpy()
-        with timed(parts, "score"):
-            chosen = top_keys(selectors.less_scores(pool_f, dom_f), keys, n)
-        done("less", chosen, parts)
-    if {"ntk", "ntk-mean"} & set(needed):
-        parts = dict(emb_parts)
-        m = sc.coarse_factor * n
-        with timed(parts, "coarse"):
-            if len(keys) > m:
-                k = min(sc.coarse_k or n, len(keys))
-                topk = coarse.knn_block(dom_emb, pool_emb, keys, k)
-                import polars as pl
+def write_split(domain: str, seed: int, args, cell_dir: Path) -> dict:
+    """The cell's demo split under ``cell_dir/data`` (written once; ``make_demo_split`` is a
+    pure function of its arguments) and its paths and counts."""
+    from ntk_ray.demo import make_demo_split
 
-                ordered = coarse.coarse_order(pl.DataFrame({"key": keys}), coarse.votes(topk))
-                cand_keys = ordered["key"].head(m).to_numpy()
-            else:
-                cand_keys = keys
-            where = {int(k): i for i, k in enumerate(keys)}
-            cand = [where[int(k)] for k in cand_keys]
-        with timed(parts, "features"):
-            fc = FeatureComputer(warmed, projector=args.ntk_projector, dim=args.proj_dim, seed=seed)
-            x = fc.features([pool["input_ids"][i] for i in cand], [pool["score_mask"][i] for i in cand]).feature.numpy()
-            anchors = fc.features(dom["input_ids"], dom["score_mask"]).feature.numpy()
-        kernel = None
-        for name, scorer in (("ntk", sc.scorer), ("ntk-mean", "mean")):
-            p = dict(parts)
-            with timed(p, "score"):
-                kernel = kernel or AnchorKernel(anchors)
-                chosen = top_keys(kernel.score(x, scorer), np.asarray(cand_keys), n)
-            if name in needed:
-                done(name, chosen, p)
-    return out
+    data = cell_dir / "data"
+    info = data / "split.json"
+    if info.exists():
+        return json.loads(info.read_text())
+    split = make_demo_split(data, domain, args.n_domain, args.n_eval, args.n_pool, pool_domain_share=args.pool_share,
+                            seed=seed)
+    split = {"domain": str(split["domain_path"]), "eval": str(split["eval_path"]), "pool": str(split["pool_path"]),
+             "n_pool": int(split["n_pool"]), "n_pool_domain": int(split["n_pool_domain"])}
+    tmp = info.with_suffix(".tmp")
+    tmp.write_text(json.dumps(split))
+    tmp.replace(info)
+    return split
 
 
 def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
     import polars as pl
     import torch
-
-    from ntk_ray.demo import make_demo_split
-    from ntk_ray.core.scoring import stable_keys
 
     label = f"{domain} seed {seed}"
     missing = [c for c in CONDITIONS if cache.get("result", domain, seed, c) is None]
@@ -442,38 +442,33 @@ def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock:
         clock.log(f"{label}: cached")
         return
     t_cell = time.time()
-    with tempfile.TemporaryDirectory(prefix="bench_selection-") as tmp:
-        split = make_demo_split(tmp, domain, args.n_domain, args.n_eval, args.n_pool,
-                                pool_domain_share=args.pool_share, seed=seed)
-        dom = tokenized_rows(tokenizer, pl.read_ndjson(split["domain_path"]), args.max_length)
-        ev = tokenized_rows(tokenizer, pl.read_ndjson(split["eval_path"]), args.max_length)
-        pool = tokenized_rows(tokenizer, pl.read_parquet(split["pool_path"]), args.max_length)
-    pool_share = split["n_pool_domain"] / split["n_pool"]
-    key_index = {int(k): i for i, k in enumerate(stable_keys(pool["id"]))}
+    # one directory per selection settings (ntk's included): a job's OUT never holds another config
+    cell_dir = args.work / fingerprint(settings(args), "selection", "ntk") / f"{domain}-seed{seed}"
+    data = write_split(domain, seed, args, cell_dir)
+    dom = tokenized_rows(tokenizer, pl.read_ndjson(data["domain"]), args.max_length)
+    ev = tokenized_rows(tokenizer, pl.read_ndjson(data["eval"]), args.max_length)
+    pool_df = pl.read_parquet(data["pool"])
+    pool = tokenized_rows(tokenizer, pool_df, args.max_length)
+    label_of = dict(zip(pool_df["id"].to_list(), pool_df["label"].to_list()))
+    pool_share = data["n_pool_domain"] / data["n_pool"]
     mc = mc_items(ev, domain, seed)
     clock.log(f"{label}: {len(dom['id'])} domain, {len(ev['id'])} eval ({len(mc[0])} choice items), "
               f"{len(pool['id'])} pool rows ({dom['rejected'] + ev['rejected'] + pool['rejected']} rejected); "
               f"to do: {', '.join(missing)}")
 
-    adapter = Adapter(base, seed)
-    # selections (cached by id, so a resumed cell needs no warm-up when all are done)
+    # selections (cached by id, so a resumed cell runs no job when all are done)
     need_sel = [c for c in missing if c != "domain-only" and cache.get("selection", domain, seed, c) is None]
     if need_sel:
-        if "ntk" in need_sel or "ntk-mean" in need_sel:
-            need_sel = sorted(set(need_sel) | {"ntk", "ntk-mean"}, key=CONDITIONS.index)
-        got = run_selectors(need_sel, adapter, tokenizer, args, seed, dom, pool, clock, label)
-        warm = got.pop("_warmup")
-        cache.add({"kind": "warmup", "domain": domain, "seed": seed, "condition": "warmup", **warm})
+        got = run_selectors(need_sel, args, seed, data, cell_dir, clock, label)
         for name, sel in got.items():
-            rows = [key_index[k] for k in sel["keys"]]
-            labels = [pool["label"][i] for i in rows]
+            labels = [label_of[i] for i in sel["ids"]]
             share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
-            cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name,
-                       "ids": [pool["id"][i] for i in rows], "seconds": sel["seconds"], "parts": sel["parts"],
-                       "label_share": share, "pool_share": pool_share,
-                       "lift": share / pool_share if pool_share else float("nan")})
+            cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "ids": sel["ids"],
+                       "seconds": sel["seconds"], "parts": sel["parts"], "run": sel["run"], "label_share": share,
+                       "pool_share": pool_share, "lift": share / pool_share if pool_share else float("nan")})
     id_index = {v: i for i, v in enumerate(pool["id"])}
 
+    adapter = Adapter(base, seed)
     if cache.get("base", domain, seed, "base") is None:
         t0 = time.time()
         with adapter.fresh().disable_adapter():
@@ -481,7 +476,11 @@ def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock:
         cache.add({"kind": "base", "domain": domain, "seed": seed, "condition": "base", **m, "eval_seconds": time.time() - t0})
         clock.log(f"{label}: base model: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f}")
     for cond in missing:
-        rows = [] if cond == "domain-only" else [id_index[i] for i in cache.get("selection", domain, seed, cond)["ids"]]
+        ids = [] if cond == "domain-only" else cache.get("selection", domain, seed, cond)["ids"]
+        lost = [i for i in ids if i not in id_index]
+        if lost:
+            raise RuntimeError(f"{label}: {cond} selected {lost[:3]}, which the harness's tokenization rejected")
+        rows = [id_index[i] for i in ids]
         seqs = dom["input_ids"] + [pool["input_ids"][i] for i in rows]
         masks = dom["loss_mask"] + [pool["loss_mask"][i] for i in rows]
         t0 = time.time()
@@ -571,7 +570,7 @@ def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> s
     per = summarize(cache, args)
     done_cells = sum(all(cache.get("result", d, sd, c) for c in CONDITIONS) for d in args.domains for sd in args.seeds)
     total_cells = len(args.domains) * len(args.seeds)
-    warm = [r["seconds"] for r in cache.of_kind("warmup")]
+    warm = [r["parts"]["warmup"] for r in cache.of_kind("selection") if r["condition"] == "ntk" and "warmup" in r.get("parts", {})]
     cells = [r["seconds"] for r in cache.of_kind("cell")]
     loads = [r["load"] for r in cache.of_kind("cell")]
     ref_lift = args.pool_share
@@ -593,8 +592,12 @@ def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> s
         + (f"; {np.mean(cells):.0f} s per cell (mean of {len(cells)}; 1-minute load average at the cell's end "
            f"{np.mean(loads):.1f}: the machine is shared, so seconds are comparable within a cell, not across runs)"
            if cells else ""),
-        f"- warm-up (shared by embedding, less, ntk): {args.warmup_epochs:g} epoch(s), lr {args.warmup_lr:g} on the domain rows"
-        + (f"; {np.mean(warm):.1f} s per cell on average (not included in the selector seconds)" if warm else ""),
+        f"- every selection is the product's job: `runner.run_select` (`ntk-ray select --selector NAME`) on the "
+        f"`{args.executor}` executor with the cell's domain.jsonl and pool.parquet; ntk-mean = `runner.run_score` "
+        "(`ntk-ray score --scorer mean`) on the ntk job's kept features (`--keep-features`)",
+        f"- warm-up (in each of the embedding, less and ntk jobs, as `select` runs it): {args.warmup_epochs:g} epoch(s), "
+        f"lr {args.warmup_lr:g} on the domain rows"
+        + (f"; {np.mean(warm):.1f} s per ntk job on average (included in the selector seconds)" if warm else ""),
         f"- selectors pick N = {args.budget} pool rows; ntk = ntk-ray's `select` defaults (coarse kNN votes, "
         f"M = {s['ntk']['coarse_factor']}N, K = N; `{s['ntk']['projector']}` projection{projector_note(args)}, d = {args.proj_dim}; scorer "
         f"`{s['ntk']['scorer']}`); ntk-mean = the paper's `mean` scorer on the same features; less = Adam-preconditioned "
@@ -609,8 +612,9 @@ def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> s
         f"- mean ± std over seeds {args.seeds}; the `all` rows average the domains per seed first. "
         "Δ = condition minus domain-only in the same cell (negative Δ loss = better). "
         f"Lift = the domain label's share among the N picks / its share of the pool ({ref_lift:.0%}; 1 = random). "
-        "Selector s = wall seconds of the selector's own work per cell (ntk: embedding pass + coarse + features + "
-        "scoring; ntk-mean shares ntk's features, so its cost is ntk's); train s = the fine-tune.",
+        "Selector s = wall seconds of the selector's whole `select` job per cell (input checks, read + tokenize, "
+        "warm-up where the selector has one, its model passes, scoring, writing; ntk-mean: the ntk job plus its "
+        "`score` job); train s = the fine-tune.",
         "",
         "| domain | condition | eval loss | Δ loss | accuracy | Δ accuracy | lift | selector s | train s | seeds |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -644,11 +648,13 @@ def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> s
         for k, v in r.get("parts", {}).items():
             parts.setdefault((r["condition"], k), []).append(v)
     if parts:
-        lines += ["", "## Selector cost breakdown (mean wall seconds per cell)", "",
-                  "| selector | " + " | ".join(["embed", "coarse", "features", "score"]) + " |", "|---|---:|---:|---:|---:|"]
+        stages = ["setup", "read", "validate", "warmup", "embed", "coarse", "features", "score", "write"]
+        lines += ["", "## Selector cost breakdown (mean wall seconds per cell, the jobs' `manifest.json` stage_seconds; "
+                  "setup = input checks and executor start; ntk-mean: its score job only)", "",
+                  "| selector | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
         for c in SELECTORS:
             if any(k[0] == c for k in parts):
-                cols = [f"{np.mean(parts[(c, k)]):.1f}" if (c, k) in parts else "-" for k in ("embed", "coarse", "features", "score")]
+                cols = [f"{np.mean(parts[(c, k)]):.1f}" if (c, k) in parts else "-" for k in stages]
                 lines.append(f"| {c} | " + " | ".join(cols) + " |")
     lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.0f} min into this invocation. "
               f"Cache: `{_rel(args.cache)}` (settings fingerprints: results {cache.fp_of('result', 'random')}, ntk results {cache.fp_of('result', 'ntk')}, "
