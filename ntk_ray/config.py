@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from ntk_ray.io.accounting import MIN_DOMAIN_ROWS  # noqa: F401 (the rule lives with the row accounting)
 
 ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
+EXECUTORS = ("ray", "local")  # runner.executor_factory
 WARMUP_MODES = ("train", "fresh")
 
 
@@ -128,6 +129,12 @@ def _accelerator(group=None):
                choices=ACCELERATORS, group=group)
 
 
+def _executor(group=None):
+    return opt("ray", "ray: an embedded local Ray, or the cluster of --ray-address / RAY_ADDRESS; local: every stage "
+               "in this process without Ray (small data, debugging, machines where Ray cannot start)",
+               choices=EXECUTORS, group=group)
+
+
 def _ray_address(group=None):
     return opt(None, "Ray cluster to join", group=group, metavar="ADDR",
                shown_default="RAY_ADDRESS, else an embedded local Ray")
@@ -185,6 +192,7 @@ class SelectConfig:
                                     "added) before failing instead of hanging (Ray Data's no-progress timeout is at "
                                     "least 1800)", metavar="SECONDS", group=X)
     ray_address: str | None = _ray_address(X)
+    executor: str = _executor(X)
     keep_features: bool = opt(False, "keep the NTK feature shards in OUT/_work/features", group=X)
     work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state); on a "
                                "multi-node cluster a path every node mounts, e.g. a PVC", metavar="DIR", group=X,
@@ -193,8 +201,8 @@ class SelectConfig:
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "keep_features", "batch_tokens",
-                  "work_dir"):
+        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "executor", "keep_features",
+                  "batch_tokens", "work_dir"):
             d.pop(k)
         return d
 
@@ -226,6 +234,7 @@ class FeaturesConfig:
     actors: int | None = _actors()
     accelerator: str = _accelerator()
     ray_address: str | None = _ray_address()
+    executor: str = _executor()
 
 
 @dataclass
@@ -241,3 +250,4 @@ class ScoreConfig:
     work_dir: str | None = opt(None, "working directory when --out is a URI", metavar="DIR",
                                shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
     ray_address: str | None = _ray_address()
+    executor: str = _executor()

@@ -107,9 +107,14 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
     return CheckedInputs(columns=cols, paths={"domain": domain, "pool": pool}, modes=modes, model_path=model)
 
 
-def ray_executor_factory(cfg) -> Callable[[Progress], object]:
-    """The default executor: Ray, as the config asks (address, actors, accelerator, wait)."""
+def executor_factory(cfg) -> Callable[[Progress], object]:
+    """The executor the config asks for: Ray (``--executor ray``, the default: address, actors,
+    accelerator, wait) or this process (``--executor local``)."""
     def make(progress: Progress):
+        if getattr(cfg, "executor", "ray") == "local":
+            from ntk_ray.runtime.local import LocalExecutor
+
+            return LocalExecutor(device="cpu" if getattr(cfg, "accelerator", "auto") == "cpu" else None)
         from ntk_ray.runtime.ray_executor import RayExecutor
 
         return RayExecutor(address=cfg.ray_address, actors=getattr(cfg, "actors", None),
@@ -165,7 +170,7 @@ def run_plan(cfg, plan: list[Stage], out: Path, inputs, progress: Progress, exec
              make_executor: Callable | None = None) -> dict[str, object]:
     ctx = Context(cfg=cfg, work=out / "_work", out=out, executor=executor, progress=progress, inputs=inputs,
                   extra={"model_path": getattr(inputs, "model_path", None)})
-    return Runner(ctx, make_executor or ray_executor_factory(cfg)).run(plan)
+    return Runner(ctx, make_executor or executor_factory(cfg)).run(plan)
 
 
 def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | None = None, executor=None,
@@ -222,7 +227,8 @@ def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progres
     except InputError as e:
         raise UsageError(str(e)) from None
     model = check_model(cfg)
-    identity = {k: v for k, v in asdict(cfg).items() if k not in ("out", "actors", "accelerator", "ray_address", "batch_tokens")}
+    identity = {k: v for k, v in asdict(cfg).items()
+                if k not in ("out", "actors", "accelerator", "ray_address", "executor", "batch_tokens")}
     identity["data"] = files
     out = prepare_out_dir(cfg.out, identity, overwrite)
     inputs = CheckedInputs(columns=cols, paths={"data": files}, modes={"data": mode}, model_path=model)

@@ -56,7 +56,7 @@ def _with_actor_fault(monkeypatch, marker) -> None:
         return lambda progress: FaultOnceExecutor(address=cfg.ray_address, actors=cfg.actors, accelerator=cfg.accelerator,
                                                   wait_for_resources=cfg.wait_for_resources, log=progress.log)
 
-    monkeypatch.setattr(runner, "ray_executor_factory", factory)
+    monkeypatch.setattr(runner, "executor_factory", factory)
 
 
 def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_batching(

@@ -201,3 +201,20 @@ def test_python_api_takes_in_memory_tables(data, tiny_model_dir, tmp_path, monke
     assert from_hf.ranked.height == 20 and set(from_hf.ranked["id"]) == set(view["id"])
     with pytest.raises(TypeError, match="unknown option"):
         ntk_ray.select(domain=domain, pool=pool, budget=5, executor="local", not_an_option=1)
+
+
+def test_cli_select_with_the_local_executor_starts_no_ray(data, tiny_model_dir, tmp_path, capsys):
+    import ray
+
+    from ntk_ray.cli import main
+
+    started = ray.is_initialized()
+    out = tmp_path / "cli"
+    assert main(["select", "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.jsonl"), "--budget", "5",
+                 "--out", str(out), "--model", str(tiny_model_dir), "--max-length", "32", "--proj-dim", "64",
+                 "--coarse-factor", "2", "--warmup-epochs", "1", "--executor", "local"]) == 0
+    assert ray.is_initialized() == started
+    assert "in-process executor" in capsys.readouterr().err
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    assert ranked.height == 30 and set(ranked["stage"]) == {"ntk", "coarse"}
+    assert json.loads((out / "manifest.json").read_text())["config"]["executor"] == "local"
