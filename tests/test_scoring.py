@@ -5,8 +5,9 @@ import polars as pl
 import pytest
 import torch
 
-from ntk_ray.core.coarse import coarse_order, knn_block, votes
+from ntk_ray.core.coarse import coarse_order, votes
 from ntk_ray.core.scoring import AnchorKernel, AnchorTopK, round_robin_order, stable_keys
+from ntk_ray.reference import knn_block
 
 rng = np.random.default_rng(0)
 

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 import torch
 
-from ntk_ray.core.lexical import BM25Stats, bm25_scores, bm25_stats, bm25_text_scores, merge_bm25_stats
+from ntk_ray.core.lexical import BM25Stats, bm25_scores, bm25_stats, merge_bm25_stats
 from ntk_ray.core.scoring import AnchorTopK, round_robin_order
-from ntk_ray.core.selectors import (SELECTORS, adam_gradient_transform, embedding_selection, embedding_shard,
-                               less_scores, random_scores)
+from ntk_ray.core.selectors import SELECTORS, adam_gradient_transform, random_scores
+from ntk_ray.reference import bm25_text_scores, embedding_selection, embedding_shard, less_scores
 from ntk_ray.core.training import adam_moments
 
 

@@ -6,22 +6,15 @@ final hidden states (``features.mean_pooled_embeddings``); a pool row's score is
     votes(x) = |{a in D_t : x in kNN_K(a)}|,   sim(x) = sum of cos(x, a) over those a,
 
 and the top M rows by (votes desc, sim desc, key asc) go on to the NTK stage. The per-anchor
-kNN lists are ``scoring.AnchorTopK`` states, built shard by shard and merged exactly.
+kNN lists are ``scoring.AnchorTopK`` states, built shard by shard (``stages.kernel.merge_topk``)
+and merged exactly; ``reference.knn_block`` is the one-block form the tests use.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import polars as pl
 
-from ntk_ray.core.scoring import AnchorKernel, AnchorTopK
-
-
-def knn_block(anchor_emb: np.ndarray, pool_emb: np.ndarray, pool_keys: np.ndarray, k: int) -> AnchorTopK:
-    """Per-anchor top-k of one block of pool embeddings, with the similarities the sharded
-    coarse stage uses (``AnchorKernel.kernel_block``: float64, rounded to the float32 grid)."""
-    sims = AnchorKernel(anchor_emb).kernel_block(pool_emb)
-    return AnchorTopK(sims.shape[0], k).update(sims, pool_keys)
+from ntk_ray.core.scoring import AnchorTopK
 
 
 def votes(topk: AnchorTopK) -> pl.DataFrame:

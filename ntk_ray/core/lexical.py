@@ -1,10 +1,6 @@
-"""Lexical baselines (Polars, no model, no Ray): TF-IDF cosine and BM25.
+"""The lexical baseline (numpy/Polars, no model, no Ray): BM25 on token ids.
 
-TF-IDF cosine to the domain centroid, on lower-cased words:
-
-    w(x, t)  = (1 + log tf(x, t)) * idf(t),   idf(t) = log((N + 1) / (df(t) + 1)) + 1
-    v(x)     = w(x, .) / ||w(x, .)||          (df, N over the pool)
-    s(x)     = <v(x), mean_{a in D_t} v(a)>
+(TF-IDF and BM25 on lower-cased words are test references: ``ntk_ray.reference``.)
 
 BM25 (Robertson et al.; Lucene's idf), on sequences of integer term ids (the model's token ids,
 so the pipeline scores the token shards it already has, without the text), every domain row a
@@ -32,37 +28,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
-
-TOKEN = r"[a-z0-9]+"
-
-
-def _terms(texts: list[str]) -> pl.DataFrame:
-    return (pl.DataFrame({"text": texts}).with_row_index("doc")
-            .select("doc", pl.col("text").str.to_lowercase().str.extract_all(TOKEN).alias("term"))
-            .explode("term").drop_nulls("term")
-            .group_by("doc", "term").agg(pl.len().alias("tf")))
-
-
-def _unit(weights: pl.DataFrame) -> pl.DataFrame:
-    return weights.with_columns((pl.col("w") / pl.col("w").pow(2).sum().sqrt().over("doc")).alias("w"))
-
-
-def tfidf_scores(pool_texts: list[str], domain_texts: list[str]) -> np.ndarray:
-    """s(x) for every pool text (float64, in input order)."""
-    pool = _terms(pool_texts)
-    n = len(pool_texts)
-    idf = pool.group_by("term").agg(pl.len().alias("df")).with_columns(
-        (((n + 1) / (pl.col("df") + 1)).log() + 1).alias("idf"))
-    def weigh(t):
-        return _unit(t.join(idf, on="term", how="inner").with_columns(((1 + pl.col("tf").log()) * pl.col("idf")).alias("w")))
-    pool_w = weigh(pool)
-    dom_w = weigh(_terms(domain_texts))
-    centroid = dom_w.group_by("term").agg((pl.col("w").sum() / len(domain_texts)).alias("c"))
-    scored = (pool_w.join(centroid, on="term", how="inner")
-              .group_by("doc").agg((pl.col("w") * pl.col("c")).sum().alias("s")))
-    out = np.zeros(n)
-    out[scored["doc"].to_numpy()] = scored["s"].to_numpy()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,17 +156,3 @@ def bm25_scores(docs: Sequence[Sequence[int]], queries: Sequence[Sequence[int]],
     contrib = w * idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[doc] / avgdl))
     # bincount adds in input order: (doc, term) sorted, so each row sums its terms in id order
     return np.bincount(doc, weights=contrib, minlength=len(docs)).astype(np.float64)
-
-
-def _word_ids(texts: list, vocab: dict[str, int]) -> list[list[int]]:
-    words = pl.Series("text", texts, dtype=pl.String).str.to_lowercase().str.extract_all(TOKEN).to_list()
-    return [[vocab.setdefault(w, len(vocab)) for w in (ws or [])] for ws in words]
-
-
-def bm25_text_scores(pool_texts: list[str], domain_texts: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
-    """BM25 on lower-cased words (the TF-IDF tokenisation ``[a-z0-9]+``): the same core as
-    ``bm25_scores`` with words mapped to ids; stats over ``pool_texts``. float64 per pool text."""
-    vocab: dict[str, int] = {}
-    pool = _word_ids(list(pool_texts), vocab)
-    queries = _word_ids(list(domain_texts), vocab)
-    return bm25_scores(pool, queries, bm25_stats(pool), k1=k1, b=b)

@@ -18,7 +18,8 @@ exactly (see each function).
   the budget is filled (``scoring.round_robin_order``). Exact from per-anchor top-``budget``
   lists (``scoring.AnchorTopK``, mergeable across shards): the first ``budget`` distinct keys of
   the interleaving are all within each anchor's first ``budget`` entries (anchor 0 alone
-  contributes ``budget`` distinct keys by round ``budget``).
+  contributes ``budget`` distinct keys by round ``budget``). The job computes it shard by shard
+  (``stages.rank.EmbeddingScoreStage``); ``reference.embedding_selection`` is the in-memory twin.
 * ``less`` (LESS, Xia et al. 2024): pool features are projected Adam-preconditioned loss
   gradients psi(Gamma(g(x))), anchor features projected plain (SGD) loss gradients psi(g(a));
 
@@ -29,7 +30,8 @@ exactly (see each function).
   with (m_t, v_t, t) the optimizer's moments and step count after the warm-up (the update
   direction torch.optim.Adam would take with gradient g); s(x) = max_a cos(psi_x, psi_a).
   Gamma is elementwise and non-linear, so it acts on the full per-sample gradient of each
-  module, before any projection.
+  module, before any projection. Scored by ``stages.rank.LessScoreStage`` (twin:
+  ``reference.less_scores``).
 * ``bm25``: ``lexical.bm25_scores`` on token ids.
 """
 
@@ -39,8 +41,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
-from ntk_ray.core.scoring import AnchorKernel, AnchorTopK, round_robin_order
 
 SELECTORS = ("ntk", "random", "embedding", "less", "bm25")
 
@@ -77,55 +77,6 @@ def random_scores(keys: np.ndarray, seed: int) -> np.ndarray:
     s1 = _splitmix64(np.array([(int(seed) + 1) & _MASK64], dtype=np.uint64))[0]
     h = _splitmix64(_splitmix64(k ^ s0) ^ s1)
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-# ----------------------------------------------------------------------------------------------
-# embedding (RDS+)
-
-_BLOCK_ENTRIES = 1 << 22  # kernel-block entries (anchors x rows) formed at once
-
-
-def embedding_shard(pool_emb: np.ndarray, anchor_emb: np.ndarray, pool_keys: np.ndarray,
-                    budget: int) -> tuple[np.ndarray, AnchorTopK]:
-    """One shard of the embedding selector: (s(x) = max_a cos(x, a) per row of the shard, float64;
-    the per-anchor top-``budget`` state, ordered by cos desc then key asc). Merge the states of all shards with
-    ``AnchorTopK.merge`` and pass the result to ``scoring.round_robin_order(merged, budget)``."""
-    pool = np.asarray(pool_emb, dtype=np.float32)
-    anchors = np.asarray(anchor_emb, dtype=np.float32)
-    keys = np.asarray(pool_keys, dtype=np.int64)
-    if pool.ndim != 2 or anchors.ndim != 2 or pool.shape[1] != anchors.shape[1]:
-        raise ValueError(f"pool embeddings {pool.shape} and anchor embeddings {anchors.shape} must be "
-                         "(rows x dim) with the same dim")
-    if keys.shape != (pool.shape[0],):
-        raise ValueError(f"{keys.shape} keys for {pool.shape[0]} pool rows")
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
-    if not np.isfinite(pool).all():
-        raise ValueError("pool embeddings contain NaN or inf")
-    kernel = AnchorKernel(anchors)  # checks anchors: non-empty, finite
-    # k = budget, not min(budget, rows): a shard's state holds at most its rows anyway, and merged
-    # states keep the k of the state merged into
-    topk = AnchorTopK(kernel.n_anchors, int(budget))
-    scores = np.full(pool.shape[0], -np.inf)
-    step = max(1, _BLOCK_ENTRIES // kernel.n_anchors)  # never anchors x all rows at once
-    for start in range(0, pool.shape[0], step):
-        block = kernel.kernel_block(pool[start:start + step], unit=True)  # cos(a, x), anchors x rows
-        scores[start:start + step] = block.max(axis=0)
-        if topk.k > 0:
-            topk.update(block, keys[start:start + step])
-    return scores, topk
-
-
-def embedding_selection(pool_emb: np.ndarray, anchor_emb: np.ndarray, pool_keys: np.ndarray,
-                        budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """RDS+-style selection on the whole pool in one call (``embedding_shard`` + merge +
-    ``round_robin_order`` is the sharded form and gives exactly the same result).
-
-    Returns (s(x) = max over anchors of cos(x, a) per pool row, float64, in input order;
-    the int64 pool keys in pick order for the first min(budget, n) picks)."""
-    scores, topk = embedding_shard(pool_emb, anchor_emb, pool_keys, budget)
-    order = round_robin_order(topk, int(budget)) if topk.k > 0 else []
-    return scores, np.asarray(order, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,21 +130,3 @@ def adam_gradient_transform(exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.
         return ((m / bc1) / ((v / bc2).sqrt() + eps)).to(g.dtype)
 
     return transform
-
-
-def less_scores(pool_features: np.ndarray, anchor_features: np.ndarray) -> np.ndarray:
-    """LESS: s(x) = max over anchors a of cos(psi(x), psi(a)) (float64, one per pool row; a zero
-    feature has cosine 0). Pool features: projected Adam-preconditioned loss gradients
-    (``adam_gradient_transform``); anchor features: projected plain loss gradients. Row-wise,
-    so shards are scored independently."""
-    pool = np.asarray(pool_features, dtype=np.float32)
-    if pool.ndim != 2:
-        raise ValueError(f"pool features must be (rows x d), got shape {pool.shape}")
-    if not np.isfinite(pool).all():
-        raise ValueError("pool features contain NaN or inf")
-    kernel = AnchorKernel(anchor_features)
-    if pool.shape[1] != kernel.features.shape[1]:
-        raise ValueError(f"pool features of dim {pool.shape[1]} vs anchor features of dim {kernel.features.shape[1]}")
-    if pool.shape[0] == 0:
-        return np.zeros(0)
-    return kernel.score(pool, "max-cosine")
