@@ -89,6 +89,48 @@ def ray_session():
 
 
 # ---------------------------------------------------------------------------------------------
+# a tiny random Llama with weights and a word-level tokenizer, and data in its vocabulary: the
+# whole job in seconds, in process (``--executor local``)
+TINY_WORDS = [f"w{i}" for i in range(40)] + ["what", "is", "a", "the", "food", "word"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "<s>"] + TINY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """domain.jsonl (6 rows of 6 words) and pool.jsonl (30 rows of 2-11 words), ids d*/p*."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "data"
+    d.mkdir()
+
+    def row(prefix, i, n):
+        return {"id": f"{prefix}{i}", "text": " ".join(rng.choice(TINY_WORDS, size=n))}
+
+    (d / "domain.jsonl").write_text("".join(json.dumps(row("d", i, 6)) + "\n" for i in range(6)))
+    pool = [row("p", i, int(rng.integers(2, 12))) for i in range(30)]
+    (d / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
 # the whole job on tiny real data (bundled corpus + demo model), shared by the e2e/resume tests
 BUDGET = 6
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 
@@ -23,41 +22,9 @@ from ntk_ray.stages.read import Accounting, ReadStage, ValidateStage
 from ntk_ray.stages.registry import SELECTORS, Selector, register
 from ntk_ray.stages.write import WriteStage
 
-WORDS = [f"w{i}" for i in range(40)] + ["what", "is", "a", "the", "food", "word"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "<s>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    return d
-
-
 @pytest.fixture
-def data(tmp_path) -> Path:
-    rng = np.random.default_rng(0)
-    d = tmp_path / "data"
-    d.mkdir()
-
-    def row(prefix, i, n):
-        return {"id": f"{prefix}{i}", "text": " ".join(rng.choice(WORDS, size=n))}
-
-    (d / "domain.jsonl").write_text("".join(json.dumps(row("d", i, 6)) + "\n" for i in range(6)))
-    pool = [row("p", i, int(rng.integers(2, 12))) for i in range(30)]
-    (d / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pool))
-    return d
+def data(tiny_data) -> Path:
+    return tiny_data
 
 
 def config(data: Path, out: Path, model: Path, **options) -> SelectConfig:
