@@ -13,8 +13,8 @@ default, of ``FeatureComputer`` and of ``config.py``, is ``sketch``):
 
 * ``kron``: Kronecker-factored per module (LoGra-style). For a linear factor with
   weight W (out x in), per-sample gradient G_W = sum_t g_t a_t^T (g_t output gradient, a_t input
-  activation of token t). With Rademacher P_o (k_o x out) and P_i (k_i x in), scaled by
-  1/sqrt(k_o k_i),
+  activation of token t). With Rademacher P_o (k_o x out) and P_i (k_i x in), each scaled
+  by 1/sqrt(its k) (a side kept whole is the identity), so 1/sqrt(k_o k_i) in all,
 
       P_o G_W P_i^T = sum_t (P_o g_t)(P_i a_t)^T,
 
