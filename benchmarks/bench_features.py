@@ -230,7 +230,7 @@ def cli_rate(args, rows, n: int) -> dict | None:
         data = Path(tmp) / "rows.jsonl"
         rows[:n].select("id", "prompt", "response").write_ndjson(data)
         cmd = [exe, "features", "--data", str(data), "--out", str(Path(tmp) / "feats"), "--max-length", str(args.max_length),
-               "--proj-dim", str(args.dim), "--batch-tokens", str(args.max_tokens)]
+               "--proj-dim", str(args.dim), "--projector", "kron", "--batch-tokens", str(args.max_tokens)]
         start = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
         wall = time.perf_counter() - start
@@ -253,14 +253,14 @@ def scoring_rows(args) -> tuple[list[dict], str]:
     the features as ntk-ray stores them (float16: numpy converts to float32, then BLAS). Plus
     the float64 floor (a BLAS float64 matrix-vector product on features already in float64:
     what float64 accumulation costs at the least) and one stored shard scored from its
-    Parquet file the way a Ray score task does (``sharded._score_file``: read + score)."""
+    Parquet file the way a Ray score task does (``stages.kernel.score_file``: read + score)."""
     import tempfile
 
     import pyarrow as pa
 
     from ntk_ray.core.scoring import AnchorKernel
-    from ntk_ray.sharded import _score_file
-    from ntk_ray.workers import write_table_atomic
+    from ntk_ray.io.shards import write_table_atomic
+    from ntk_ray.stages.kernel import score_file
 
     rng = np.random.default_rng(args.seed)
     n, d, k = args.pool_rows, args.dim, args.topk
@@ -304,7 +304,7 @@ def scoring_rows(args) -> tuple[list[dict], str]:
                           "feature": pa.FixedSizeListArray.from_arrays(pa.array(x16.reshape(-1)), d)})
         t_write, _ = timed(lambda: write_table_atomic(table, path), cpu)  # as the feature workers write
         del table
-        t_file, _ = best_of(lambda: top(_score_file(str(path), anchors, "mean")["score"]), cpu, args.repeats)
+        t_file, _ = best_of(lambda: top(score_file(str(path), anchors, "mean")["score"]), cpu, args.repeats)
     first = rows[0]
     lines = [f"Pool: {n:,} x {d} random features (norms spread 0.2-5x) stored as float16, {args.score_anchors} anchors, "
              f"top-{k} by `np.argpartition`; best of {args.repeats} in-memory runs, {torch.get_num_threads()} threads. "
@@ -322,8 +322,8 @@ def scoring_rows(args) -> tuple[list[dict], str]:
     lines += ["",
               f"- float64 floor (mean): BLAS `x64 @ m64` on features already in float64 + top-k: {t64:.3f} s = "
               f"{t64 / first['bare32']:.2f}x bare f32: no float64 accumulation can be within 1.5x of a float32 one here",
-              f"- the pool as one feature shard written as the feature workers write it (`workers.write_table_atomic`): "
-              f"{t_write:.2f} s; scored from that Parquet file as a Ray score task does (`sharded._score_file`, mean: read "
+              f"- the pool as one feature shard written as the feature workers write it (`io.shards.write_table_atomic`): "
+              f"{t_write:.2f} s; scored from that Parquet file as a Ray score task does (`stages.kernel.score_file`, mean: read "
               f"+ decode + score) + top-k: {t_file:.3f} s = {t_file / first['bare32']:.2f}x bare f32, "
               f"{t_file / first['bare16']:.2f}x bare f16",
               f"- target (ntk-ray within 1.5x of bare numpy), mean scorer: on the stored float16 features "

@@ -2,16 +2,19 @@
 
     .venv/bin/python benchmarks/bench_scale.py                 # 100K and 1M, writes the table
     .venv/bin/python benchmarks/bench_scale.py --rows 20000    # a quick look, no table
+    .venv/bin/python benchmarks/bench_scale.py --rows 2000 4000 --anchors 8 --k 10 --emb-dim 16 \
+        --shard-rows 1000 --results /tmp/scale.md --max-ratio 100   # the CI smoke size
 
 Random vectors stand in for the model's outputs and go through the same code as the job:
 
   coarse  unit embeddings (dim 576, SmolLM2-135M's hidden size) in Parquet shards ->
-          ``sharded.merge_topk_tasks`` (per-anchor top-K, K = the budget, against 1000 domain
-          anchors) -> ``coarse.votes`` -> ``coarse.coarse_order`` over every pool key, as in
-          ``pipeline.coarse_stage``.
+          ``stages.kernel.merge_topk`` on a ``RayExecutor`` (per-anchor top-K, K = the budget,
+          against 1000 domain anchors) -> ``coarse.votes`` -> ``coarse.coarse_order`` over every
+          pool key, as in ``stages.rank.CoarseStage``.
   score   NTK features (d = 256 here; the job's default 8192 would be 32 GB of features at 1M
-          rows) in Parquet shards with a ``reject`` column -> ``sharded.score_shards`` against
-          1000 anchor features -> the (key, score, reject) frame, as in ``pipeline.score_stage``.
+          rows) in Parquet shards with a ``reject`` column -> ``stages.kernel.score_shards``
+          against 1000 anchor features -> the (key, score, reject) frame, as in
+          ``stages.rank.kernel_scores``.
           Every pool row is scored (as if M = N: the worst case; the job scores only
           coarse-factor x budget rows).
 
@@ -143,7 +146,8 @@ def run_size(rows: int, args) -> dict:
     import ray
 
     from ntk_ray.core.coarse import coarse_order, votes
-    from ntk_ray.sharded import merge_topk_tasks, score_shards
+    from ntk_ray.runtime.ray_executor import RayExecutor
+    from ntk_ray.stages.kernel import merge_topk, score_shards
 
     data = Path(args.data_dir) / f"n{rows}"
     shutil.rmtree(data, ignore_errors=True)
@@ -153,6 +157,7 @@ def run_size(rows: int, args) -> dict:
              log_to_driver=False)
     result = {"rows": rows}
     try:
+        executor = RayExecutor(log=lambda *_: None)  # joins the Ray started above, as the job's stages run on it
         rng = np.random.default_rng(args.seed)
         t = time.time()
         emb_files = write_shards(data / "embed", "embedding", rows, args.shard_rows, args.emb_dim, args.seed)
@@ -168,7 +173,7 @@ def run_size(rows: int, args) -> dict:
         k = min(args.k, rows)
         with MemorySampler() as mem:
             t = time.time()
-            topk = merge_topk_tasks(emb_files, ray.put(anchors), k, "embedding", n_anchors=args.anchors)
+            topk = merge_topk(executor, emb_files, executor.put(anchors), k, "embedding", n_anchors=args.anchors)
             table = votes(topk)
             pool = pl.DataFrame({"key": np.arange(rows, dtype=np.int64) * 2654435761 % (2**61 - 1)})
             ordered = coarse_order(pool, table)
@@ -183,18 +188,13 @@ def run_size(rows: int, args) -> dict:
         feat_anchors = rng.standard_normal((args.anchors, args.feat_dim), dtype=np.float32)
         with MemorySampler() as mem:
             t = time.time()
-            parts = score_shards(feat_files, ray.put(feat_anchors), args.scorer)
-            scores = pl.DataFrame({
-                "key": np.concatenate([p["key"] for p in parts]),
-                "score": np.concatenate([p["score"] for p in parts]),
-                "reject": [r for p in parts for r in p["reject"]],
-            })
+            scores = score_shards(executor, feat_files, executor.put(feat_anchors), args.scorer)
             result["score_s"] = time.time() - t
         assert scores.height == rows and scores["reject"].null_count() == rows
         result["score_pss"], result["score_rss"] = mem.peak_pss / MiB, mem.peak_rss / MiB
         result["score_cpu"], result["score_load"] = mem.cpu_seconds, float(np.mean(mem.load or [0]))
         result["procs"] = mem.peak_procs
-        del parts, scores
+        del scores
     finally:
         ray.shutdown()
         shutil.rmtree(data, ignore_errors=True)
@@ -212,8 +212,8 @@ def table(results: list[dict], args, verdict: str) -> str:
         f"Embedded Ray: {args.cpus} CPUs, object store {args.object_store_mib} MiB.",
         "",
         f"- coarse: {args.anchors} anchors x dim {args.emb_dim} unit embeddings, per-anchor top-K with "
-        f"K = {args.k} (`merge_topk_tasks`), then `votes` + `coarse_order` over every pool key.",
-        f"- score: `score_shards`, scorer `{args.scorer}`, {args.anchors} anchor features x d = {args.feat_dim} "
+        f"K = {args.k} (`stages.kernel.merge_topk` on a `RayExecutor`), then `votes` + `coarse_order` over every pool key.",
+        f"- score: `stages.kernel.score_shards`, scorer `{args.scorer}`, {args.anchors} anchor features x d = {args.feat_dim} "
         f"(not the default 8192: 1M x 8192 float32 = 32 GB of features), every row scored.",
         f"- shards of {args.shard_rows} rows, snappy Parquet, written by Ray tasks (time not included below).",
         "- memory: peak over the stage of the summed PSS (and RSS) of the driver and every Ray process "
