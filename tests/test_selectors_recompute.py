@@ -170,3 +170,25 @@ def test_ntk_scorers_rank_by_their_plain_formula(tiny_data, tiny_model_dir, tmp_
     expected = k.mean(axis=0) if scorer == "mean" else k.max(axis=0)
     got = dict(zip(ranked["id"].to_list(), ranked["score"].to_list()))
     np.testing.assert_allclose([got[i] for i in ids], expected, rtol=1e-6, atol=0)
+
+
+def test_ntk_features_are_the_saved_adapters_gradients(tiny_data, tiny_model_dir, tmp_path):
+    """With ``--projector none`` the kept pool features and the anchors are exactly the gradients
+    of the summed-logit objective under the warmed-up adapter: recomputed one row at a time by
+    plain autograd over the full vocabulary (``reference.reference_gradient``)."""
+    from ntk_ray.io.shards import read_vectors
+    from ntk_ray.reference import reference_gradient
+
+    out = tmp_path / "exact"
+    ranked, manifest = _run(tiny_data, out, tiny_model_dir, projector="none", keep_features=True, coarse_factor=2)
+    assert manifest["projector"]["type"] == "none"
+    model = _adapted(tiny_model_dir, out / "_work" / "warmup" / "adapter", trainable=True)
+    for role, path in (("pool", sorted((out / "_work" / "features").glob("*.parquet"))),
+                       ("domain", [out / "_work" / "anchor_features" / "anchors.parquet"])):
+        tokens = _tokens(out, role)
+        rows = {i: (ids, mask) for i, ids, mask in zip(tokens["id"], tokens["input_ids"], tokens["score_mask"])}
+        for f in path:
+            table, x = read_vectors(str(f), "feature", ("id",))
+            for i, feature in zip(table.column("id").to_pylist(), x):
+                g = reference_gradient(model, *rows[i]).numpy()
+                np.testing.assert_allclose(feature, g, rtol=1e-4, atol=1e-5 * np.abs(g).max())
