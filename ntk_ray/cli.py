@@ -343,10 +343,29 @@ def _tokenized(paths, args):
     return seqs, masks, rejected
 
 
+def _validate_shared(args) -> None:
+    """finetune / evaluate: the numbers they share with ``select`` in the same ranges (declared
+    once, in ``config.py``), before any work; finetune's ``--out`` must not be a file."""
+    from ntk_ray.config import validate_values
+
+    values = {"max_length": args.max_length, "seed": args.seed}
+    if args.command == "finetune":
+        import os
+
+        from ntk_ray.io.accounting import UsageError
+
+        values |= {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "warmup_epochs": args.epochs,
+                   "warmup_lr": args.lr}
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is an existing file, not a directory; choose a directory")
+    validate_values(SelectConfig, values, {"warmup_epochs": "--epochs", "warmup_lr": "--lr"})
+
+
 def cmd_finetune(args) -> int:
     from ntk_ray.models import attach_lora, load_model
     from ntk_ray.core.training import TrainConfig, train_lora
 
+    _validate_shared(args)
     seqs, masks, rejected = _tokenized(args.train, args)
     model = attach_lora(load_model(args.model), r=args.lora_r, alpha=args.lora_alpha, targets=tuple(args.lora_targets),
                         seed=args.seed)
@@ -367,6 +386,7 @@ def cmd_evaluate(args) -> int:
     from ntk_ray.io.rows import read_records
     from ntk_ray.models import load_adapter, load_model, load_tokenizer
 
+    _validate_shared(args)
     rows, unreadable = [], 0
     for path in resolve_paths(args.data, "--data"):
         good, bad = read_records(path)
@@ -410,10 +430,13 @@ def cmd_config(args) -> int:
     ``ntk_ray.runner``, the one door to the job layer)."""
     from ntk_ray import runner
 
+    from ntk_ray.config import validate
+
     cfg = config_from_args(CONFIG_COMMANDS[args.command], args)
     if args.print_config:
         sys.stdout.write(config_toml(cfg))
         return 0
+    validate(cfg)  # every number in its range, --out not a file: before any work
     if args.command == "select":
         manifest = runner.run_select(cfg, overwrite=args.overwrite)
         print_summary(manifest, cfg.out)

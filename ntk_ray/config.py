@@ -19,15 +19,26 @@ EXECUTORS = ("ray", "local")  # runner.executor_factory
 WARMUP_MODES = ("train", "fresh")
 
 
-def opt(default, help, *, flag=None, choices=None, metavar=None, group=None, required=False, shown_default=None):
+#: the largest value of an int field that declares no ``max`` (fits every index type used)
+INT_MAX = 2**31 - 1
+#: seeds: what a TOML integer (--config, --print-config) can hold; the projection uses 64 bits
+SEED_MAX = 2**63 - 1
+
+
+def opt(default, help, *, flag=None, choices=None, metavar=None, group=None, required=False, shown_default=None,
+        min=None, gt=None, max=None):
     """A config field with its command-line flag. ``help`` (a string, or a function returning one
     for help read from a registry) is the flag's ``--help`` text, which ends with the default
     (``shown_default`` says it in words where the value alone would not: ``None`` meaning "the
     budget"). ``choices`` is a tuple or a function returning one (a registry, imported only when
     the parser is built); ``flag`` defaults to ``--field-name``; ``required`` flags may also come
-    from ``--config``."""
+    from ``--config``.
+
+    The range of a number, declared here once and checked by :func:`validate`: ``min`` (at
+    least), ``gt`` (greater than), ``max`` (at most; an int field without one is capped at
+    :data:`INT_MAX`). A float must also be finite. ``None`` is allowed where it is the default."""
     meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "group": group,
-            "required": required, "shown_default": shown_default}
+            "required": required, "shown_default": shown_default, "min": min, "gt": gt, "max": max}
     meta = {k: v for k, v in meta.items() if v is not None and v is not False}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -84,7 +95,7 @@ def _model():
 
 
 def _max_length():
-    return opt(512, "tokens per sample after the chat template")
+    return opt(512, "tokens per sample after the chat template", min=8, max=1 << 20)
 
 
 def _on_too_long_field():
@@ -99,15 +110,15 @@ def _projector(group=None):
 
 
 def _proj_dim(group=None):
-    return opt(8192, "feature dimension d", group=group)
+    return opt(8192, "feature dimension d", group=group, min=1)
 
 
 def _lora_r(group=None):
-    return opt(16, "LoRA rank r", group=group)
+    return opt(16, "LoRA rank r", group=group, min=1, max=65536)
 
 
 def _lora_alpha(group=None):
-    return opt(32, "LoRA alpha (the update is scaled by alpha / r)", group=group)
+    return opt(32, "LoRA alpha (the update is scaled by alpha / r)", group=group, min=1, max=1 << 20)
 
 
 def _lora_targets(group=None):
@@ -116,11 +127,11 @@ def _lora_targets(group=None):
 
 def _batch_tokens(group=None):
     return opt(8192, "padded tokens per forward/backward batch (speed and memory only: not part of the result)",
-               group=group)
+               group=group, min=1)
 
 
 def _actors(group=None):
-    return opt(None, "model actors", group=group, metavar="N", shown_default="one per GPU, or CPUs-1 / 2 on CPU")
+    return opt(None, "model actors", group=group, metavar="N", shown_default="one per GPU, or CPUs-1 / 2 on CPU", min=1, max=100000)
 
 
 def _accelerator(group=None):
@@ -150,7 +161,7 @@ class SelectConfig:
     domain: list[str] = opt([], f"the small in-domain set (at least {MIN_DOMAIN_ROWS} usable rows; ~1K is typical)",
                             metavar="PATH", required=True)
     pool: list[str] = opt([], "the general-domain pool to select from", metavar="PATH", required=True)
-    budget: int = opt(0, "how many pool samples to select", metavar="N", required=True)
+    budget: int = opt(0, "how many pool samples to select", metavar="N", required=True, min=1)
     out: str = opt("", "output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results "
                    "are copied there when the run is complete", metavar="DIR", required=True)
     text_column: str = _text_column()
@@ -165,32 +176,32 @@ class SelectConfig:
     lora_r: int = _lora_r(W)
     lora_alpha: int = _lora_alpha(W)
     lora_targets: list[str] = _lora_targets(W)
-    warmup_epochs: float = opt(2.0, "epochs of the warm-up", group=W)
-    warmup_lr: float = opt(1e-4, "learning rate of the warm-up", group=W)
+    warmup_epochs: float = opt(2.0, "epochs of the warm-up", group=W, min=0, max=1e6)
+    warmup_lr: float = opt(1e-4, "learning rate of the warm-up", group=W, gt=0, max=1e3)
     warmup_batch_tokens: int = opt(4096, "padded tokens per warm-up training step (part of the result, unlike "
-                                   "--batch-tokens)", group=W)
+                                   "--batch-tokens)", group=W, min=1)
     warmup: str = opt("train", "train: warm up on the domain set; fresh: a new adapter with B = 0 (no training)",
                       choices=WARMUP_MODES, group=W)
     adapter: str | None = opt(None, "use this trained peft adapter instead of warming up", metavar="DIR", group=W,
                               shown_default="warm up")
     selector: str = opt("ntk", _selector_help, choices=_selectors, group="selector")
     # coarse stage
-    coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C)
-    coarse_k: int | None = opt(None, "neighbours per domain sample", group=C, shown_default="the budget")
+    coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C, min=1, max=1 << 20)
+    coarse_k: int | None = opt(None, "neighbours per domain sample", group=C, shown_default="the budget", min=1)
     # NTK stage
     scorer: str = opt("cosine", "how kernel values against the anchors become one score: cosine (mean cosine, best on "
                       "the bundled corpus), mean (the paper's mean inner product), max, round-robin",
                       choices=_scorers, group=N)
     projector: str = _projector(N)
     proj_dim: int = _proj_dim(N)
-    seed: int = opt(0, "seed of the warm-up and of the random projection")
+    seed: int = opt(0, "seed of the warm-up and of the random projection", min=0, max=SEED_MAX)
     # execution
     batch_tokens: int = _batch_tokens(X)
     actors: int | None = _actors(X)
     accelerator: str = _accelerator(X)
     wait_for_resources: float = opt(600.0, "how long a stage may wait for its actors to start (e.g. GPU nodes being "
                                     "added) before failing instead of hanging (Ray Data's no-progress timeout is at "
-                                    "least 1800)", metavar="SECONDS", group=X)
+                                    "least 1800)", metavar="SECONDS", group=X, gt=0, max=1e7)
     ray_address: str | None = _ray_address(X)
     executor: str = _executor(X)
     keep_features: bool = opt(False, "keep the NTK feature shards in OUT/_work/features", group=X)
@@ -224,7 +235,7 @@ class FeaturesConfig:
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
-    seed: int = opt(0, "seed of the fresh adapter and of the random projection")
+    seed: int = opt(0, "seed of the fresh adapter and of the random projection", min=0, max=SEED_MAX)
     projector: str = _projector()
     proj_dim: int = _proj_dim()
     lora_r: int = _lora_r()
@@ -242,7 +253,7 @@ class ScoreConfig:
     """``ntk-ray score``: rank one feature directory against the anchors of another."""
     features: str = opt("", "feature directory of the rows to rank", metavar="DIR", required=True)
     anchors: str = opt("", "feature directory of the domain rows (the anchors)", metavar="DIR", required=True)
-    budget: int = opt(0, "how many rows to select", metavar="N", required=True)
+    budget: int = opt(0, "how many rows to select", metavar="N", required=True, min=1)
     out: str = opt("", "output directory, or an object-store URI (s3://, gs://, file://, ...): the files are written in "
                    "--work-dir and copied there at the end", metavar="DIR_OR_URI", required=True)
     scorer: str = opt("cosine", "how kernel values against the anchors become one score (see `select --help`)",
@@ -251,3 +262,105 @@ class ScoreConfig:
                                shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
     ray_address: str | None = _ray_address()
     executor: str = _executor()
+
+
+# ---- the one up-front check of a config's values -----------------------------------------------
+
+def flag_of(f) -> str:
+    """The command-line flag of a config field (``--field-name`` unless the field names another)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _number_type(cls, f):
+    """``int`` or ``float`` for a numeric field of ``cls`` (``X | None`` included), else None."""
+    import typing
+
+    t = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    t = args[0] if args and typing.get_origin(t) is not list else t
+    return t if t in (int, float) else None
+
+
+def _bound(value) -> str:
+    return repr(value) if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+def range_text(f, typ) -> str:
+    """The range of a numeric field in words: ``at least 1``, ``between 1 and 65536``,
+    ``greater than 0 and at most 1000``."""
+    m = f.metadata
+    hi = m.get("max", INT_MAX if typ is int else None)
+    lo = f"at least {_bound(m['min'])}" if "min" in m else f"greater than {_bound(m['gt'])}" if "gt" in m else None
+    if lo and "max" not in m:
+        return lo  # the implicit cap of int fields is only named when it is crossed
+    if "min" in m and hi is not None:
+        return f"between {_bound(m['min'])} and {_bound(hi)}"
+    return " and ".join(part for part in (lo, None if hi is None else f"at most {_bound(hi)}") if part)
+
+
+def check_value(cls, name: str, value, flag: str | None = None) -> None:
+    """One field's value against its declared type and range (see :func:`opt`); raises
+    ``UsageError`` naming the flag, the value and the range."""
+    import dataclasses
+    import math
+
+    from ntk_ray.io.accounting import UsageError
+
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    typ = _number_type(cls, f)
+    if typ is None:
+        return
+    flag = flag or flag_of(f)
+    if value is None:
+        if f.default is None:
+            return
+        raise UsageError(f"{flag} must be {'an integer' if typ is int else 'a number'} (got None)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+        if typ is int and isinstance(value, float) and value.is_integer():
+            raise UsageError(f"{flag} must be an integer (got {value!r})")
+        raise UsageError(f"{flag} must be {'an integer' if typ is int else 'a number'} (got {value!r})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number (got {value!r})")
+    m = f.metadata
+    hi = m.get("max", INT_MAX if typ is int else None)
+    if ("min" in m and value < m["min"]) or ("gt" in m and value <= m["gt"]) or (hi is not None and value > hi):
+        text = f"at most {_bound(hi)}" if "max" not in m and value > hi else range_text(f, typ)
+        raise UsageError(f"{flag} must be {text} (got {value!r})")
+
+
+def numeric_fields(cls) -> list:
+    """The fields of ``cls`` that hold a number (every one of them has a range)."""
+    import dataclasses
+
+    return [f for f in dataclasses.fields(cls) if _number_type(cls, f) is not None]
+
+
+def validate(cfg, flags: dict | None = None) -> None:
+    """Every number of a config (``SelectConfig``, ``FeaturesConfig``, ``ScoreConfig``) in its
+    declared range, and an ``--out`` (``--work-dir``) that is not an existing file: one
+    ``UsageError`` line, before any work. The CLI calls it, and so does the runner (the Python
+    API gets the same check). ``flags``: field name -> the flag it was given as, where a
+    command names it differently (``finetune --epochs`` for ``warmup_epochs``)."""
+    import os
+
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.fs import is_uri
+
+    cls = type(cfg)
+    for f in numeric_fields(cls):
+        check_value(cls, f.name, getattr(cfg, f.name), (flags or {}).get(f.name))
+    for name in ("out", "work_dir"):
+        path = getattr(cfg, name, None)
+        if isinstance(path, str) and path and not is_uri(path):
+            local = os.path.expanduser(path)
+            if os.path.exists(local) and not os.path.isdir(local):
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} {path} is an existing file, not a directory; choose a directory")
+
+
+def validate_values(cls, values: dict, flags: dict | None = None) -> None:
+    """:func:`validate` for commands that share fields of ``cls`` without being one (``finetune``,
+    ``evaluate``): ``values`` maps field names to values, ``flags`` names their flags where they
+    differ."""
+    for name, value in values.items():
+        check_value(cls, name, value, (flags or {}).get(name))

@@ -53,8 +53,11 @@ def check_model(cfg, lora_targets=None) -> str:
     from ntk_ray.models import ModelError, check_lora_targets, load_tokenizer, resolve_model
 
     try:
+        from ntk_ray.models.loading import check_model_files
+
         model = resolve_model(cfg.model)
         load_tokenizer(cfg.model)  # no tokenizer files; no pad, eos or unk token
+        check_model_files(cfg.model)  # no config.json; no weight files
         if lora_targets is not None:
             check_lora_targets(cfg.model, lora_targets)
     except ModelError as e:
@@ -69,8 +72,10 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
     from ntk_ray.core.scoring import SCORERS
     from ntk_ray.io.paths import InputError, resolve_paths
     from ntk_ray.io.rows import check_columns, count_rows
+    from ntk_ray.config import validate
     from ntk_ray.stages.registry import get_selector
 
+    validate(cfg)  # every number in its declared range; --out not an existing file
     if cfg.budget < 1:
         raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
     if cfg.scorer not in SCORERS:
@@ -219,6 +224,9 @@ def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progres
     from ntk_ray.io.rows import check_columns
     from ntk_ray.stages.features_job import features_plan
 
+    from ntk_ray.config import validate
+
+    validate(cfg)
     progress = progress or Progress()
     cols = columns_of(cfg)
     try:
@@ -242,6 +250,9 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     there at the end, as ``select`` does."""
     from ntk_ray.stages.features_job import check_score_inputs, score_plan
 
+    from ntk_ray.config import validate
+
+    validate(cfg)
     progress = progress or Progress()
     inputs = check_score_inputs(cfg)
     identity = {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer}

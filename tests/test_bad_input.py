@@ -51,8 +51,9 @@ def _word_level_tokenizer(*, eos: str | None = "</s>", unk: str | None = "[UNK]"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A local model directory: the config of a 2-layer Llama and a word-level tokenizer (no pad
-    token). No weights: nothing before Ray starts may read them (the up-front checks build the
-    model on the meta device at most)."""
+    token). The weight file is a stand-in that no loader could read: nothing before Ray starts
+    may read it (the up-front checks build the model on the meta device at most, and only look
+    that a weight file exists)."""
     from transformers import LlamaConfig
 
     d = tmp_path_factory.mktemp("tiny-model")
@@ -61,6 +62,7 @@ def model_dir(tmp_path_factory) -> Path:
     LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 tie_word_embeddings=False, architectures=["LlamaForCausalLM"]).save_pretrained(str(d))
+    (d / "model.safetensors").write_bytes(b"not read before Ray starts")
     return d
 
 
@@ -249,7 +251,7 @@ def test_invalid_choice_is_an_argparse_error(no_ray, data, model_dir, tmp_path, 
 
 def test_max_length_too_small(no_ray, data, model_dir, tmp_path, capsys):
     assert error_line(capsys, select(data, model_dir, tmp_path, "--max-length", "4")) == \
-        "--max-length must be at least 8 (got 4)"
+        "--max-length must be between 8 and 1048576 (got 4)"
 
 
 def test_out_holding_a_run_with_another_config(no_ray, data, model_dir, tmp_path, capsys):
@@ -295,6 +297,30 @@ def test_model_directory_without_config(no_ray, data, model_dir, tmp_path, capsy
     _word_level_tokenizer().save_pretrained(str(bare))
     line = error_line(capsys, select(data, model_dir, tmp_path, "--model", str(bare)))
     assert line == f"--model: model directory {bare} has no config.json"
+
+
+def test_model_directory_without_weight_files(no_ray, data, model_dir, tmp_path, capsys):
+    bare = tmp_path / "no-weights"
+    shutil.copytree(model_dir, bare)
+    (bare / "model.safetensors").unlink()
+    line = error_line(capsys, select(data, model_dir, tmp_path, "--model", str(bare)))
+    assert line == f"--model: model directory {bare} has no weight files (*.safetensors, *.bin, *.pt, *.pth)"
+    # also with --adapter (the LoRA targets are then not checked, the weights still are)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    line = error_line(capsys, select(data, model_dir, tmp_path, "--model", str(bare), "--adapter", str(adapter)))
+    assert "has no weight files" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_an_existing_file(no_ray, data, model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    args = select(data, model_dir, tmp_path)
+    line = error_line(capsys, args)
+    assert line == f"--out {out} is an existing file, not a directory; choose a directory"
+    assert out.read_text() == "my notes"
 
 
 def test_tokenizer_without_pad_eos_or_unk(no_ray, data, model_dir, tmp_path, capsys):

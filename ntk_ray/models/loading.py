@@ -70,7 +70,16 @@ def check_local_dir(resolved: str, what: str) -> Path | None:
         )
     if what == "model" and not (path / "config.json").is_file():
         raise ModelError(f"model directory {resolved} has no config.json")
+    if what == "model" and not any(p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ModelError(f"model directory {resolved} has no weight files "
+                         f"({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
     return path
+
+
+def check_model_files(model: str | None) -> None:
+    """Before any work: a ModelError when ``model`` is a local directory that lacks config.json
+    or weight files (a hub id is not checked here: loading it names what is missing)."""
+    check_local_dir(resolve_model(model), "model")
 
 
 def load_tokenizer(model: str | None):
