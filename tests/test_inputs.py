@@ -568,3 +568,40 @@ def test_fallback_id_prefixes_use_absolute_paths(tmp_path: Path, monkeypatch: py
     # the same file spelled twice gets one prefix; the other file another
     got = fallback_id_prefixes(["part.jsonl", "./part.jsonl", "../y/part.jsonl"])
     assert got == {"part.jsonl": "x/part.jsonl", "./part.jsonl": "x/part.jsonl", "../y/part.jsonl": "y/part.jsonl"}
+
+
+# ---- the id rule ---------------------------------------------------------------------------------
+
+def test_id_rule_keeps_int_and_float_apart(tmp_path: Path) -> None:
+    """Ids are strings; an integer is its digits (the string "1" is the same id), a float keeps its
+    decimal point (1.0 is another id than 1), inf is a reject, NaN is null."""
+    path = write_jsonl(tmp_path / "ids.jsonl", [
+        {"id": 1, "text": "a"}, {"id": "1", "text": "b"}, {"id": 1.0, "text": "c"}, {"id": 2.5, "text": "d"},
+        {"id": 1e20, "text": "e"}, {"id": 12345678901234567890, "text": "f"}, {"id": -0.0, "text": "g"},
+    ])
+    assert [r["id"] for r in read_all(path)] == ["1", "1", "1.0", "2.5", "1e+20", "12345678901234567890", "-0.0"]
+    pq_path = write_parquet(tmp_path / "f.parquet", {"text": ["a", "b", "c", "d"],
+                                                     "id": [1.0, float("nan"), float("inf"), 3.25]})
+    rows = read_all(pq_path)
+    assert [r["id"] for r in rows] == ["1.0", "f.parquet:1", "f.parquet:2", "3.25"]
+    assert [r["reject"] for r in rows] == [None, "id is null", "id is not finite (inf)", None]
+
+
+def test_a_real_id_that_looks_like_a_fallback_id_is_a_reject(tmp_path: Path) -> None:
+    """A fallback id (<file>:<row>) can never equal a real id: real ids of that form are rejected."""
+    from ntk_ray.io.rows import FALLBACK_LIKE_REASON, looks_like_fallback_id
+
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"text": "no id, so p.jsonl:0"},
+        {"id": "p.jsonl:0", "text": "pretends to be row 0"},
+        {"id": "a/part-0.parquet:12", "text": "another file's fallback form"},
+        {"id": "doc:3", "text": "fine: doc is not a data file name"},
+        {"id": "p.jsonl:x", "text": "fine: not a row number"},
+    ])
+    rows = read_all(path)
+    assert [r["reject"] for r in rows] == [None, FALLBACK_LIKE_REASON, FALLBACK_LIKE_REASON, None, None]
+    assert [r["id"] for r in rows] == ["p.jsonl:0", "p.jsonl:1", "p.jsonl:2", "doc:3", "p.jsonl:x"]
+    usable = [r["id"] for r in rows if r["reject"] is None]
+    assert len(usable) == len(set(usable))
+    assert looks_like_fallback_id("x.csv.gz:3") is False  # .csv is not read compressed
+    assert looks_like_fallback_id("x.jsonl.gz:3") and looks_like_fallback_id("d.tsv:0")

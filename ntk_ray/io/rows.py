@@ -20,12 +20,13 @@ flag and the file); Ray Data workers call :func:`read_file_rows` (one file per t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
-from ntk_ray.io.formats import INVALID_UTF8, ROW_COLUMN, BadRecord, encodable, one_line, reader_for
+from ntk_ray.io.formats import INVALID_UTF8, ROW_COLUMN, BadRecord, encodable, format_for, one_line, reader_for
 from ntk_ray.io.paths import InputError, file_name
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "ROW_COLUMN",
     "check_columns",
     "count_rows",
+    "id_text",
+    "looks_like_fallback_id",
     "read_file_rows",
     "read_original_rows",
     "read_records",
@@ -185,11 +188,37 @@ def _text_value(record: dict, name: str, role: str,
     return value, None
 
 
-def _id_value(record: dict, name: str) -> tuple[str | None, str | None]:
-    """(id as string, None), (None, None) when the row has no id field, or (None, reason)."""
-    if name not in record:
-        return None, None
-    value = record[name]
+#: a real id of this form (``<data file name>:<row>``) could equal a generated fallback id
+_FALLBACK_FORM = re.compile(r"(.+):([0-9]+)", re.DOTALL)
+FALLBACK_LIKE_REASON = "id has the form of a generated id (<file>:<row>)"
+
+
+def looks_like_fallback_id(text: str) -> bool:
+    """Whether ``text`` has the form of a generated fallback id: a name that some input format
+    claims (``x.jsonl``, ``a/part-0.parquet``, ...), a colon, then digits. Real ids of this form
+    are rejected, so a fallback id can never equal a real one."""
+    m = _FALLBACK_FORM.fullmatch(text)
+    if m is None:
+        return False
+    try:
+        return format_for(m.group(1)) is not None
+    except (ValueError, TypeError):
+        return False
+
+
+def id_text(value: Any) -> tuple[str | None, str | None]:
+    """The id rule: ids are strings, and every other value becomes one (or a reject) like this.
+
+    * a string: itself (``""`` is ``empty id``);
+    * an integer: its decimal digits (``1`` -> ``"1"``: the same id as the string ``"1"``, as
+      in a CSV file, where every value is a string);
+    * a float: Python's shortest round-trip text, always with a decimal point or exponent
+      (``1.0`` -> ``"1.0"``, ``2.5`` -> ``"2.5"``, ``1e+20``), so ``1`` and ``1.0`` are two ids;
+      NaN is ``id is null``, +-inf is ``id is not finite (inf)``;
+    * bytes: decoded as UTF-8;
+    * null, a bool, a list or an object: a reject.
+
+    Returns (text, None) or (None, reason)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, "id is null"
     if value is INVALID_UTF8:
@@ -197,7 +226,9 @@ def _id_value(record: dict, name: str) -> tuple[str | None, str | None]:
     if isinstance(value, bool) or isinstance(value, (list, dict, tuple)):
         return None, f"id is not a string or number ({type(value).__name__})"
     if isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else repr(value)
+        if math.isinf(value):
+            return None, f"id is not finite ({value!r})"
+        text = repr(value)
     elif isinstance(value, (bytes, bytearray)):
         try:
             text = bytes(value).decode("utf-8")
@@ -209,7 +240,16 @@ def _id_value(record: dict, name: str) -> tuple[str | None, str | None]:
         return None, "empty id"
     if not encodable(text):
         return None, "invalid Unicode in id (unpaired surrogate)"
+    if looks_like_fallback_id(text):
+        return None, FALLBACK_LIKE_REASON
     return text, None
+
+
+def _id_value(record: dict, name: str) -> tuple[str | None, str | None]:
+    """(id as string, None), (None, None) when the row has no id field, or (None, reason)."""
+    if name not in record:
+        return None, None
+    return id_text(record[name])
 
 
 def _validate(record: Any, cols: Columns, mode: str) -> tuple[str | None, str | None, str | None,
