@@ -1,6 +1,7 @@
 """The selection benchmark (benchmarks/bench_selection.py) end to end at smoke size: one domain,
 one seed, tiny sizes, the real demo model. Checks that every condition gets a table row with
-finite numbers, that the plot is a PNG, and that a rerun resumes from the cache."""
+finite numbers, that the selections are the product's jobs (each selector's run directory, its
+ranked.parquet), that the plot is a PNG, and that a rerun resumes from the cache."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def test_smoke_run_writes_a_complete_table_and_plot(tmp_path, capsys):
     # thread is for a machine shared with other work); --threads is not part of the results' fingerprint
     threads = ["--threads", str(min(2, os.cpu_count() or 1))]
     assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), *threads]) == 0
+    assert (out / "work").is_dir(), "--smoke puts the jobs under <out>/work"
 
     md = (out / "selection.md").read_text()
     assert "bench_selection.py --smoke" in md.split("```")[1], "the regenerating command is at the top"
@@ -85,6 +87,22 @@ def test_smoke_run_writes_a_complete_table_and_plot(tmp_path, capsys):
     assert all(r["mc_skipped"] == 0 and r["mc_items"] > 0 for r in res.values())
     # the fine-tunes differ by their data only, and the data must reach them
     assert len({round(r["loss"], 6) for r in res.values()}) > 1, "every condition gave the same loss"
+
+    # the selections are the product's: each one is a select (ntk-mean: score) job whose
+    # ranked.parquet holds exactly the ids the fine-tune used
+    import polars as pl
+
+    for name, r in sel.items():
+        run = ROOT / r["run"]  # relative to the repository, or absolute
+        manifest = json.loads((run / "manifest.json").read_text())
+        ranked = pl.read_parquet(run / "ranked.parquet")
+        assert ranked.filter(pl.col("selected")).sort("rank")["id"].to_list() == r["ids"], name
+        if name == "ntk-mean":
+            assert manifest["config"]["scorer"] == "mean" and Path(manifest["config"]["features"]).resolve().parents[1] == (ROOT / sel["ntk"]["run"]).resolve()
+        else:
+            assert manifest["selector"] == name and set(ranked["stage"].unique()) <= {name, "coarse"}, name
+    assert "coarse" in set(pl.read_parquet(ROOT / sel["ntk"]["run"] / "ranked.parquet")["stage"])  # the kNN stage ran
+    assert {"warmup", "embed", "coarse", "features", "score"} <= set(sel["ntk"]["parts"])
 
     # a rerun resumes from the cache: no model is loaded, nothing is recomputed
     capsys.readouterr()
