@@ -605,3 +605,38 @@ def test_a_real_id_that_looks_like_a_fallback_id_is_a_reject(tmp_path: Path) -> 
     assert len(usable) == len(set(usable))
     assert looks_like_fallback_id("x.csv.gz:3") is False  # .csv is not read compressed
     assert looks_like_fallback_id("x.jsonl.gz:3") and looks_like_fallback_id("d.tsv:0")
+
+
+# ---- symlinks: read once, never looped, never silently skipped --------------------------------
+
+def test_a_file_reached_twice_is_read_once_by_real_path(tmp_path: Path) -> None:
+    real = write_jsonl(tmp_path / "d" / "a.jsonl", [{"text": "a"}])
+    (tmp_path / "link.jsonl").symlink_to(real)
+    (tmp_path / "alias").symlink_to(tmp_path / "d", target_is_directory=True)
+    got = resolve_paths([str(tmp_path / "d" / "*.jsonl"), str(tmp_path / "d" / "a.*"), str(tmp_path / "link.jsonl"),
+                         str(tmp_path / "alias")], "--pool")
+    assert got == [str(tmp_path / "d" / "a.jsonl")]
+
+
+def test_recursive_glob_does_not_follow_a_symlink_loop(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    write_jsonl(d / "one.jsonl", [{"text": f"r{i}"} for i in range(10)])
+    (d / "loop").symlink_to(d, target_is_directory=True)
+    (d / "sub").mkdir()
+    (d / "sub" / "up").symlink_to(d, target_is_directory=True)
+    files = resolve_paths(str(d / "**" / "*.jsonl"), "--pool")
+    assert files == [str(d / "one.jsonl")]
+    assert sum(1 for f in files for _ in read_all(f)) == 10
+    assert resolve_paths(str(d), "--pool") == [str(d / "one.jsonl")]  # the directory walk too
+
+
+def test_a_directory_follows_symlinked_subdirectories(tmp_path: Path) -> None:
+    elsewhere = write_jsonl(tmp_path / "elsewhere" / "b.jsonl", [{"text": "b"}])
+    d = tmp_path / "d"
+    write_jsonl(d / "a.jsonl", [{"text": "a"}])
+    (d / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (d / "dangling").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    assert resolve_paths(str(d), "--pool") == [str(d / "a.jsonl"), str(d / "linked" / "b.jsonl")]
+    assert Path(elsewhere).exists()
+    # and through a ** glob
+    assert resolve_paths(str(d / "**" / "*.jsonl"), "--pool") == [str(d / "a.jsonl"), str(d / "linked" / "b.jsonl")]

@@ -62,6 +62,14 @@ def _identity(path: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
+def _real_identity(path: str) -> str:
+    """A key under which every way to reach one local file compares equal: two globs, ``./``,
+    a symlink to it or through a symlinked directory (what ``resolve_paths`` de-duplicates on)."""
+    if is_uri(path):
+        return path
+    return os.path.realpath(os.path.expanduser(path))
+
+
 def _has_magic(s: str) -> bool:
     return globlib.has_magic(s)
 
@@ -105,18 +113,63 @@ def _unsupported(flag: str, path: str, glob: str | None = None) -> InputError:
 
 # ---- local ----------------------------------------------------------------------------------
 
+def _walk(root: str, prune=None):
+    """``os.walk(root)`` that follows symlinked directories but enters every real directory once
+    (a symlink loop, or a second link to a directory already walked, is not entered again), in
+    sorted order. ``prune(name)``: directory names not to enter."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        keep = []
+        for d in sorted(dirnames):
+            if prune is not None and prune(d):
+                continue
+            try:
+                sub = os.stat(os.path.join(dirpath, d))
+            except OSError:  # a dangling symlink
+                continue
+            if (sub.st_dev, sub.st_ino) not in seen:
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, dirnames, sorted(filenames)
+
+
 def _walk_local(spec: str) -> list[str]:
-    """Supported files under a local directory, recursively, skipping '.'/'_' names, sorted."""
+    """Supported files under a local directory, recursively (symlinked directories included,
+    each real directory once), skipping '.'/'_' names, sorted."""
     root = os.path.expanduser(spec)
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not _ignored(d)]
+    for dirpath, _, filenames in _walk(root, prune=_ignored):
         for name in filenames:
             if _ignored(name) or not _supported(name):
                 continue
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             found.append(os.path.join(spec, rel))
     return sorted(found)
+
+
+def _recursive_glob(expanded: str) -> list[str]:
+    """Matches of a local glob holding ``**``, found by :func:`_walk` (never looping through
+    symlinks, unlike ``glob.glob(recursive=True)``): files and directories, sorted."""
+    parts = expanded.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if _has_magic(part))
+    base = os.sep.join(parts[:first]) or (os.sep if expanded.startswith(os.sep) else "")
+    regex = _glob_regex("/".join(parts[first:]))
+    matches = []
+    for dirpath, dirnames, filenames in _walk(base or "."):
+        for name in dirnames + filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), base or ".")
+            if regex.match(rel.replace(os.sep, "/")):
+                matches.append(os.path.join(base, rel) if base else rel)
+    return sorted(matches)
 
 
 def _glob_skips(rel_parts: Sequence[str], pattern_parts: Sequence[str]) -> bool:
@@ -131,7 +184,10 @@ def _glob_skips(rel_parts: Sequence[str], pattern_parts: Sequence[str]) -> bool:
 
 def _resolve_local_glob(spec: str, flag: str) -> list[str]:
     expanded = os.path.expanduser(spec)
-    matches = sorted(globlib.glob(expanded, recursive=True))
+    if "**" in expanded:
+        matches = _recursive_glob(expanded)
+    else:
+        matches = sorted(globlib.glob(expanded))
     if not matches:
         raise InputError(f"{flag}: glob '{spec}' matched no files")
     parts = expanded.split(os.sep)
@@ -261,7 +317,9 @@ def resolve_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], flag: s
       expanded and sorted; matched directories are expanded as above, a matched file with an
       unsupported suffix is an error.
     Local paths are returned as given (children joined onto the given directory); URIs stay
-    URIs. Several specs keep their order; a file reached twice is listed once.
+    URIs. Several specs keep their order; a file reached twice (two globs, a symlink, a
+    symlinked directory: the same real path) is listed once, the first time. Symlinked
+    directories are followed, each real directory once, so a symlink loop ends.
 
     Raises:
         InputError: one line naming ``flag`` and the path, e.g.
@@ -277,7 +335,7 @@ def resolve_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], flag: s
         if not text.strip():
             raise InputError(f"{flag}: empty input path")
         for path in (_resolve_uri if is_uri(text) else _resolve_local)(text, flag):
-            key = _identity(path)
+            key = _real_identity(path)
             if key not in seen:
                 seen.add(key)
                 out.append(path)
