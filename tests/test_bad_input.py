@@ -440,3 +440,86 @@ def test_write_atomic_keeps_the_previous_complete_file(tmp_path, monkeypatch):
 def test_atomic_temporary_names_are_hidden_and_never_globbed_as_parquet(tmp_path):
     tmp = atomic.atomic_path(tmp_path / "ranked.parquet")
     assert tmp.parent == tmp_path and tmp.name.startswith(".") and not tmp.name.endswith(".parquet")
+
+
+# ---- non-finite embeddings (coarse stage) and non-finite scores (`score`), end to end in-process ----
+
+POISONED = ("p3", "p7")
+
+
+def _tiny_select(tiny_data, tiny_model_dir, out, **options):
+    from ntk_ray.config import SelectConfig
+
+    return SelectConfig(domain=[str(tiny_data / "domain.jsonl")], pool=[str(tiny_data / "pool.jsonl")], budget=5,
+                        out=str(out), model=str(tiny_model_dir), max_length=32, proj_dim=64, warmup_epochs=1.0,
+                        batch_tokens=512, **options)
+
+
+def test_non_finite_embeddings_become_rejects_not_ranked_rows(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    """Pool rows whose coarse-stage embedding is NaN are listed in rejects.parquet with a reason,
+    never ranked (neither as candidates nor as coarse rows), and the row accounting holds."""
+    import ntk_ray.core.features as features
+    from ntk_ray.runner import run_select
+    from ntk_ray.runtime.local import LocalExecutor
+    from ntk_ray.stages import model as model_stages
+    from ntk_ray.stages.workers import NONFINITE_EMBEDDING, Embedder
+
+    class PoisonedEmbedder(Embedder):
+        def process(self, batch):
+            real, ids = features.mean_pooled_embeddings, batch.column("id").to_pylist()
+
+            def poisoned(*args, **kwargs):
+                emb = real(*args, **kwargs).clone()
+                for i, row_id in enumerate(ids):
+                    if row_id in POISONED:
+                        emb[i] = float("nan")
+                return emb
+
+            monkeypatch.setattr(features, "mean_pooled_embeddings", poisoned)
+            try:
+                return super().process(batch)
+            finally:
+                monkeypatch.setattr(features, "mean_pooled_embeddings", real)
+
+    monkeypatch.setattr(model_stages, "Embedder", PoisonedEmbedder)
+    out = tmp_path / "out"
+    manifest = run_select(_tiny_select(tiny_data, tiny_model_dir, out), executor=LocalExecutor())
+    assert manifest["coarse"]["skipped"] is False
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    rejects = pl.read_parquet(out / "rejects.parquet")
+    assert not set(POISONED) & set(ranked["id"].to_list())
+    got = rejects.filter(pl.col("reason") == NONFINITE_EMBEDDING).sort("id")
+    assert got["id"].to_list() == list(POISONED)
+    assert got["role"].to_list() == ["pool", "pool"] and got["source"].to_list() == [str(tiny_data / "pool.jsonl")] * 2
+    assert sorted(got["row"].to_list()) == [3, 7]
+    c = manifest["counts"]
+    assert c["pool_rows"] == c["ranked"] + c["rejected"] == 30 and c["rejected"] == 2
+
+
+def test_score_rejects_non_finite_scores_as_select_does(tiny_data, tiny_model_dir, tmp_path):
+    """`ntk-ray score` applies select's non-finite check: a NaN feature gives a NaN score, which
+    becomes the reject `non-finite score (NaN/inf)` instead of a ranked row."""
+    from ntk_ray.config import ScoreConfig
+    from ntk_ray.io.shards import list_shards
+    from ntk_ray.runner import run_score, run_select
+    from ntk_ray.runtime.local import LocalExecutor
+
+    out = tmp_path / "sel"
+    run_select(_tiny_select(tiny_data, tiny_model_dir, out, keep_features=True), executor=LocalExecutor())
+    shard = list_shards(str(out / "_work" / "features"))[0]
+    table = pq.read_table(shard)
+    feats = np.array(table.column("feature").to_pylist(), dtype=np.float32)
+    poisoned_id = table.column("id")[0].as_py()
+    feats[0, :] = np.nan
+    col = table.schema.field("feature")
+    table = table.set_column(table.schema.get_field_index("feature"), col,
+                             pa.array(feats.tolist(), type=col.type))
+    pq.write_table(table, shard)
+    manifest = run_score(ScoreConfig(features=str(out / "_work" / "features"), anchors=str(out / "_work" / "anchor_features"),
+                                     budget=3, out=str(tmp_path / "score")), executor=LocalExecutor())
+    ranked = pl.read_parquet(tmp_path / "score" / "ranked.parquet")
+    rejects = pl.read_parquet(tmp_path / "score" / "rejects.parquet")
+    assert poisoned_id not in ranked["id"].to_list()
+    assert rejects.filter(pl.col("id") == poisoned_id)["reason"].to_list() == ["non-finite score (NaN/inf)"]
+    assert ranked["score"].is_finite().all()
+    assert manifest["counts"]["pool_rows"] == manifest["counts"]["ranked"] + manifest["counts"]["rejected"]

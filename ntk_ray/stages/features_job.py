@@ -23,7 +23,7 @@ import polars as pl
 from ntk_ray.io.accounting import UsageError, mark_duplicates
 from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
 from ntk_ray.io.feature_files import adapter_hash, dir_spec, read_spec, stamp_adapter
-from ntk_ray.io.outputs import empty_rejects, rank_rows, selected_rows
+from ntk_ray.io.outputs import empty_rejects, nonfinite_scores_rejected, rank_rows, selected_rows
 from ntk_ray.io.shards import fixed_size_list, read_shards, read_vectors, shards_frame, write_table_atomic
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.model import Shards, Warm, map_tokens
@@ -212,7 +212,7 @@ class FeatureWriteStage(Stage):
 
         cfg, out = ctx.cfg, ctx.out
         rows = shards_frame(ctx.inputs.pool_files, ["id", "key", "source", "row"])
-        cand = rows.join(score.scores, on="key", how="left")
+        cand = nonfinite_scores_rejected(rows.join(score.scores, on="key", how="left"))  # as select does
         scored = cand.filter(pl.col("reject").is_null()).drop("reject").with_columns(
             pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.lit(None, dtype=pl.Float64).alias("coarse_sim"))
         if score.order is not None:

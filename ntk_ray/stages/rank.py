@@ -26,12 +26,15 @@ from ntk_ray.stages.read import Accounting, Tokens
 @dataclass
 class Candidates:
     """Rows that go on to be scored (``candidates``: id, key, source, row, coarse_votes,
-    coarse_sim) and rows cut before (``cut``, same columns, in coarse order)."""
+    coarse_sim), rows cut before (``cut``, same columns, in coarse order) and pool rows the
+    coarse stage could not use (``rejected``: id, source, row, reason; e.g. a non-finite
+    embedding), which the write stage lists as rejects."""
     candidates: pl.DataFrame
     cut: pl.DataFrame
     skipped: bool
     M: int | None = None
     K: int | None = None
+    rejected: pl.DataFrame | None = None
 
 
 @dataclass
@@ -66,12 +69,31 @@ class CoarseStage(Stage):
         if embed.skipped:
             ctx.progress.log(f"coarse: skipped ({pool.height} usable pool rows <= M = {m})")
             return no_coarse(pool, m)
-        k = min(cfg.coarse_k or cfg.budget, pool.height)
+        rejected = embed_rejects(embed.files())
+        if rejected.height:  # never ranked: neither candidates nor cut
+            pool = pool.join(rejected.select("key"), on="key", how="anti")
+            ctx.progress.log(f"coarse: {rejected.height} pool rows rejected ({rejected['reason'][0]}, ...)")
+        k = max(1, min(cfg.coarse_k or cfg.budget, pool.height))
         anchors = ctx.executor.put(warmup.anchor_embeddings)
         topk = merge_topk(ctx.executor, embed.files(), anchors, k, "embedding", n_anchors=len(warmup.anchor_embeddings))
         ordered = coarse_order(pool, votes(topk))
         ctx.progress.log(f"coarse: {pool.height} -> {m} candidates by kNN votes (K = {k} per domain sample)")
-        return Candidates(candidates=ordered.head(m), cut=ordered.slice(m), skipped=False, M=m, K=k)
+        return Candidates(candidates=ordered.head(m), cut=ordered.slice(m), skipped=False, M=m, K=k,
+                          rejected=rejected.drop("key") if rejected.height else None)
+
+
+def embed_rejects(files: list[str]) -> pl.DataFrame:
+    """key, id, source, row, reason of the rows of embed shards that carry a ``reject``."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for path in files:
+        names = pq.ParquetFile(path).schema_arrow.names
+        if "reject" in names:
+            t = pl.from_arrow(pq.read_table(path, columns=["key", "id", "source", "row", "reject"]))
+            parts.append(t.filter(pl.col("reject").is_not_null()).rename({"reject": "reason"}))
+    schema = {"key": pl.Int64, "id": pl.String, "source": pl.String, "row": pl.Int64, "reason": pl.String}
+    return pl.concat([p.cast(schema) for p in parts]) if parts else pl.DataFrame(schema=schema)
 
 
 class AllRowsStage(Stage):

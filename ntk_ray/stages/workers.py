@@ -190,8 +190,13 @@ class ShardMapper:
         raise NotImplementedError
 
 
+NONFINITE_EMBEDDING = "non-finite embedding (NaN/inf)"
+
+
 class Embedder(ShardMapper):
-    """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised."""
+    """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised. A row whose
+    embedding is not finite gets a ``reject`` reason and a zero embedding (the coarse stage and
+    the kernel skip rejected rows; the write stage lists them in rejects.parquet)."""
 
     def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
                  device: str | None = None):
@@ -206,8 +211,13 @@ class Embedder(ShardMapper):
         from ntk_ray.core.features import mean_pooled_embeddings
 
         seqs = batch.column("input_ids").to_pylist()
-        emb = mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device).numpy()
-        return pa.table({"id": batch.column("id"), "key": batch.column("key"), "embedding": fixed_size_list(emb)})
+        emb = np.array(mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device).numpy())
+        finite = np.isfinite(emb).all(axis=1)
+        emb[~finite] = 0.0
+        return pa.table({"id": batch.column("id"), "key": batch.column("key"),
+                         "source": batch.column("source"), "row": batch.column("row"),
+                         "embedding": fixed_size_list(emb),
+                         "reject": pa.array([None if ok else NONFINITE_EMBEDDING for ok in finite], pa.string())})
 
 
 class Featurizer(ShardMapper):

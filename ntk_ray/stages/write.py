@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import polars as pl
 
 from ntk_ray.io.atomic import write_json_atomic, write_parquet_atomic
+from ntk_ray.io.fs import redact
 from ntk_ray.io.outputs import empty_rejects, nonfinite_scores_rejected, rank_rows, selected_rows
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.model import Warm
@@ -35,6 +36,19 @@ def package_versions() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = __version__ if pkg == "ntk-ray" else None
     return versions
+
+
+def redacted_sources(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with credentials masked in its ``source`` column (inputs may be URIs with a
+    secret): what a result file says about where a row came from, never how to get in. The
+    stages keep the real address internally (``selected.parquet`` reads rows back from it)."""
+    if "source" not in df.columns or df.height == 0:
+        return df
+    sources = df["source"].unique().drop_nulls().to_list()
+    mapping = {s: redact(s) for s in sources if redact(s) != s}
+    if not mapping:
+        return df
+    return df.with_columns(pl.col("source").replace(mapping))
 
 
 class WriteStage(Stage):
@@ -63,10 +77,12 @@ class WriteStage(Stage):
         if score.order is not None:
             scored = scored.join(score.order, on="key", how="left")
         ranked = rank_rows(scored, coarse.cut, cfg.budget, stage=self.selector)
-        rejects = pl.concat([
-            validate.rejects,
-            bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason")),
-        ]) if validate.rejects.height or bad.height else empty_rejects()
+        bad = bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason"))
+        if coarse.rejected is not None and coarse.rejected.height:  # e.g. non-finite embeddings
+            bad = pl.concat([coarse.rejected.select("id", "source", "row", pl.lit("pool").alias("role"), "reason")
+                             .cast(dict(bad.schema)), bad])
+        rejects = pl.concat([validate.rejects, bad]) \
+            if validate.rejects.height or bad.height else empty_rejects()
         counts = dict(validate.counts)
         counts["rejected"] = int(rejects.filter(pl.col("role") == "pool").height)
         counts["ranked"] = ranked.height
@@ -75,9 +91,10 @@ class WriteStage(Stage):
             raise RuntimeError(f"row accounting failed: {counts}")
         if counts["selected"] < cfg.budget:
             ctx.progress.log(f"warning: only {counts['selected']} usable pool rows for a budget of {cfg.budget}: all are selected")
-        write_parquet_atomic(ranked, out / "ranked.parquet")
-        write_parquet_atomic(selected_rows(ranked, read_original_rows), out / "selected.parquet")
-        write_parquet_atomic(rejects.cast({"row": pl.Int64}), out / "rejects.parquet")
+        selected = selected_rows(ranked, read_original_rows)  # read back through the real sources
+        write_parquet_atomic(redacted_sources(ranked), out / "ranked.parquet")
+        write_parquet_atomic(selected, out / "selected.parquet")
+        write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})), out / "rejects.parquet")
         manifest = {
             "counts": counts,
             "config": asdict(cfg),
@@ -91,12 +108,16 @@ class WriteStage(Stage):
             "stage_seconds": ctx.progress.seconds(),  # the write stage so far: all but this file
             "versions": package_versions(),
         }
+        manifest = redact(manifest)  # no credential of an input or --out URI in the manifest
         write_json_atomic(manifest, out / "manifest.json")
         return Written(manifest)
 
 
 class PublishStage(Stage):
-    """Copy the result files to the ``--out`` URI (the stages ran in a local working directory)."""
+    """Copy the result files to the ``--out`` URI (the stages ran in a local working directory):
+    a stale ``manifest.json`` there is deleted first, the data files go up next and
+    ``manifest.json`` last (``io.storage.publish``), so a reader never takes a half-published
+    run for a complete one. Logged destinations are redacted."""
     name = "publish"
     output = Written
     needs = ("write",)
