@@ -74,15 +74,27 @@ def test_progress_seconds_split_setup_from_the_stages():
     assert set(progress.seconds()) == {"a", "b", "setup"}
 
 
-def test_actor_threads_are_capped_at_this_nodes_cores(monkeypatch):
+def test_actor_threads_are_set_from_the_env_and_capped_at_this_nodes_cores(monkeypatch):
+    """Observes a change: the threads start at 1, so a set_threads_from_env that did nothing fails."""
     import torch
 
     from ntk_ray.stages.workers import set_threads_from_env
 
+    cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
-        monkeypatch.setenv("NTK_RAY_THREADS", "4096")  # the CPUs of a whole cluster
+        if cores >= 2:
+            torch.set_num_threads(1)
+            monkeypatch.setenv("NTK_RAY_THREADS", "2")
+            set_threads_from_env()
+            assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        monkeypatch.setenv("NTK_RAY_THREADS", "4096")  # the CPUs of a whole cluster: capped at this node's cores
         set_threads_from_env()
-        assert 1 <= torch.get_num_threads() <= len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == cores
+        torch.set_num_threads(1)
+        monkeypatch.setenv("NTK_RAY_THREADS", "0")  # unset / 0: left alone
+        set_threads_from_env()
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -113,6 +113,26 @@ def test_rank_statistics():
     np.testing.assert_allclose(pc.gram64(g, chunk=1 << 12), (g.double() @ g.double().T).numpy(), rtol=1e-5, atol=1e-3)
 
 
+def test_gram64_accumulates_in_float64_where_float32_loses_the_small_terms():
+    """Two rows whose large products cancel across chunks (+2^28 in chunk A, -2^28 in chunk B)
+    with small ones in between (chunk C: 4096 x 1/16 = 256): the exact off-diagonal entry is 256.
+    A float32 accumulation over the whole row adds the 1/16s to a running sum near 2^24..2^28,
+    where they round away; gram64 sums each chunk's (exact, powers-of-two) float32 product in
+    float64 and gets 256 exactly. The input is checked to separate the two."""
+    pc = _load()
+    chunk = 1 << 12
+    big = torch.full((chunk,), 2.0 ** 8)
+    small = torch.full((chunk,), 0.25)
+    g = torch.stack([torch.cat([big, small, big]), torch.cat([big, small, -big])])  # chunks A, C, B
+    exact = (g.double() @ g.double().T).numpy()
+    assert exact[0, 1] == 256.0
+    tolerance = dict(rtol=1e-9, atol=1e-6)
+    float32 = (g @ g.T).double().numpy()
+    assert not np.allclose(float32, exact, **tolerance), float32  # float32 accumulation fails this tolerance
+    assert abs(float32[0, 1] - 256.0) > 1.0, float32
+    np.testing.assert_allclose(pc.gram64(g, chunk=chunk), exact, **tolerance)
+
+
 def _table_numbers(text: str) -> list[float]:
     values = []
     for line in text.splitlines():

@@ -78,6 +78,41 @@ def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, 
     rescored = pl.read_parquet(out / "ranked.parquet")
     assert rescored["id"].to_list() == select_ntk["id"].to_list()
     assert pl.read_parquet(out / "selected.parquet").height == BUDGET
+    # against an independent computation: the feature files read with pyarrow alone, the default
+    # (cosine) scores in float64 numpy: s(x) = mean over anchors of <x, a> / (|x| |a|)
+    expected = _cosine_scores_float64(work / "features", work / "anchor_features")
+    assert set(expected) == set(rescored["id"].to_list())
+    got = dict(zip(rescored["id"].to_list(), rescored["score"].to_list()))
+    for i, want in expected.items():
+        assert abs(got[i] - want) <= 1e-6 * abs(want) + 1e-9, (i, got[i], want)
+    # the ranking is the descending order of the independent scores (ties within float32 rounding aside)
+    ordered = [expected[i] for i in rescored["id"].to_list()]
+    assert all(a >= b - 1e-6 * max(abs(a), abs(b)) for a, b in zip(ordered, ordered[1:]))
+    assert set(rescored.filter(pl.col("selected"))["id"]) == set(sorted(expected, key=expected.get)[-BUDGET:])
+
+
+def _cosine_scores_float64(features_dir, anchors_dir) -> dict:
+    """id -> mean cosine to the anchors, from the Parquet feature shards (pyarrow + numpy only)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    def read(directory):
+        ids, rows = [], []
+        for path in sorted(directory.rglob("*.parquet")):
+            if any(part.startswith(("_", ".")) for part in path.relative_to(directory).parts):
+                continue
+            t = pq.read_table(path).to_pydict()
+            for k, i in enumerate(t["id"]):
+                if t.get("reject", [None] * len(t["id"]))[k] is None and t["feature"][k] is not None:
+                    ids.append(i)
+                    rows.append(np.asarray(t["feature"][k], dtype=np.float64))
+        return ids, np.stack(rows)
+
+    pool_ids, x = read(features_dir)
+    _, a = read(anchors_dir)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    return dict(zip(pool_ids, (x @ a.T).mean(axis=1)))
 
 
 def test_features_command_recomputes_the_same_anchor_features(first_run, demo_data, tmp_path):
