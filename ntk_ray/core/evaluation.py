@@ -207,14 +207,18 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
     prompts, responses, texts = cols.get(prompt_column), cols.get(response_column), cols.get(text_column)
     mc = choices is not None and answers is not None
     if mc:
-        if prompts is None:
-            raise ValueError(f"multiple-choice rows need a {prompt_column!r} column")
-        for row, (c, a) in enumerate(zip(choices, answers)):
-            if c is None or a is None:
-                raise ValueError(f"row {row}: {choices_column!r} and {answer_column!r} must both be set on every row")
-        choices = [list(c) if not isinstance(c, str) else c for c in choices]
-        _check_choices(choices)
-        gold = resolve_answers(choices, answers)
+        # "--data: ...": one line naming the flag, which `ntk-ray evaluate` prints as a usage error (exit 2)
+        try:
+            if prompts is None:
+                raise ValueError(f"multiple-choice rows need a {prompt_column!r} column")
+            for row, (c, a) in enumerate(zip(choices, answers)):
+                if c is None or a is None:
+                    raise ValueError(f"row {row}: {choices_column!r} and {answer_column!r} must both be set on every row")
+            choices = [list(c) if not isinstance(c, str) else c for c in choices]
+            _check_choices(choices)
+            gold = resolve_answers(choices, answers)
+        except ValueError as e:
+            raise ValueError(f"--data: {e}".replace("\n", " ")) from None
         if responses is None:
             responses = [c[g] for c, g in zip(choices, gold)]
 
@@ -223,7 +227,7 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
     elif texts is not None:
         tok = tokenize_batch(tokenizer, texts=texts, max_length=max_length, on_too_long=on_too_long)
     else:
-        raise ValueError(f"rows need a {text_column!r} column or {prompt_column!r} and {response_column!r} columns"
+        raise ValueError(f"--data: rows need a {text_column!r} column or {prompt_column!r} and {response_column!r} columns"
                          f" (or {prompt_column!r}, {choices_column!r} and {answer_column!r})")
     keep = [i for i, r in enumerate(tok.reject) if r is None]
     if keep:

@@ -1,0 +1,585 @@
+"""Every command and every flag of ``ntk-ray`` run at least once with a valid value, and each
+case asserts what the flag did (the manifest's config and counts, the output files, the
+adapter, the printed JSON, behaviour), not just exit status 0.
+
+The list of flags comes from the parser (``ntk_ray.cli.build_parser()``): a new flag without a
+case fails ``test_every_flag_of_every_command_has_a_case``. Each case says which flags it
+covers with ``@covers(command, *flags)``.
+
+Cheap by design: the tiny random Llama of conftest (``tiny_model_dir``) and ``--executor local``
+(about a second a run). The ``--ray-address`` cases join the session Ray (marked ``ray``); the
+``demo`` case runs the bundled model once at a tiny size (marked ``ray``, ``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ntk_ray.cli import build_parser, main
+
+COVERED: dict[tuple[str, str], list[str]] = {}
+COMMANDS = {"select", "features", "score", "finetune", "evaluate", "demo"}
+
+
+def covers(command: str, *flags: str):
+    """Record that the decorated test exercises ``flags`` of ``command`` (and asserts their effect)."""
+    def deco(fn):
+        for flag in flags:
+            COVERED.setdefault((command, flag), []).append(fn.__name__)
+        return fn
+    return deco
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> set[tuple[str, str]]:
+    """(command, flag) of every option of every subcommand, and ("ntk-ray", flag) of the top level."""
+    out = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out |= {(name, o) for a in sub._actions for o in a.option_strings if o not in ("-h", "--help")}
+        else:
+            out |= {("ntk-ray", o) for o in action.option_strings if o not in ("-h", "--help")}
+    return out
+
+
+def uncovered(parser) -> set[tuple[str, str]]:
+    return parser_flags(parser) - set(COVERED)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def manifest(out) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def features_of(directory) -> dict[str, np.ndarray]:
+    """id -> float64 feature of every unrejected row of a feature directory (pyarrow + numpy only)."""
+    out = {}
+    for path in sorted(directory.rglob("*.parquet")):
+        if any(p.startswith(("_", ".")) for p in path.relative_to(directory).parts):
+            continue
+        t = pq.read_table(path).to_pydict()
+        rejects = t.get("reject", [None] * len(t["id"]))
+        for i, f, r in zip(t["id"], t["feature"], rejects):
+            if r is None and f is not None:
+                out[i] = np.asarray(f, dtype=np.float64)
+    return out
+
+
+def adapter_config(adapter_dir) -> dict:
+    return json.loads((adapter_dir / "adapter_config.json").read_text())
+
+
+def adapter_weights(adapter_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def lora_params(r: int, targets) -> int:
+    """LoRA parameters of the tiny Llama (hidden 32, 4 heads, 2 kv heads of 8, 2 layers)."""
+    out_dim = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}
+    return 2 * sum(r * 32 + out_dim[t] * r for t in targets)
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    """tiny_data in three shapes: text/id, body/key (renamed columns), q/a (prompt/response)."""
+    d = tiny_data
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    qa = tmp_path / "qa"
+    qa.mkdir()
+    for name in ("domain", "pool"):
+        rows = read_rows(d / f"{name}.jsonl")
+        jsonl(renamed / f"{name}.jsonl", [{"key": "k-" + r["id"], "body": r["text"]} for r in rows])
+        jsonl(qa / f"{name}.jsonl", [{"id": r["id"], "q": "what is " + r["text"].split()[0],
+                                      "a": r["text"]} for r in rows])
+    return {"text": d, "renamed": renamed, "qa": qa}
+
+
+def select_argv(d, out, model, *extra, budget=3):
+    return ["select", "--domain", d / "domain.jsonl", "--pool", d / "pool.jsonl", "--budget", budget, "--out", out,
+            "--model", model, "--executor", "local", "--max-length", 32, "--proj-dim", 64, *extra]
+
+
+@pytest.fixture
+def trained(data, tiny_model_dir, tmp_path, capsys):
+    """One plain select run with kept features: its adapter and features feed other cases."""
+    out = tmp_path / "trained"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--keep-features",
+                                          "--warmup-lr", "0.01", "--warmup-epochs", "2"))
+    assert rc == 0, err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the table itself
+
+def test_every_flag_of_every_command_has_a_case():
+    parser = build_parser()
+    commands = {c for c, _ in parser_flags(parser)} - {"ntk-ray"}
+    assert commands == COMMANDS, commands
+    assert not uncovered(parser), f"flags without a case in tests/test_cli_flags.py: {sorted(uncovered(parser))}"
+    stale = set(COVERED) - parser_flags(parser)
+    assert not stale, f"cases for flags the parser no longer has: {sorted(stale)}"
+
+
+def test_a_new_flag_without_a_case_is_caught():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices["select"].add_argument("--brand-new-flag")
+    assert uncovered(parser) == {("select", "--brand-new-flag")}
+
+
+@covers("ntk-ray", "--version")
+def test_version(capsys):
+    from ntk_ray.version import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ntk-ray {__version__}"
+
+
+# ------------------------------------------------------------------------------------------------
+# select
+
+@covers("select", "--domain", "--pool", "--budget", "--out", "--text-column", "--id-column", "--model",
+        "--executor", "--max-length", "--seed", "--proj-dim", "--projector", "--batch-tokens", "--keep-features",
+        "--accelerator")
+def test_select_renamed_columns_and_model_flags(data, tiny_model_dir, tmp_path, capsys):
+    d = data["renamed"]
+    out = tmp_path / "out"
+    argv = ["select", "--domain", d / "domain.jsonl", "--pool", d / "pool.jsonl", "--budget", 4, "--out", out,
+            "--model", tiny_model_dir, "--executor", "local", "--max-length", 8, "--seed", 5, "--proj-dim", 48,
+            "--projector", "dense", "--batch-tokens", 96, "--accelerator", "cpu"]
+    # without the column flags the rows have no `text` column: refused before any work
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "text" in err
+    rc, _, err = run(capsys, *argv, "--text-column", "body", "--id-column", "key", "--keep-features")
+    assert rc == 0, err
+    m = manifest(out)
+    c = m["counts"]
+    assert (c["domain_rows"], c["pool_rows"], c["selected"], c["ranked"]) == (6, 30, 4, 30)  # --domain, --pool, --budget
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["ranked.parquet", "rejects.parquet", "selected.parquet"]
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    assert set(ranked["id"]) == {f"k-p{i}" for i in range(30)}  # --id-column key
+    selected = pl.read_parquet(out / "selected.parquet")
+    assert selected.height == 4 and "body" in selected.columns  # --text-column body
+    assert m["model"]["path"] == str(tiny_model_dir) and m["model"]["num_params"] == 21728  # --model
+    assert m["config"]["executor"] == "local" and "in-process executor (cpu)" in err  # --executor, --accelerator
+    assert m["actors"]["device"] == "cpu" and m["config"]["accelerator"] == "cpu"
+    pool_words = [len(r["body"].split()) for r in read_rows(d / "pool.jsonl")]
+    assert c["pool_truncated"] == sum(n > 8 for n in pool_words) > 0  # --max-length 8 (a token per word)
+    assert c["domain_truncated"] == 0
+    assert m["projector"]["type"] == "dense" and m["projector"]["dim"] == 48 and m["projector"]["seed"] == 5
+    assert m["config"]["batch_tokens"] == 96
+    feats = features_of(out / "_work" / "features")  # --keep-features
+    assert feats and all(v.shape == (48,) for v in feats.values())  # --proj-dim
+    anchors = features_of(out / "_work" / "anchor_features")
+    assert set(anchors) == {f"k-d{i}" for i in range(6)}
+
+
+@covers("select", "--prompt-column", "--response-column", "--on-too-long", "--lora-r", "--lora-alpha",
+        "--lora-targets", "--warmup-epochs", "--warmup-lr", "--warmup-batch-tokens", "--coarse-factor",
+        "--coarse-k", "--scorer")
+def test_select_prompt_response_lora_warmup_coarse_scorer(data, tiny_model_dir, tmp_path, capsys):
+    d = data["qa"]
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, *select_argv(d, out, tiny_model_dir, "--prompt-column", "q", "--response-column", "a",
+                                          "--max-length", 12, "--on-too-long", "reject", "--lora-r", 2,
+                                          "--lora-alpha", 4, "--lora-targets", "q_proj", "v_proj",
+                                          "--warmup-epochs", 2, "--warmup-lr", 0.05, "--warmup-batch-tokens", 40,
+                                          "--coarse-factor", 2, "--coarse-k", 2, "--scorer", "max", "--keep-features",
+                                          budget=2))
+    assert rc == 0, err
+    m = manifest(out)
+    # --on-too-long reject with --max-length 12: every pool row over 12 tokens is a reject, none truncated
+    pool = read_rows(d / "pool.jsonl")
+    rejects = pl.read_parquet(out / "rejects.parquet").filter(pl.col("role") == "pool")
+    assert rejects.height == m["counts"]["rejected"] > 0 and m["counts"]["pool_truncated"] == 0
+    assert all("--max-length 12" in r for r in rejects["reason"])
+    assert m["counts"]["ranked"] + rejects.height == len(pool)
+    # --prompt-column q --response-column a: prompt + response rows, both columns kept in selected.parquet
+    assert {"q", "a"} <= set(pl.read_parquet(out / "selected.parquet").columns)
+    # --lora-r / --lora-alpha / --lora-targets: the warm-up's adapter
+    cfg = adapter_config(out / "_work" / "warmup" / "adapter")
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    assert m["adapter"]["lora_parameters"] == m["projector"]["grad_dim"] == lora_params(2, ["q_proj", "v_proj"])
+    # --warmup-epochs 2, --warmup-batch-tokens 40: two epochs of several steps each (one step at the default)
+    warm = m["adapter"]["warmup"]
+    assert len(warm["epoch_loss"]) == 2 and warm["steps"] > 2
+    assert m["config"]["warmup_lr"] == 0.05 and m["config"]["warmup_batch_tokens"] == 40
+    # --warmup-lr: the B factors moved off zero by an amount the learning rate sets
+    b_norm = sum(float(v.norm()) for k, v in adapter_weights(out / "_work" / "warmup" / "adapter").items()
+                 if "lora_B" in k)
+    assert b_norm > 0
+    # --coarse-factor 2, --coarse-k 2: M = 2 x budget ntk rows, every domain sample votes for 2 rows
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    assert m["coarse"]["M"] == 4 and m["coarse"]["K"] == 2
+    assert ranked.filter(pl.col("stage") == "ntk").height == 4
+    assert ranked["coarse_votes"].sum() == 2 * m["counts"]["domain_usable"]
+    # --scorer max: each ntk score is max over anchors of <psi(x), psi(a)>, recomputed from the kept features
+    feats, anchors = features_of(out / "_work" / "features"), features_of(out / "_work" / "anchor_features")
+    a = np.stack(list(anchors.values()))
+    for row in ranked.filter(pl.col("stage") == "ntk").iter_rows(named=True):
+        want = float((a @ feats[row["id"]]).max())
+        assert math.isclose(row["score"], want, rel_tol=1e-6, abs_tol=1e-12), (row, want)
+
+
+@covers("select", "--warmup", "--adapter", "--selector")
+def test_select_fresh_warmup_given_adapter_and_a_baseline(data, tiny_model_dir, trained, tmp_path, capsys):
+    # --warmup fresh: a new adapter with B = 0, no training
+    fresh = tmp_path / "fresh"
+    rc, _, err = run(capsys, *select_argv(data["text"], fresh, tiny_model_dir, "--warmup", "fresh"))
+    assert rc == 0, err
+    m = manifest(fresh)
+    assert m["config"]["warmup"] == "fresh" and not (m["adapter"].get("warmup") or {}).get("epoch_loss")
+    weights = adapter_weights(fresh / "_work" / "warmup" / "adapter")
+    assert all(float(v.abs().max()) == 0.0 for k, v in weights.items() if "lora_B" in k)
+    # --adapter: the trained run's adapter, used as is: the same anchor features as that run
+    adapter = trained / "_work" / "warmup" / "adapter"
+    given = tmp_path / "given"
+    rc, _, err = run(capsys, *select_argv(data["text"], given, tiny_model_dir, "--adapter", adapter, "--keep-features"))
+    assert rc == 0, err
+    m = manifest(given)
+    assert m["config"]["adapter"] == str(adapter) and str(adapter) in json.dumps(m["adapter"])
+    ours, theirs = features_of(given / "_work" / "anchor_features"), features_of(trained / "_work" / "anchor_features")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-3 * np.abs(theirs[k]).max())
+    # --selector random: the baseline ranks the whole pool, stage = its name
+    rnd = tmp_path / "random"
+    rc, _, err = run(capsys, *select_argv(data["text"], rnd, tiny_model_dir, "--selector", "random"))
+    assert rc == 0, err
+    ranked = pl.read_parquet(rnd / "ranked.parquet")
+    assert set(ranked["stage"]) == {"random"} and manifest(rnd)["selector"] == "random" and ranked.height == 30
+
+
+def _toml(values: dict) -> str:
+    def v(x):
+        return json.dumps(x) if not isinstance(x, list) else "[" + ", ".join(json.dumps(str(i)) for i in x) + "]"
+    return "".join(f"{k} = {v(x)}\n" for k, x in values.items())
+
+
+@covers("select", "--config", "--print-config", "--overwrite", "--work-dir")
+def test_select_config_file_print_config_overwrite_and_work_dir(data, tiny_model_dir, tmp_path, capsys):
+    d = data["text"]
+    out = tmp_path / "out"
+    toml = tmp_path / "run.toml"
+    toml.write_text(_toml({"domain": [d / "domain.jsonl"], "pool": [d / "pool.jsonl"], "budget": 4, "out": str(out),
+                           "model": str(tiny_model_dir), "executor": "local", "max_length": 32, "proj_dim": 32}))
+    # --print-config: the resolved settings, nothing run
+    rc, printed, _ = run(capsys, "select", "--config", toml, "--budget", 5, "--print-config")
+    assert rc == 0 and "budget = 5" in printed and "proj_dim = 32" in printed and not out.exists()
+    # --config: the file's settings reach the run
+    rc, _, err = run(capsys, "select", "--config", toml)
+    assert rc == 0, err
+    assert manifest(out)["config"]["budget"] == 4 and manifest(out)["projector"]["dim"] == 32
+    # a different config into the same --out is refused; --overwrite replaces the run
+    rc, _, err = run(capsys, "select", "--config", toml, "--budget", 2)
+    assert rc == 2 and "different config" in err
+    rc, _, err = run(capsys, "select", "--config", toml, "--budget", 2, "--overwrite")
+    assert rc == 0, err
+    assert manifest(out)["counts"]["selected"] == 2
+    # --work-dir with a URI --out: the stages run in the working directory, the results land at the URI
+    uri_out, work = tmp_path / "uri-out", tmp_path / "scratch"
+    rc, _, err = run(capsys, "select", "--config", toml, "--out", f"file://{uri_out}", "--work-dir", work)
+    assert rc == 0, err
+    assert (uri_out / "ranked.parquet").exists() and (uri_out / "manifest.json").exists()
+    assert (work / "_work").is_dir() and not (uri_out / "_work").exists()
+    assert manifest(uri_out)["config"]["work_dir"] == str(work)
+
+
+@pytest.mark.ray
+@covers("select", "--ray-address", "--actors", "--wait-for-resources")
+def test_select_joins_the_session_ray(ray_session, data, tiny_model_dir, tmp_path, capsys):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    argv = select_argv(data["text"], out, tiny_model_dir, "--ray-address", address, "--actors", 1,
+                       "--wait-for-resources", 120, "--accelerator", "cpu")
+    argv[argv.index("--executor") + 1] = "ray"
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    m = manifest(out)
+    assert m["config"]["ray_address"] == address and m["config"]["wait_for_resources"] == 120.0
+    assert m["actors"]["size"] == 1 and m["actors"]["num_gpus"] == 0  # --actors 1, on the CPUs
+    assert "executor: 1 x (CPU)" in err
+    assert ray_session.is_initialized() and ray_session.get_runtime_context().gcs_address == address
+
+
+# ------------------------------------------------------------------------------------------------
+# features and score
+
+@covers("features", "--data", "--out", "--adapter", "--model", "--executor", "--seed", "--projector", "--proj-dim",
+        "--max-length")
+def test_features_with_the_warmup_adapter_reproduce_selects_features(data, tiny_model_dir, trained, tmp_path, capsys):
+    out = tmp_path / "feats"
+    rc, printed, err = run(capsys, "features", "--data", data["text"] / "domain.jsonl", "--out", out,
+                           "--adapter", trained / "_work" / "warmup" / "adapter", "--model", tiny_model_dir,
+                           "--executor", "local", "--seed", 0, "--projector", "sketch", "--proj-dim", 64,
+                           "--max-length", 32)
+    assert rc == 0, err
+    assert json.loads(printed.splitlines()[-1])["out"] == str(out)
+    ours, theirs = features_of(out), features_of(trained / "_work" / "anchor_features")
+    assert ours.keys() == theirs.keys() == {f"d{i}" for i in range(6)}
+    for k in ours:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-3, atol=1e-3 * np.abs(theirs[k]).max())
+    # another seed: another projection
+    other = tmp_path / "feats-seed1"
+    rc, _, err = run(capsys, "features", "--data", data["text"] / "domain.jsonl", "--out", other,
+                     "--adapter", trained / "_work" / "warmup" / "adapter", "--model", tiny_model_dir,
+                     "--executor", "local", "--seed", 1, "--proj-dim", 64, "--max-length", 32)
+    assert rc == 0, err
+    assert not np.allclose(features_of(other)["d0"], ours["d0"])
+
+
+@covers("features", "--text-column", "--id-column", "--prompt-column", "--response-column", "--on-too-long",
+        "--lora-r", "--lora-alpha", "--lora-targets", "--batch-tokens", "--accelerator", "--config", "--print-config",
+        "--overwrite")
+def test_features_columns_fresh_lora_and_config(data, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "feats"
+    base = ["features", "--model", tiny_model_dir, "--executor", "local", "--proj-dim", 32]
+    rc, _, err = run(capsys, *base, "--data", data["renamed"] / "pool.jsonl", "--out", out, "--text-column", "body",
+                     "--id-column", "key", "--lora-r", 2, "--lora-alpha", 4, "--lora-targets", "q_proj", "v_proj",
+                     "--batch-tokens", 64, "--accelerator", "cpu", "--max-length", 8, "--on-too-long", "reject")
+    assert rc == 0, err
+    kept = features_of(out)
+    too_long = pl.read_parquet(out / "_rejects.parquet")
+    words = {r["key"]: len(r["body"].split()) for r in read_rows(data["renamed"] / "pool.jsonl")}
+    assert set(kept) == {k for k, n in words.items() if n <= 8}  # --id-column key; --on-too-long reject, --max-length 8
+    assert set(too_long["id"]) == {k for k, n in words.items() if n > 8} and too_long.height > 0
+    assert all("--max-length 8" in r for r in too_long["reason"])
+    # a fresh adapter of rank 2 on q/v: the exact gradient dimension is that adapter's parameter count
+    summary = json.loads((out / "_manifest.json").read_text()) if (out / "_manifest.json").exists() else None
+    text = json.dumps(summary) if summary else ""
+    assert str(lora_params(2, ["q_proj", "v_proj"])) in text, text[:2000]
+    assert '"batch_tokens": 64' in text and '"accelerator": "cpu"' in text
+    # --prompt-column / --response-column
+    qa = tmp_path / "qa-feats"
+    rc, _, err = run(capsys, *base, "--data", data["qa"] / "domain.jsonl", "--out", qa, "--prompt-column", "q",
+                     "--response-column", "a")
+    assert rc == 0, err
+    assert set(features_of(qa)) == {f"d{i}" for i in range(6)}
+    # --config / --print-config / --overwrite
+    toml = tmp_path / "f.toml"
+    toml.write_text(_toml({"data": [data["text"] / "domain.jsonl"], "out": str(tmp_path / "cfg"), "proj_dim": 16,
+                           "model": str(tiny_model_dir), "executor": "local"}))
+    rc, printed, _ = run(capsys, "features", "--config", toml, "--print-config")
+    assert rc == 0 and "proj_dim = 16" in printed and not (tmp_path / "cfg").exists()
+    rc, _, err = run(capsys, "features", "--config", toml)
+    assert rc == 0, err
+    assert all(v.shape == (16,) for v in features_of(tmp_path / "cfg").values())
+    rc, _, err = run(capsys, "features", "--config", toml, "--proj-dim", 24)
+    assert rc == 2 and "different config" in err
+    rc, _, err = run(capsys, "features", "--config", toml, "--proj-dim", 24, "--overwrite")
+    assert rc == 0, err
+    assert all(v.shape == (24,) for v in features_of(tmp_path / "cfg").values())
+
+
+@covers("score", "--features", "--anchors", "--budget", "--out", "--scorer", "--executor", "--config", "--print-config",
+        "--overwrite", "--work-dir")
+def test_score_mean_against_numpy_config_overwrite_and_work_dir(trained, tmp_path, capsys):
+    feats, anchors = trained / "_work" / "features", trained / "_work" / "anchor_features"
+    out = tmp_path / "scored"
+    rc, printed, err = run(capsys, "score", "--features", feats, "--anchors", anchors, "--budget", 2, "--out", out,
+                           "--scorer", "mean", "--executor", "local")
+    assert rc == 0, err
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    x, a = features_of(feats), features_of(anchors)
+    mean_anchor = np.stack(list(a.values())).mean(axis=0)
+    want = {k: float(v @ mean_anchor) for k, v in x.items()}
+    assert set(ranked["id"]) == set(want)
+    for i, s in zip(ranked["id"], ranked["score"]):
+        assert math.isclose(s, want[i], rel_tol=1e-6, abs_tol=1e-12)
+    assert set(ranked.filter(pl.col("selected"))["id"]) == set(sorted(want, key=want.get)[-2:])  # --budget 2
+    assert manifest(out)["config"]["scorer"] == "mean" and "in-process executor" in err  # --executor local
+    toml = tmp_path / "s.toml"
+    toml.write_text(_toml({"features": str(feats), "anchors": str(anchors), "budget": 3, "out": str(tmp_path / "c"),
+                           "executor": "local"}))
+    rc, printed, _ = run(capsys, "score", "--config", toml, "--print-config")
+    assert rc == 0 and "budget = 3" in printed and not (tmp_path / "c").exists()
+    rc, _, err = run(capsys, "score", "--config", toml)
+    assert rc == 0, err
+    assert manifest(tmp_path / "c")["counts"]["selected"] == 3
+    rc, _, err = run(capsys, "score", "--config", toml, "--budget", 1)
+    assert rc == 2 and "different config" in err
+    rc, _, err = run(capsys, "score", "--config", toml, "--budget", 1, "--overwrite")
+    assert rc == 0 and manifest(tmp_path / "c")["counts"]["selected"] == 1
+    uri_out, work = tmp_path / "uri", tmp_path / "scratch"
+    rc, _, err = run(capsys, "score", "--config", toml, "--out", f"file://{uri_out}", "--work-dir", work)
+    assert rc == 0, err
+    assert (uri_out / "ranked.parquet").exists() and (work / "ranked.parquet").exists()
+
+
+@pytest.mark.ray
+@covers("features", "--ray-address", "--actors")
+@covers("score", "--ray-address")
+def test_features_and_score_join_the_session_ray(ray_session, data, tiny_model_dir, tmp_path, capsys):
+    address = ray_session.get_runtime_context().gcs_address
+    feats = tmp_path / "feats"
+    rc, _, err = run(capsys, "features", "--data", data["text"] / "pool.jsonl", "--out", feats, "--model",
+                     tiny_model_dir, "--proj-dim", 32, "--ray-address", address, "--actors", 1)
+    assert rc == 0, err
+    assert "executor: 1 x (CPU)" in err and len(features_of(feats)) == 30
+    anchors = tmp_path / "anchors"
+    assert main(["features", "--data", str(data["text"] / "domain.jsonl"), "--out", str(anchors), "--model",
+                 str(tiny_model_dir), "--proj-dim", "32", "--executor", "local"]) == 0
+    out = tmp_path / "scored"
+    rc, _, err = run(capsys, "score", "--features", feats, "--anchors", anchors, "--budget", 2, "--out", out,
+                     "--ray-address", address)
+    assert rc == 0, err
+    assert manifest(out)["config"]["ray_address"] == address and manifest(out)["counts"]["selected"] == 2
+    assert ray_session.get_runtime_context().gcs_address == address
+
+
+# ------------------------------------------------------------------------------------------------
+# finetune and evaluate
+
+@covers("finetune", "--train", "--out", "--text-column", "--id-column", "--model", "--max-length", "--on-too-long",
+        "--seed", "--epochs", "--lr", "--lora-r", "--lora-alpha", "--lora-targets")
+def test_finetune_flags(data, tiny_model_dir, tmp_path, capsys):
+    rows = read_rows(data["renamed"] / "pool.jsonl")
+    rows[0]["key"] = True  # an id that is not a string or number: rejected under --id-column key
+    train = jsonl(tmp_path / "train.jsonl", rows)
+
+    def finetune(out, *extra):
+        rc, printed, err = run(capsys, "finetune", "--train", train, "--out", out, "--model", tiny_model_dir,
+                               "--text-column", "body", "--id-column", "key", "--lora-r", 2, "--lora-alpha", 4,
+                               "--lora-targets", "q_proj", "v_proj", *extra)
+        assert rc == 0, err
+        return json.loads(printed.splitlines()[-1])
+
+    a = finetune(tmp_path / "a", "--epochs", 2, "--lr", 0.01, "--seed", 1)
+    assert a["rows"] == 29 and a["rejected"] == 1  # --train, --text-column body, --id-column key
+    cfg = adapter_config(tmp_path / "a")
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    assert set(adapter_weights(tmp_path / "a")) and all(
+        ("q_proj" in k or "v_proj" in k) for k in adapter_weights(tmp_path / "a"))
+    history = json.loads((tmp_path / "a" / "ntk_ray_train.json").read_text())
+    assert len(history["epoch_loss"]) == 2  # --epochs 2
+    # --max-length 8 --on-too-long reject: every row over 8 tokens is rejected
+    short = finetune(tmp_path / "short", "--epochs", 1, "--max-length", 8, "--on-too-long", "reject")
+    lengths = [len(r["body"].split()) for r in rows[1:]]  # a token per word
+    assert short["rows"] == sum(n <= 8 for n in lengths) and short["rejected"] == 1 + sum(n > 8 for n in lengths)
+    # --seed: the same seed gives the same adapter, another seed another one
+    same = finetune(tmp_path / "a2", "--epochs", 2, "--lr", 0.01, "--seed", 1)
+    other = finetune(tmp_path / "b", "--epochs", 2, "--lr", 0.01, "--seed", 2)
+    wa, wa2, wb = (adapter_weights(tmp_path / n) for n in ("a", "a2", "b"))
+    assert same["final_loss"] == a["final_loss"] and all(torch.equal(wa[k], wa2[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    # --lr: a larger learning rate moves the B factors further (same seed, same data)
+    slow = finetune(tmp_path / "slow", "--epochs", 2, "--lr", 1e-4, "--seed", 1)
+    assert slow["final_loss"] != a["final_loss"]
+    b_norm = {n: sum(float(v.norm()) for k, v in adapter_weights(tmp_path / n).items() if "lora_B" in k)
+              for n in ("a", "slow")}
+    assert b_norm["a"] > 10 * b_norm["slow"] > 0
+
+
+@covers("finetune", "--prompt-column", "--response-column")
+@covers("evaluate", "--data", "--adapter", "--model", "--prompt-column", "--response-column", "--choices-column",
+        "--answer-column", "--max-length", "--on-too-long")
+def test_finetune_and_evaluate_prompt_response_and_multiple_choice(data, tiny_model_dir, tmp_path, capsys):
+    rc, printed, err = run(capsys, "finetune", "--train", data["qa"] / "domain.jsonl", "--out", tmp_path / "ad",
+                           "--model", tiny_model_dir, "--prompt-column", "q", "--response-column", "a",
+                           "--epochs", 3, "--lr", 0.05)
+    assert rc == 0, err
+    assert json.loads(printed.splitlines()[-1])["rows"] == 6
+    words = [r["a"] for r in read_rows(data["qa"] / "domain.jsonl")]
+    mc = jsonl(tmp_path / "mc.jsonl", [{"q": f"what is w{i}", "opts": [words[i], words[(i + 1) % 6], "food word"],
+                                       "gold": 0, "a": words[i]} for i in range(6)])
+    base = ["evaluate", "--data", mc, "--model", tiny_model_dir, "--prompt-column", "q", "--response-column", "a"]
+    rc, printed, err = run(capsys, *base)
+    assert rc == 0, err
+    plain = json.loads(printed)
+    assert plain["rows"] == 6 and plain["adapter"] is None and "accuracy" not in plain  # no `choices`/`answer` columns
+    rc, printed, err = run(capsys, *base, "--choices-column", "opts", "--answer-column", "gold")
+    assert rc == 0, err
+    choice = json.loads(printed)
+    assert choice["accuracy_rows"] == 6 and choice["choices_per_row"] == 3 and 0 <= choice["accuracy"] <= 1
+    rc, printed, err = run(capsys, *base, "--adapter", tmp_path / "ad")
+    assert rc == 0, err
+    adapted = json.loads(printed)
+    assert adapted["adapter"] == str(tmp_path / "ad") and adapted["loss"] < plain["loss"]  # trained on these responses
+    # --max-length 8 --on-too-long reject: rows over 8 tokens leave the loss
+    rc, printed, err = run(capsys, *base, "--max-length", 8, "--on-too-long", "reject")
+    assert rc == 0, err
+    short = json.loads(printed)
+    assert short["rejected"] > 0 and short["rows"] + short["rejected"] == 6 and short["tokens"] < plain["tokens"]
+
+
+@covers("evaluate", "--text-column", "--id-column", "--seed")
+def test_evaluate_text_rows_id_column_and_seed(data, tiny_model_dir, tmp_path, capsys):
+    base = ["evaluate", "--data", data["renamed"] / "pool.jsonl", "--model", tiny_model_dir]
+    rc, _, err = run(capsys, *base)
+    assert rc == 2 and "text" in err  # the rows have `body`, not `text`
+    rc, printed, err = run(capsys, *base, "--text-column", "body")
+    assert rc == 0, err
+    first = json.loads(printed)
+    assert first["rows"] == 30 and first["tokens"] > 0
+    # --seed and --id-column are accepted like the other commands' and change nothing here: the
+    # evaluation is deterministic, and evaluate does not use ids (documented in its --help)
+    rc, printed, err = run(capsys, *base, "--text-column", "body", "--seed", 7, "--id-column", "key")
+    assert rc == 0, err
+    assert json.loads(printed) == first
+    rc, _, err = run(capsys, *base, "--text-column", "body", "--seed", -1)
+    assert rc == 2 and "--seed" in err  # but range-checked
+
+
+# ------------------------------------------------------------------------------------------------
+# demo: the bundled model through Ray, once, at a tiny size
+
+@pytest.mark.ray
+@pytest.mark.demo
+@pytest.mark.timeout(600)
+@covers("demo", "--out", "--domain-label", "--n-domain", "--n-pool", "--budget", "--scorer", "--seed", "--max-length",
+        "--warmup-epochs", "--overwrite")
+def test_demo_tiny(ray_session, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    # OUT/select first holds another run (the tiny model): the demo refuses it, then replaces it with --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    jsonl(other / "d.jsonl", [{"id": f"d{i}", "text": "w1 w2 w3"} for i in range(4)])
+    jsonl(other / "p.jsonl", [{"id": f"p{i}", "text": f"w{i} w5"} for i in range(6)])
+    assert main(["select", "--domain", str(other / "d.jsonl"), "--pool", str(other / "p.jsonl"), "--budget", "2",
+                 "--out", str(out / "select"), "--model", str(tiny_model_dir), "--executor", "local",
+                 "--proj-dim", "16"]) == 0
+    argv = ["demo", "--out", out, "--domain-label", "noun.animal", "--n-domain", 4, "--n-pool", 24, "--budget", 2,
+            "--scorer", "max", "--seed", 1, "--max-length", 24, "--warmup-epochs", 0.5]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "different config" in err
+    rc, printed, err = run(capsys, *argv, "--overwrite")
+    assert rc == 0, err
+    domain = pl.read_ndjson(out / "data" / "domain.jsonl")
+    pool = pl.read_parquet(out / "data" / "pool.parquet")
+    assert domain.height == 4 and set(domain["label"]) == {"noun.animal"}  # --n-domain, --domain-label
+    assert pool.height == 24  # --n-pool
+    m = manifest(out / "select")
+    assert m["counts"]["selected"] == 2 and m["config"]["scorer"] == "max" and m["config"]["seed"] == 1
+    assert m["config"]["max_length"] == 24 and m["config"]["warmup_epochs"] == 0.5 and m["model"]["path"] != str(tiny_model_dir)
+    assert "noun.animal" in printed and "lift" in printed.lower()
