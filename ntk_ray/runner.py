@@ -25,8 +25,9 @@ from typing import Callable
 
 from ntk_ray.config import MIN_DOMAIN_ROWS, FeaturesConfig, ScoreConfig, SelectConfig
 from ntk_ray.io.accounting import UsageError
+from ntk_ray.io.fs import redact
 from ntk_ray.io.markers import is_done, mark_done
-from ntk_ray.io.outdir import open_out_dir
+from ntk_ray.io.outdir import open_out_dir, releases_out_locks
 from ntk_ray.progress import Progress
 from ntk_ray.stages.base import Context, Stage, load_result, save_result
 
@@ -140,7 +141,8 @@ class Runner:
     def _executor(self):
         if self.ctx.executor is None:
             self.ctx.executor = self.make_executor(self.ctx.progress)
-            self.ctx.progress.log(f"executor: {self.ctx.executor.describe()}; model {self.ctx.extra.get('model_path')}")
+            model = getattr(self.ctx.inputs, "model_path", None)
+            self.ctx.progress.log(f"executor: {self.ctx.executor.describe()}" + (f"; model {model}" if model else ""))
         return self.ctx.executor
 
     def run(self, plan: list[Stage]) -> dict[str, object]:
@@ -173,11 +175,11 @@ class Runner:
 
 def run_plan(cfg, plan: list[Stage], out: Path, inputs, progress: Progress, executor=None,
              make_executor: Callable | None = None) -> dict[str, object]:
-    ctx = Context(cfg=cfg, work=out / "_work", out=out, executor=executor, progress=progress, inputs=inputs,
-                  extra={"model_path": getattr(inputs, "model_path", None)})
+    ctx = Context(cfg=cfg, work=out / "_work", out=out, executor=executor, progress=progress, inputs=inputs)
     return Runner(ctx, make_executor or executor_factory(cfg)).run(plan)
 
 
+@releases_out_locks  # OUT/_work/.lock is held for the whole run, released on return or error
 def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | None = None, executor=None,
                make_executor: Callable | None = None) -> dict:
     """Run the whole selection; returns the manifest (also written to OUT/manifest.json).
@@ -196,12 +198,16 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     last = plan[-1].name
     if is_done(out / "_work" / last) and (out / "manifest.json").exists():
         if remote:
-            from ntk_ray.io.storage import publish
+            from ntk_ray.io.storage import is_published, publish
 
-            publish(out, cfg.out)
-        progress.log(f"this run is already complete: outputs in {cfg.out} (nothing recomputed)")
+            if not is_published(out, cfg.out):  # e.g. removed at the URI since: manifest.json last again
+                publish(out, cfg.out)
+        progress.log(f"this run is already complete: outputs in {redact(cfg.out)} (nothing recomputed)")
         return json.loads((out / "manifest.json").read_text())
     results = run_plan(cfg, plan, out, inputs, progress, executor, make_executor)
+    # the plan ended with write (and publish, for a URI): only now, with the results published,
+    # are the intermediate shards (embed/, features/) dropped; a run killed before this point
+    # resumes from them
     selector = get_selector(cfg.selector)
     if cfg.keep_features and selector.keeps_features:
         from ntk_ray.stages.features_job import export_features
@@ -214,6 +220,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     return results["write"].manifest
 
 
+@releases_out_locks
 def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progress | None = None, executor=None) -> dict:
     """Features of every usable row of ``cfg.data`` into ``cfg.out`` (shards), rejects into
     ``out/_rejects.parquet``, a summary into ``out/_manifest.json`` (``stages.features_job``)."""
@@ -244,6 +251,7 @@ def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progres
     return results["summary"].manifest
 
 
+@releases_out_locks
 def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | None = None, executor=None) -> dict:
     """Rank the rows of a feature directory against the anchors of another (``stages.features_job``).
     ``cfg.out`` may be an object-store URI: the files are written in ``cfg.work_dir`` and copied

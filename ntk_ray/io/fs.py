@@ -63,3 +63,64 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"cannot open {path}: {exc}") from exc
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials in URIs: never logged, stamped, hashed into a name or written into a result
+REDACTED = "***"
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>,;)\]}]*")
+_SECRET_NAMES = ("secret", "token", "password", "passwd", "credential", "signature", "access_key", "accesskey",
+                 "api_key", "apikey", "account_key", "accountkey", "private_key", "client_secret", "auth")
+_SECRET_EXACT = {"sig", "key", "pwd", "pass", "sas"}
+
+
+def _secret_param(name: str) -> bool:
+    n = urllib.parse.unquote_plus(name).strip().lower().replace("-", "_")
+    return n.startswith("x_amz_") or n in _SECRET_EXACT or any(s in n for s in _SECRET_NAMES)
+
+
+def _redact_uri(uri: str) -> str:
+    m = URI.match(uri)
+    if m is None:
+        return uri
+    scheme, rest = m.group(1), m.group(2)
+    head, sep, query = rest.partition("?")
+    query, hsep, fragment = query.partition("#")
+    # userinfo: user[:password]@ before the host; an unencoded '/' inside a secret key still
+    # counts when a ':' comes before it (KEY:SEC/RET@bucket)
+    # (a userinfo without ':' is a name, not a secret: abfs://container@account, hdfs://user@host)
+    authority = re.split(r"[/#]", head, maxsplit=1)[0]
+    if "@" in authority:
+        if ":" in authority.rsplit("@", 1)[0]:
+            head = REDACTED + "@" + head[len(authority.rsplit("@", 1)[0]) + 1:]
+    else:
+        m2 = re.match(r"[^/@#]*:[^@#]*@", head)
+        if m2:
+            head = REDACTED + "@" + head[m2.end():]
+    if sep:
+        parts = []
+        for part in query.split("&"):
+            name, eq, _ = part.partition("=")
+            parts.append(f"{name}={REDACTED}" if eq and _secret_param(name) else part)
+        query = "&".join(parts)
+    return scheme + head + sep + query + hsep + fragment
+
+
+def redact(value):
+    """``value`` with every credential in a URI masked as ``***``: a ``user:password`` userinfo
+    (``s3://KEY:SECRET@bucket`` -> ``s3://***@bucket``; a bare ``name@`` is kept) and secret-looking query parameters
+    (access_key, secret_key, session_token, token, sig, signature, X-Amz-*, credential,
+    password, ...; case-insensitive) of every URI in a string, also inside a longer text (a log
+    line, an error). Dicts, lists and tuples are redacted element by element; anything else
+    (a local path, a number) comes back unchanged. Bucket, host, path and the other parameters
+    stay, so two locations never redact to the same string, while two secrets for one location
+    do."""
+    if isinstance(value, str):
+        return _URI_IN_TEXT.sub(lambda m: _redact_uri(m.group(0)), value) if "://" in value else value
+    if isinstance(value, os.PathLike):
+        return value
+    if isinstance(value, dict):
+        return {redact(k) if isinstance(k, str) else k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value

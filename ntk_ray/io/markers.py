@@ -5,7 +5,8 @@ file read, a token shard embedded or featurised) leaves ``<stage dir>/_done/<uni
 marker is a small JSON document written atomically and durably (``io.atomic``) *after* the data
 it vouches for, so a marker that exists means its data is whole. A marker that cannot be read
 (truncated by a crash on a file system without atomic rename, edited by hand) means "not done":
-the work is redone, never trusted.
+the work is redone, never trusted. An empty marker file is such a truncated one (a marker
+always holds at least ``{}``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _path(directory: Path, unit: str | None) -> Path:
 def read_marker(directory: str | Path, unit: str | None = None) -> dict | None:
     """The marker's info, or None when there is none or it cannot be read."""
     try:
-        info = json.loads(_path(Path(directory), unit).read_text() or "{}")
+        info = json.loads(_path(Path(directory), unit).read_text())  # empty: truncated, not done
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None

@@ -1,77 +1,328 @@
-"""The output directory: its config stamp, resume and ``--overwrite``, and URI outputs.
+"""The output directory: its config stamp, resume, ``--overwrite``, its lock, and URI outputs.
 
 ``OUT/_work/config.json`` (written atomically) holds the fingerprint of the settings that
-determine the result (``SelectConfig.identity``). A rerun with the same fingerprint resumes
-(finished stages are reused); another fingerprint is refused unless ``--overwrite``. For an
-object-store URI ``--out`` the stages run in a local or shared working directory
-(``io.storage.default_work_dir`` or ``--work-dir``) and the results are copied to the URI at
-the end.
+determine the result (``SelectConfig.identity``, credentials redacted). A rerun with the same
+fingerprint resumes (finished stages are reused); another fingerprint is refused unless
+``--overwrite``. A stamp that cannot be read (truncated, edited) makes the directory "not a
+run" until ``--overwrite`` (the finished stages cannot be vouched for).
+
+``--overwrite`` deletes only what ntk-ray wrote (``_work/``, the four result files, the
+``features`` command's shards, ``_done/``, ``_rejects.parquet``, ``_manifest.json``), and only
+in a directory stamped as a run (or an empty one); it refuses ``""``, the file system root, the
+home directory, the current directory or any parent of it, and a directory holding input
+files. A non-empty directory without a stamp is never written into.
+
+For the whole run ``OUT/_work/.lock`` is held (``fcntl.flock``, non-blocking): a second run
+into the same directory fails at once, naming the other run's pid and host. The lock goes with
+the process (exit, kill) and is released when the entry point returns or raises
+(``releases_out_locks``).
+
+For an object-store URI ``--out`` the stages run in a local or shared working directory
+(``io.storage.default_work_dir`` or ``--work-dir``), the location is probed for write
+permission before any work, the run's stamp is kept at ``<uri>/_ntk_ray_stamp.json`` (another
+config's run there is refused unless ``--overwrite``) and the results are copied to the URI at
+the end, ``manifest.json`` last (``io.storage.publish``).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
+import os
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.io.atomic import write_json_atomic
+from ntk_ray.io.fs import redact
 
 STAMP = Path("_work") / "config.json"
+LOCK = Path("_work") / ".lock"
+RESULT_NAMES = ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json")
+# what the ``features`` command writes into its OUT besides _work/
+FEATURES_NAMES = ("_done", "_rejects.parquet", "_manifest.json")
+FEATURE_SHARD = re.compile(r"\d{6}-\d{6}\.parquet\Z")
+# the identity keys that name input files, and their flags
+INPUT_KEYS = {"domain": "--domain", "pool": "--pool", "data": "--data", "features": "--features", "anchors": "--anchors"}
 
 
 def fingerprint_of(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The run's identity hash, of the redacted identity: two secrets for one location are the
+    same run, two locations (bucket, host, path, endpoint parameter) are not."""
+    return hashlib.sha256(json.dumps(redact(identity), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_stamp(path: Path) -> tuple[bool, str | None]:
+    """(whether the stamp file exists, its fingerprint or None when it cannot be read)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return False, None
+    except OSError:
+        return True, None
+    try:
+        fingerprint = json.loads(text).get("fingerprint")
+    except (ValueError, AttributeError):
+        return True, None
+    return True, fingerprint if isinstance(fingerprint, str) and fingerprint else None
 
 
 def _stamped_fingerprint(out: Path) -> str | None:
-    """The fingerprint of the run in ``out``, or None when there is no readable stamp."""
+    return read_stamp(Path(out) / STAMP)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock
+_HELD: dict[str, int] = {}
+
+
+def _holder(fd: int) -> str:
     try:
-        return json.loads((out / STAMP).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {info['pid']} on host {info['host']}" + (f", since {info['started']}" if info.get("started") else "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "pid and host unknown"
 
 
-def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool) -> Path:
-    """Create OUT; refuse one that holds a run with a different config (unless overwrite).
-    The same config resumes: finished stages are reused."""
-    out = Path(out)
+def lock_out_dir(out: Path, flag: str = "--out") -> None:
+    """Hold ``OUT/_work/.lock`` (exclusive, non-blocking) until ``release_out_lock`` or exit.
+    Raises UsageError (one line, naming the other run's pid and host) when another run holds it.
+    Re-entrant within one process. A file system without locks (ENOLCK) runs unlocked."""
+    import fcntl
+
+    path = Path(out) / LOCK
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
+                         f"choose another {flag}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            raise UsageError(f"{flag} {out} is in use by another ntk-ray run ({holder}; lock {path}); "
+                             f"wait for it to finish or choose another {flag}") from None
+        return  # no locking on this file system
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _HELD[key] = fd
+
+
+def release_out_lock(key: str) -> None:
+    import fcntl
+
+    fd = _HELD.pop(key, None)
+    if fd is None:
+        return
+    try:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def releases_out_locks(fn):
+    """Decorator for an entry point (``run_select``, ...): the output locks it took are released
+    when it returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for key in set(_HELD) - before:
+                release_out_lock(key)
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# what --overwrite may delete, and where it never deletes
+def _input_roots(identity: dict) -> list[tuple[str, str, Path]]:
+    """(flag, as given, the local path it names or the fixed part of its glob) per local input."""
+    roots = []
+    for key, flag in INPUT_KEYS.items():
+        values = identity.get(key)
+        for value in [values] if isinstance(values, (str, os.PathLike)) else (values or []):
+            text = str(value)
+            if not text or "://" in text:
+                continue
+            parts = Path(os.path.expanduser(text)).parts
+            fixed = []
+            for part in parts:
+                if any(c in part for c in "*?["):
+                    break
+                fixed.append(part)
+            if fixed:
+                roots.append((flag, text, Path(os.path.abspath(Path(*fixed)))))
+    return roots
+
+
+def _within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+def _never_overwrite(out: Path, identity: dict, flag: str) -> None:
+    """--overwrite refuses places where deleting is never what was meant."""
+    real = Path(os.path.realpath(out))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    why = None
+    if real == Path(real.anchor):
+        why = "the file system root"
+    elif real == Path(os.path.realpath(Path.home())):
+        why = "your home directory"
+    elif real == cwd:
+        why = "the current directory"
+    elif real in cwd.parents:
+        why = "a parent of the current directory"
+    else:
+        for input_flag, given, root in _input_roots(identity):
+            root_real = Path(os.path.realpath(root))
+            if _within(root_real, real):
+                why = f"a directory holding input files ({input_flag} {given})"
+                break
+    if why:
+        raise UsageError(f"{flag} {out} is {why}; --overwrite never deletes there: choose a new directory for the run")
+
+
+def _own_entries(out: Path) -> list[Path]:
+    """What ntk-ray wrote in OUT (besides ``_work/``): result files, the features command's
+    files, and their interrupted temporaries."""
+    names = set(RESULT_NAMES) | set(FEATURES_NAMES)
+    own = []
+    for p in out.iterdir():
+        name = p.name
+        tmp = re.match(r"\.(.+)\.tmp-\d+-[0-9a-f]{8}\Z", name)
+        base = tmp.group(1) if tmp else name
+        if base in names or FEATURE_SHARD.match(base):
+            own.append(p)
+    return own
+
+
+def _clear_run(out: Path) -> None:
+    """Delete what ntk-ray wrote in OUT, keeping ``_work/.lock`` (held by this run)."""
+    work = out / "_work"
+    if work.is_dir():
+        for p in work.iterdir():
+            if p.name == LOCK.name:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for p in _own_entries(out):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _is_empty(out: Path) -> bool:
+    """Nothing in OUT but possibly an empty ``_work/`` (or one with only the lock): a run that
+    stopped before its stamp was written."""
+    for p in out.iterdir():
+        if p.name == "_work" and p.is_dir() and not p.is_symlink() and {q.name for q in p.iterdir()} <= {LOCK.name}:
+            continue
+        return False
+    return True
+
+
+def local_out_path(out: str | Path, flag: str = "--out") -> Path:
+    """``out`` as a local path (``~`` expanded); ``""`` is refused (an unset variable)."""
+    text = os.fspath(out)
+    if not text.strip():
+        raise UsageError(f"{flag} is empty; name the directory for the run")
+    return Path(os.path.expanduser(text))
+
+
+def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str = "--out") -> Path:
+    """Create OUT, lock it, stamp it. The same config resumes (finished stages are reused);
+    another config's run is refused unless ``overwrite``, which then deletes only ntk-ray's
+    files (see the module docstring); a non-empty directory that is not a run is refused."""
+    out = local_out_path(out, flag)
     fingerprint = fingerprint_of(identity)
-    if out.exists() and any(out.iterdir()):
-        previous = _stamped_fingerprint(out)
-        if (out / STAMP).exists():
-            if previous != fingerprint and not overwrite:
-                raise UsageError(f"--out {out} holds a run with a different config; pass --overwrite to replace it or choose another --out")
-        elif not overwrite:
-            raise UsageError(f"--out {out} exists and is not an ntk-ray run directory; pass --overwrite or choose another --out")
+    if overwrite:
+        _never_overwrite(out, identity, flag)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is an existing file, not a directory; choose a directory")
+    if out.is_dir() and not _is_empty(out):
+        exists, previous = read_stamp(out / STAMP)
+        if not exists:
+            raise UsageError(f"{flag} {out} exists and is not an ntk-ray run directory; choose a new or empty "
+                             f"directory for the run")
+        lock_out_dir(out, flag)  # before anything is deleted: never under a run in progress
+        if previous is None and not overwrite:
+            raise UsageError(f"{flag} {out}: its run stamp {out / STAMP} cannot be read (truncated or edited), so its "
+                             f"finished stages cannot be trusted; pass --overwrite to delete ntk-ray's files there and "
+                             f"run again, or choose another {flag}")
+        if previous not in (None, fingerprint) and not overwrite:
+            raise UsageError(f"{flag} {out} holds a run with a different config; pass --overwrite to replace it or "
+                             f"choose another {flag}")
         if overwrite and previous != fingerprint:
-            shutil.rmtree(out)
-    (out / "_work").mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"fingerprint": fingerprint, "config": identity}, out / STAMP)
+            _clear_run(out)
+    try:
+        (out / "_work").mkdir(parents=True, exist_ok=True)
+        if not os.access(out / "_work", os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+        lock_out_dir(out, flag)
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
+                         f"choose another {flag}") from None
+    write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, out / STAMP)
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# URI outputs
 def check_output_uri(uri: str, flag: str = "--out") -> None:
-    """Fail before any work when the output URI's file system cannot be reached."""
-    import pyarrow.fs as pafs
+    """Fail before any work when the output URI cannot be written: its file system is reached
+    and a small ``_ntk-ray-probe-<uuid>`` object is written and deleted."""
+    from ntk_ray.io.storage import probe_uri
 
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        fs.get_file_info(root)
+        probe_uri(uri)
     except Exception as e:
-        raise UsageError(f"{flag} {uri}: cannot use this location ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(redact(f"{flag} {uri}: cannot write to this location ({type(e).__name__}: {first})")) from None
+
+
+def check_uri_stamp(uri: str, identity: dict, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse a URI that holds another config's run (its ``_ntk_ray_stamp.json``) unless
+    ``overwrite``; then stamp it with this run's config (redacted)."""
+    from ntk_ray.io.storage import URI_STAMP, read_uri_stamp, write_uri_stamp
+
+    fingerprint = fingerprint_of(identity)
+    exists, previous = read_uri_stamp(uri)
+    where = redact(f"{uri.rstrip('/')}/{URI_STAMP}")
+    if exists and previous != fingerprint and not overwrite:
+        if previous is None:
+            raise UsageError(f"{flag} {redact(uri)}: its run stamp {where} cannot be read; pass --overwrite to replace "
+                             f"the run there, or choose another {flag}")
+        raise UsageError(f"{flag} {redact(uri)} holds a run with a different config ({where}); pass --overwrite to "
+                         f"replace it or choose another {flag}")
+    if previous != fingerprint:
+        write_uri_stamp(uri, {"fingerprint": fingerprint, "config": redact(identity)})
 
 
 def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool, log) -> tuple[Path, bool]:
     """(the directory the stages write into, whether ``out`` is a URI). For a URI the stages run
     in ``work_dir`` (default ``storage.default_work_dir``) and the results are copied to the URI
-    at the end (``storage.publish``); an unreachable URI fails here, before any work."""
+    at the end (``storage.publish``); a URI that cannot be written, or that holds another
+    config's run, fails here, before any work."""
     from ntk_ray.io.storage import default_work_dir, is_uri
 
     if not is_uri(out):
         return prepare_out_dir(out, identity, overwrite), False
     check_output_uri(out)
-    local = prepare_out_dir(work_dir or default_work_dir(out), identity, overwrite)
-    log(f"results go to {out}; working directory {local}")
+    local = prepare_out_dir(work_dir if work_dir else default_work_dir(out), identity, overwrite,
+                            flag="--work-dir" if work_dir else "--out")
+    check_uri_stamp(out, identity, overwrite)
+    log(f"results go to {redact(out)}; working directory {local}")
     return local, True
