@@ -41,3 +41,19 @@ def test_unreachable_uri_fails_before_any_work(demo_data, capsys):
     assert run_select(d, "nosuch://bucket/run", "--selector", "random") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out nosuch://bucket/run" in err[0]
+
+
+def test_publish_returns_redacted_destinations_and_leaves_no_temporaries(tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    for name in RESULT_FILES:
+        (local / name).write_text(name)
+    written = publish(local, f"file://{tmp_path}/remote?session_token=SECRET")
+    assert written == [f"file://{tmp_path}/remote/{n}?session_token=***" for n in RESULT_FILES]
+    assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == sorted(RESULT_FILES)
+
+
+def test_default_work_dir_never_holds_a_credential(monkeypatch, tmp_path):
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path))
+    one, two = default_work_dir("s3://AKIA:SECRET1@bucket/run"), default_work_dir("s3://AKIA:SECRET2@bucket/run")
+    assert one == two and "SECRET" not in str(one) and "AKIA" not in str(one)

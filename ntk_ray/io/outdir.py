@@ -300,7 +300,10 @@ def check_uri_stamp(uri: str, identity: dict, overwrite: bool, flag: str = "--ou
 
     fingerprint = fingerprint_of(identity)
     exists, previous = read_uri_stamp(uri)
-    where = redact(f"{uri.rstrip('/')}/{URI_STAMP}")
+    from ntk_ray.io.fs import split_query
+
+    head, query = split_query(uri)
+    where = redact(f"{head.rstrip('/')}/{URI_STAMP}{query}")
     if exists and previous != fingerprint and not overwrite:
         if previous is None:
             raise UsageError(f"{flag} {redact(uri)}: its run stamp {where} cannot be read; pass --overwrite to replace "

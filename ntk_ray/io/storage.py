@@ -156,7 +156,7 @@ def publish(local_dir: str | Path, uri: str, names=RESULT_FILES) -> list[str]:
     already there (an earlier run's) is deleted first, then the data files are uploaded, then
     ``manifest.json`` last. An interrupted upload thus never looks complete, with new and old
     files mixed. Returns the destination URIs (redacted)."""
-    from ntk_ray.io.fs import redact
+    from ntk_ray.io.fs import redact, split_query
 
     fs, root = uri_filesystem(uri)
     fs.create_dir(root, recursive=True)
@@ -166,5 +166,6 @@ def publish(local_dir: str | Path, uri: str, names=RESULT_FILES) -> list[str]:
     written = []
     for name in ordered:
         _upload(fs, Path(local_dir) / name, f"{root}/{name}")
-        written.append(redact(f"{uri.rstrip('/')}/{name}"))
+        head, query = split_query(uri)
+        written.append(redact(f"{head.rstrip('/')}/{name}{query}"))
     return written
