@@ -466,10 +466,19 @@ def main(argv=None) -> int:
         print(f"ntk-ray: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        # input/model errors from the library (InputError, ModelError) are one-line ValueErrors
-        if type(e).__name__ in ("InputError", "ModelError"):
-            print(f"ntk-ray: error: {e}", file=sys.stderr)
+        # input/model errors from the library (InputError, ModelError) are one-line ValueErrors, and
+        # so is a plain ValueError that names a flag (e.g. "--domain: non-finite gradients ...",
+        # raised in a worker: the executor hands it over unwrapped from Ray's exceptions)
+        message = str(e)
+        if type(e).__name__ in ("InputError", "ModelError") or (
+                type(e) is ValueError and message.startswith("--") and "\n" not in message):
+            print(f"ntk-ray: error: {message}", file=sys.stderr)
             return 2
+        raise
+    except Exception as e:
+        if getattr(e, "user_facing", False):  # a run that failed for a reason said in one line
+            print(f"ntk-ray: error: {e}", file=sys.stderr)
+            return 1
         raise
     return 1
 

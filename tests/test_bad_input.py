@@ -523,3 +523,91 @@ def test_score_rejects_non_finite_scores_as_select_does(tiny_data, tiny_model_di
     assert rejects.filter(pl.col("id") == poisoned_id)["reason"].to_list() == ["non-finite score (NaN/inf)"]
     assert ranked["score"].is_finite().all()
     assert manifest["counts"]["pool_rows"] == manifest["counts"]["ranked"] + manifest["counts"]["rejected"]
+
+
+# ---- errors and crashes inside Ray ---------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_errors_of_ours_raised_inside_ray_come_out_unwrapped(ray_session, capsys, monkeypatch):
+    """A UsageError or a flag-naming ValueError raised in a Ray task or a Ray Data actor reaches
+    the caller as itself (not RayTaskError), and the CLI prints one line and exits 2."""
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.runtime.ray_executor import RayExecutor
+
+    def _remote_usage_error(x):  # defined here, so Ray ships it by value
+        from ntk_ray.io.accounting import UsageError
+
+        raise UsageError(f"--pool: bad value {x} in a worker")
+
+    def _remote_flag_value_error(x):
+        raise ValueError("--domain: non-finite gradients for 2 rows, e.g. ['d1', 'd2']")
+
+    ex = RayExecutor(actors=1, accelerator="cpu", log=lambda m: None)
+    with pytest.raises(UsageError) as info:
+        ex.run_task(_remote_usage_error, 7, gpu=False)
+    assert type(info.value) is UsageError and str(info.value) == "--pool: bad value 7 in a worker"
+    with pytest.raises(ValueError) as info:
+        list(ex.map_tasks(_remote_flag_value_error, [1, 2]))
+    assert type(info.value) is ValueError and str(info.value).startswith("--domain: non-finite gradients")
+
+    class Raises:  # defined here, so Ray ships it by value
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, batch):
+            from ntk_ray.io.accounting import UsageError as Usage
+
+            raise Usage("--text-column: bad row in a worker")
+
+    with pytest.raises(UsageError) as info:
+        ex.map_shards(Raises, (), [{"path": "x"}], model=False)
+    assert type(info.value) is UsageError and str(info.value) == "--text-column: bad row in a worker"
+
+    # through the CLI: one line, exit 2
+    from ntk_ray import cli
+
+    def fails(args):
+        return ex.run_task(_remote_flag_value_error, 0, gpu=False)
+
+    monkeypatch.setattr(cli, "cmd_config", fails)
+    capsys.readouterr()  # Ray Data's own log lines of the runs above
+    assert cli.main(["score", "--features", "f", "--anchors", "a", "--budget", "1", "--out", "o"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["ntk-ray: error: --domain: non-finite gradients for 2 rows, e.g. ['d1', 'd2']"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_shard_that_always_kills_its_worker_fails_quickly_naming_it(ray_session, tmp_path):
+    """Actor pools have bounded restarts and retries: a batch whose worker always dies fails the
+    run after MAX_TASK_RETRIES + 1 attempts with one line naming the token shard (its input
+    file and row range), long before the no-progress timeout."""
+    import time
+
+    from ntk_ray.runtime.ray_executor import MAX_TASK_RETRIES, RayExecutor, ShardFailedError
+
+    good, bad = tmp_path / "000000-000000.parquet", tmp_path / "000001-000000.parquet"
+    pq.write_table(pa.table({"source": ["a.jsonl"] * 3, "row": [0, 1, 2]}), good)
+    pq.write_table(pa.table({"source": ["b.jsonl"] * 3, "row": [40, 41, 42]}), bad)
+    poison = str(bad)
+
+    class DiesOnOneShard:  # defined here, so Ray ships it by value
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, batch):
+            import os
+
+            if batch.column("path").to_pylist()[0] == poison:
+                os._exit(1)
+            return batch
+
+    ex = RayExecutor(actors=1, accelerator="cpu", log=lambda m: None)
+    start = time.monotonic()
+    with pytest.raises(ShardFailedError) as info:
+        ex.map_shards(DiesOnOneShard, (), [{"path": str(good)}, {"path": poison}])
+    message = str(info.value)
+    assert time.monotonic() - start < 240
+    assert "\n" not in message
+    assert f"{MAX_TASK_RETRIES + 1} attempts at shard {bad} (b.jsonl rows 40-42)" in message, message

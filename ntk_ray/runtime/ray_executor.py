@@ -58,11 +58,131 @@ def _memory_bytes() -> int:
         return 8 << 30
 
 
-def _resolving(worker: type) -> type:
-    """``worker`` whose constructor arguments that are object refs are fetched first."""
+#: a model or reader actor that dies is restarted at most this often (Ray Data's default is
+#: forever), and a batch whose actor died is retried at most ``MAX_TASK_RETRIES`` times: a row
+#: that kills its worker fails the run in minutes, naming its shard, not after the no-progress
+#: timeout
+MAX_RESTARTS = 4
+MAX_TASK_RETRIES = 2
+
+
+class ShardFailedError(RuntimeError):
+    """A shard whose worker kept dying (one line; the CLI prints it as ``ntk-ray: error: ...``)."""
+    user_facing = True
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The error of ours inside what Ray raised (``RayTaskError``, Ray Data's wrapped
+    ``UserCodeException``, their causes and contexts): a ``UsageError``, ``InputError`` or
+    ``ModelError``, or a plain ``ValueError`` whose message names a flag (``--domain: ...``);
+    None when there is none (a real crash keeps its traceback)."""
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.fs import InputError
+    from ntk_ray.models.errors import ModelError
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if not isinstance(e, ray.exceptions.RayError):
+            if isinstance(e, (UsageError, InputError, ModelError)):
+                return e
+            if type(e) is ValueError and str(e).startswith("--") and "\n" not in str(e):
+                return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def unwrap_errors(fn: Callable, *args):
+    """``fn(*args)``; an error of ours raised inside Ray comes out as itself (one line for the
+    CLI), not as Ray's wrapper with a remote traceback."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (re-raised unless one of ours is inside)
+        cause = _user_error(e)
+        if cause is None:
+            raise
+        raise cause.with_traceback(None) from None
+
+
+@ray.remote(num_cpus=0)
+class _Attempts:
+    """Counts the attempts at each item of a ``map_shards`` call, so the item whose worker keeps
+    dying can be named."""
+
+    def __init__(self):
+        self.started: dict[str, int] = {}
+        self.finished: set[str] = set()
+        self.errors: list = []  # errors of ours raised by the worker (Ray Data drops their objects)
+
+    def start(self, key: str) -> int:
+        self.started[key] = self.started.get(key, 0) + 1
+        return self.started[key]
+
+    def finish(self, key: str) -> None:
+        self.finished.add(key)
+
+    def error(self, exc) -> None:
+        self.errors.append(exc)
+
+    def first_error(self):
+        return self.errors[0] if self.errors else None
+
+    def unfinished(self) -> dict[str, int]:
+        return {k: n for k, n in self.started.items() if k not in self.finished}
+
+
+def _item_key(batch) -> str:
+    import json
+
+    return json.dumps(batch.slice(0, 1).to_pylist()[0], sort_keys=True, default=str)
+
+
+def describe_item(key: str) -> str:
+    """An item of ``map_shards`` in words: a token shard with the input file and rows it holds."""
+    import json
+
+    item = json.loads(key)
+    path = item.get("path") if isinstance(item, dict) else None
+    if not path:
+        return key
+    try:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path, columns=["source", "row"])
+        sources = sorted(set(t.column("source").to_pylist()))
+        rows = f"rows {pc.min(t.column('row')).as_py()}-{pc.max(t.column('row')).as_py()}"
+        return f"shard {path} ({', '.join(sources)} {rows})"
+    except Exception:  # noqa: BLE001 (a shard that is not a token shard: its path is enough)
+        return f"shard {path}"
+
+
+def _resolving(worker: type, attempts=None) -> type:
+    """``worker`` whose constructor arguments that are object refs are fetched first; with
+    ``attempts`` (an ``_Attempts`` handle) every call is counted before it runs and after it
+    finished."""
     class Resolving(worker):
         def __init__(self, *args):
             super().__init__(*[ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args])
+
+        def __call__(self, batch):
+            if attempts is None:
+                return super().__call__(batch)
+            key = _item_key(batch)
+            ray.get(attempts.start.remote(key))
+            try:
+                result = super().__call__(batch)
+            except Exception as e:
+                ours = _user_error(e)
+                if ours is not None:  # Ray Data's wrapper keeps only its text: hand the object over
+                    ray.get(attempts.error.remote(ours))
+                raise
+            ray.get(attempts.finish.remote(key))
+            return result
 
     Resolving.__name__ = Resolving.__qualname__ = worker.__name__
     return Resolving
@@ -91,15 +211,37 @@ class RayExecutor:
             size, gpus, cpus = self.plan.size, self.plan.num_gpus, self.plan.num_cpus
         else:  # readers: a CPU stays free for the driver
             size, gpus, cpus = max(1, min(len(items), self.cpus - 1)), 0, 1
-        ds = ds.map_batches(_resolving(worker), fn_constructor_args=args, batch_size=1, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus, num_cpus=cpus,
-                            runtime_env=self._env() if model else None)
-        return ds.take_all()
+        attempts = _Attempts.remote()
+        ds = ds.map_batches(_resolving(worker, attempts), fn_constructor_args=args, batch_size=1,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus,
+                            num_cpus=cpus, runtime_env=self._env() if model else None,
+                            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        try:
+            return unwrap_errors(ds.take_all)
+        except Exception as e:
+            if _user_error(e) is not None:
+                raise
+            try:
+                ours = ray.get(attempts.first_error.remote(), timeout=30)
+                unfinished = ray.get(attempts.unfinished.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 (the original error says more than this)
+                raise e from None
+            if ours is not None:
+                raise ours.with_traceback(None) from None
+            dying = sorted(k for k, n in unfinished.items() if n > MAX_TASK_RETRIES) or sorted(unfinished)
+            if not dying:
+                raise
+            raise ShardFailedError(
+                f"{worker.__name__}: a worker died on every one of its {MAX_TASK_RETRIES + 1} attempts at "
+                f"{describe_item(dying[0])}" + (f" (and {len(dying) - 1} more)" if len(dying) > 1 else "") +
+                f"; a row there may crash the model worker (out of memory?): {type(e).__name__}") from e
+        finally:
+            ray.kill(attempts)
 
     def run_task(self, fn: Callable, *args, gpu: bool = True) -> Any:
         task = ray.remote(fn).options(num_gpus=self.plan.num_gpus if gpu else 0, num_cpus=1, max_retries=1,
                                       runtime_env=self._env())
-        return ray.get(task.remote(*args))
+        return unwrap_errors(ray.get, task.remote(*args))
 
     def map_tasks(self, fn: Callable, items: list, *shared) -> Iterator[tuple[int, Any]]:
         task = ray.remote(fn)
@@ -109,10 +251,10 @@ class RayExecutor:
             pending[task.remote(item, *shared)] = i
             if len(pending) >= max_in_flight:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                yield pending.pop(done[0]), ray.get(done[0])
+                yield pending.pop(done[0]), unwrap_errors(ray.get, done[0])
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done[0]), ray.get(done[0])
+            yield pending.pop(done[0]), unwrap_errors(ray.get, done[0])
 
     def put(self, obj):
         return ray.put(obj)
