@@ -9,6 +9,7 @@ import tokenize
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ntk_ray.io import formats, paths, rows
@@ -264,3 +265,53 @@ def test_only_the_registry_spells_suffixes(module) -> None:
     literals = [tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.STRING]
     assert not [s for s in literals if s in SUFFIXES]
+
+
+# ---- a row over the size limit is a reject, never loaded whole -------------------------------------
+
+def test_a_jsonl_line_over_the_limit_is_a_reject_and_never_held_whole(tmp_path):
+    import json
+    import tracemalloc
+
+    from ntk_ray.io.formats import MAX_ROW_BYTES, ROW_TOO_LARGE
+    from ntk_ray.io.rows import Columns, count_rows, read_file_rows
+
+    huge = 30 << 20
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"id": "a", "text": "fine"}) + "\n")
+        f.write('{"id": "b", "text": "' + "x" * huge + '"}\n')
+        f.write(json.dumps({"id": "c", "text": "x" * (1 << 20)}) + "\n")
+        f.write(json.dumps({"id": "d", "text": "also fine"}) + "\n")
+    tracemalloc.start()
+    try:
+        rows = [(r["id"], r["row"], r["reject"]) for t in read_file_rows(str(path), Columns(), "text", chunk_rows=1)
+                for r in t.select(["id", "row", "reject"]).to_pylist()]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows == [("a", 0, None), ("big.jsonl:1", 1, ROW_TOO_LARGE), ("c", 2, None), ("d", 3, None)]
+    assert ROW_TOO_LARGE == "row too large (over 8 MiB of text)"
+    assert peak < huge // 2, peak  # the 30 MiB line was dropped as it was read
+    assert count_rows([str(path)]) == 4
+    # the limit itself, on any chunking: a line of exactly `limit` bytes is kept, one more byte is not
+    from ntk_ray.io.formats import _TooLarge, _iter_lines
+
+    data = b"12345\n123456\n\n1234"
+    for size in (1, 2, 3, 7, 100):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        got = [x if isinstance(x, bytes) else "too large" for x in _iter_lines(chunks, limit=5)]
+        assert got == [b"12345", "too large", b"", b"1234"], size
+    assert MAX_ROW_BYTES == 8 << 20 and _TooLarge
+
+
+def test_a_parquet_row_over_the_limit_is_a_reject(tmp_path):
+    from ntk_ray.io.formats import MAX_ROW_BYTES, ROW_TOO_LARGE
+    from ntk_ray.io.rows import Columns, read_file_rows
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"],
+                             "text": ["fine", "y" * (MAX_ROW_BYTES + 1), "also fine"]}), path)
+    rows = [r for t in read_file_rows(str(path), Columns(), "text") for r in t.to_pylist()]
+    assert [(r["id"], r["reject"]) for r in rows] == [("a", None), ("big.parquet:1", ROW_TOO_LARGE), ("c", None)]
+    assert rows[2]["text"] == "also fine"

@@ -106,22 +106,41 @@ def _iter_chunks(stream: Any) -> Iterator[bytes]:
         yield bytes(chunk)
 
 
-def _iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Split a byte stream on ``\\n`` (``\\r`` is left for JSON to ignore), linear in the size."""
+#: a row (a JSONL line, the text values of a Parquet row) larger than this is the reject
+#: ``row too large``, and a JSONL line that long is never assembled in memory
+MAX_ROW_BYTES = 8 << 20
+ROW_TOO_LARGE = f"row too large (over {MAX_ROW_BYTES >> 20} MiB of text)"
+
+
+class _TooLarge:
+    """What :func:`_iter_lines` yields for a line over :data:`MAX_ROW_BYTES` (its bytes dropped)."""
+
+
+def _iter_lines(chunks: Iterable[bytes], limit: int | None = None) -> Iterator[bytes | _TooLarge]:
+    """Split a byte stream on ``\\n`` (``\\r`` is left for JSON to ignore), linear in the size.
+    A line longer than ``limit`` bytes (default :data:`MAX_ROW_BYTES`) comes as a
+    :class:`_TooLarge`, and its bytes are dropped as they are read (never held whole)."""
+    limit = MAX_ROW_BYTES if limit is None else limit
     parts: list[bytes] = []
+    size = 0
+    over = False
     for chunk in chunks:
-        newline = chunk.find(b"\n")
-        if newline < 0:
-            parts.append(chunk)
-            continue
-        parts.append(chunk[:newline])
-        yield b"".join(parts)
-        lines = chunk[newline + 1:].split(b"\n")
-        last = lines.pop()
-        yield from lines
-        parts = [last] if last else []
-    if parts:
-        yield b"".join(parts)
+        start = 0
+        while True:
+            newline = chunk.find(b"\n", start)
+            piece = chunk[start:] if newline < 0 else chunk[start:newline]
+            if not over and size + len(piece) > limit:
+                over, parts = True, []
+            elif not over and piece:
+                parts.append(piece)
+            size += len(piece)
+            if newline < 0:
+                break
+            yield _TooLarge() if over else b"".join(parts)
+            parts, size, over = [], 0, False
+            start = newline + 1
+    if parts or over:
+        yield _TooLarge() if over else b"".join(parts)
 
 
 def _sniff_array(chunks: Iterator[bytes]) -> tuple[bool, Iterator[bytes]]:
@@ -157,6 +176,10 @@ def _iter_jsonl(chunks: Iterable[bytes], wanted: set[int] | None) -> Iterator[tu
     """(physical 0-based line index, value) for every non-blank line (or only ``wanted`` ones)."""
     last_wanted = max(wanted) if wanted else -1
     for index, raw in enumerate(_iter_lines(chunks)):
+        if isinstance(raw, _TooLarge):
+            if wanted is None or index in wanted:
+                yield index, BadRecord(ROW_TOO_LARGE)
+            continue
         if index == 0 and raw.startswith(_BOM):
             raw = raw[3:]
         if wanted is not None:
@@ -453,6 +476,33 @@ def _column_to_py(array: pa.Array) -> list[Any]:
         return values
 
 
+def _oversized_rows(batch: pa.RecordBatch):
+    """A numpy mask of the rows whose string/binary values together exceed
+    :data:`MAX_ROW_BYTES` (None when no row does), computed in Arrow without Python objects."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    total = None
+    for column in batch.columns:
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            continue
+        lengths = pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        total = lengths if total is None else total + lengths
+    if total is None or not (total > MAX_ROW_BYTES).any():
+        return None
+    return total > MAX_ROW_BYTES
+
+
+def _without(column: pa.Array, rows) -> pa.Array:
+    """``column`` with the values of the masked rows set to null (never turned into Python)."""
+    import pyarrow.compute as pc
+
+    if rows is None:
+        return column
+    return pc.if_else(pa.array(rows), pa.nulls(len(column), column.type), column)
+
+
 def _iter_parquet_records(path: str, names: Sequence[str], batch_rows: int,
                           on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
     """(row, {column: value}) for every row, with only those of ``names`` the file has.
@@ -476,9 +526,11 @@ def _iter_parquet_records(path: str, names: Sequence[str], batch_rows: int,
             try:
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group],
                                              columns=present, use_threads=False):
-                    columns = [_column_to_py(batch.column(i)) for i in range(batch.num_columns)]
-                    for values in zip(*columns):
-                        yield row, dict(zip(present, values))
+                    too_large = _oversized_rows(batch)
+                    columns = [_column_to_py(_without(batch.column(i), too_large)) for i in range(batch.num_columns)]
+                    for i, values in enumerate(zip(*columns)):
+                        yield row, (BadRecord(ROW_TOO_LARGE) if too_large is not None and too_large[i]
+                                    else dict(zip(present, values)))
                         row += 1
             except (OSError, pa.ArrowException) as exc:
                 if on_corrupt != "reject":
