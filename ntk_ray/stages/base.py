@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -72,7 +72,6 @@ class Context:
     executor: Executor
     progress: Any  # ntk_ray.progress.Progress
     inputs: Any = None  # the checked inputs (runner.CheckedInputs)
-    extra: dict = field(default_factory=dict)
 
     def stage_dir(self, name: str) -> Path:
         return self.work / name
