@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+from ntk_ray.io.fs import redact
 from ntk_ray.version import __version__
 from ntk_ray.config import FeaturesConfig, ScoreConfig, SelectConfig
 
@@ -313,7 +314,7 @@ def print_summary(manifest: dict, out: str, stream=None) -> None:
           f"domain {c['domain_truncated']}", file=stream)
     print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["stage_seconds"].items()), file=stream)
     for name in ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json"):
-        print(f"  {str(out).rstrip('/')}/{name}", file=stream)
+        print(f"  {redact(str(out)).rstrip('/')}/{name}", file=stream)
 
 
 def _tokenized(paths, args):
@@ -442,10 +443,10 @@ def cmd_config(args) -> int:
         print_summary(manifest, cfg.out)
     elif args.command == "features":
         m = runner.run_features(cfg, overwrite=args.overwrite)
-        print(json.dumps({"out": cfg.out, **m["counts"], "seconds": m["stage_seconds"]}))
+        print(json.dumps({"out": redact(cfg.out), **m["counts"], "seconds": m["stage_seconds"]}))
     else:
         m = runner.run_score(cfg, overwrite=args.overwrite)
-        print(json.dumps({"out": cfg.out, **m["counts"]}))
+        print(json.dumps({"out": redact(cfg.out), **m["counts"]}))
     return 0
 
 
@@ -463,7 +464,7 @@ def main(argv=None) -> int:
         if args.command == "evaluate":
             return cmd_evaluate(args)
     except (UsageError, ConfigError) as e:
-        print(f"ntk-ray: error: {e}", file=sys.stderr)
+        print(f"ntk-ray: error: {redact(str(e))}", file=sys.stderr)
         return 2
     except ValueError as e:
         # input/model errors from the library (InputError, ModelError) are one-line ValueErrors, and
@@ -472,12 +473,12 @@ def main(argv=None) -> int:
         message = str(e)
         if type(e).__name__ in ("InputError", "ModelError") or (
                 type(e) is ValueError and message.startswith("--") and "\n" not in message):
-            print(f"ntk-ray: error: {message}", file=sys.stderr)
+            print(f"ntk-ray: error: {redact(message)}", file=sys.stderr)
             return 2
         raise
     except Exception as e:
         if getattr(e, "user_facing", False):  # a run that failed for a reason said in one line
-            print(f"ntk-ray: error: {e}", file=sys.stderr)
+            print(f"ntk-ray: error: {redact(str(e))}", file=sys.stderr)
             return 1
         raise
     return 1

@@ -462,3 +462,15 @@ def test_a_corrupted_marker_is_redone_never_a_traceback(marker, tiny_data, tiny_
         if redone == "read":  # only the pool file is read again; the domain file's shards stay
             assert {p: p.stat().st_mtime_ns for p in domain_shards} == domain_shards
     assert pl.read_parquet(out / "ranked.parquet")["id"].to_list() == first
+
+
+def test_cli_error_lines_and_summaries_hold_no_secret(tmp_path, capsys):
+    """An error naming a URI with credentials is printed redacted (cli.main prints every error)."""
+    from ntk_ray.cli import main
+
+    d = tmp_path / "d.jsonl"
+    d.write_text("".join(f'{{"id": "d{i}", "text": "w{i}"}}\n' for i in range(6)))
+    code = main(["select", "--domain", str(d), "--pool", "nosuchscheme://AKIDEXAMPLE:TOPSECRET42@bucket/pool.jsonl",
+                 "--budget", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "TOPSECRET42" not in err and "ntk-ray: error:" in err
