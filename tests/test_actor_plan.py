@@ -98,3 +98,26 @@ def test_actor_threads_are_set_from_the_env_and_capped_at_this_nodes_cores(monke
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.ray
+def test_warmup_task_honours_wait_for_resources_on_a_cluster_without_gpus(ray_session):
+    """--accelerator gpu on a CPU-only Ray: the warm-up task would wait for a GPU forever; it
+    fails with one line after --wait-for-resources instead (and a CPU task runs at once)."""
+    import time
+
+    from ntk_ray.runtime.ray_executor import RayExecutor
+
+    def power(a, b):
+        return a ** b
+
+    try:
+        gpu = RayExecutor(accelerator="gpu", actors=1, wait_for_resources=2, log=lambda m: None)
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match="within --wait-for-resources 2 s"):
+            gpu.run_task(power, 2, 3)
+        assert time.monotonic() - t0 < 30
+        cpu = RayExecutor(accelerator="cpu", wait_for_resources=2, log=lambda m: None)
+        assert cpu.run_task(power, 2, 3) == 8
+    finally:
+        RayExecutor(log=lambda m: None)  # the session's Ray Data waits reset to the defaults

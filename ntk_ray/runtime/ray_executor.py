@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 import ray
 
+from ntk_ray.io.accounting import UsageError
 from ntk_ray.runtime import actor_plan
 from ntk_ray.stages.base import ActorPlan
 
@@ -192,6 +194,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, actors: int | None = None, accelerator: str = "auto",
                  wait_for_resources: float = 600, log=print):
         self.resources = connect(address, log, wait_for_resources)
+        self.wait_for_resources = float(wait_for_resources)
         self.cpus = int(self.resources.get("CPU", 1))
         self.plan: ActorPlan = actor_plan(self.resources, actors, accelerator)
         self.extra_env: dict[str, str] = {}  # added to every worker's environment
@@ -239,9 +242,24 @@ class RayExecutor:
             ray.kill(attempts)
 
     def run_task(self, fn: Callable, *args, gpu: bool = True) -> Any:
-        task = ray.remote(fn).options(num_gpus=self.plan.num_gpus if gpu else 0, num_cpus=1, max_retries=1,
-                                      runtime_env=self._env())
-        return unwrap_errors(ray.get, task.remote(*args))
+        """One task on a model worker. When it needs a GPU the cluster does not have (yet: an
+        autoscaling GPU group), it waits at most ``--wait-for-resources`` seconds for one to join
+        (the pending task is the autoscaler's demand), then fails with one line instead of
+        hanging; once the GPU is there, the task may run as long as it takes."""
+        num_gpus = self.plan.num_gpus if gpu else 0
+        task = ray.remote(fn).options(num_gpus=num_gpus, num_cpus=1, max_retries=1, runtime_env=self._env())
+        ref = task.remote(*args)
+        deadline = time.monotonic() + self.wait_for_resources
+        while num_gpus and ray.cluster_resources().get("GPU", 0) < num_gpus:
+            ready, _ = ray.wait([ref], timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            if ready:
+                break
+            if time.monotonic() >= deadline:
+                ray.cancel(ref, force=True)
+                raise UsageError(f"no worker with {num_gpus} GPU joined the cluster within --wait-for-resources "
+                                 f"{self.wait_for_resources:g} s (the warm-up needs one); add GPU nodes, raise "
+                                 "--wait-for-resources, or use --accelerator cpu")
+        return unwrap_errors(ray.get, ref)
 
     def map_tasks(self, fn: Callable, items: list, *shared) -> Iterator[tuple[int, Any]]:
         task = ray.remote(fn)
