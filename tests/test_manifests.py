@@ -310,3 +310,57 @@ def test_ttl_only_with_shutdown_after_job_finishes():
     for name, doc in _ray_docs():
         if doc["kind"] == "RayJob" and "ttlSecondsAfterFinished" in doc["spec"]:
             assert doc["spec"].get("shutdownAfterJobFinishes") is True, name
+
+
+# ------------------------------------------------------------------------------------- hardening
+
+def test_pods_run_non_root_without_privilege_escalation_or_capabilities():
+    for name, doc in _ray_docs():
+        for role, pod in _pod_specs(doc):
+            ctx = pod.get("securityContext", {})
+            assert ctx.get("runAsNonRoot") is True and ctx.get("runAsUser", 0) != 0, f"{name} {role}"
+            assert ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name} {role}"
+            for c in pod["containers"]:
+                cctx = c.get("securityContext", {})
+                assert cctx.get("allowPrivilegeEscalation") is False, f"{name} {role} {c['name']}"
+                assert cctx.get("capabilities", {}).get("drop") == ["ALL"], f"{name} {role} {c['name']}"
+                assert not cctx.get("privileged"), f"{name} {role} {c['name']}"
+
+
+def test_pods_that_run_submitted_code_get_no_service_account_token():
+    """Workers run submitted code and never call the Kubernetes API; a head keeps its token only
+    where the in-tree autoscaler (which calls the API) runs beside it."""
+    for name, doc in _ray_docs():
+        autoscaler = _cluster_spec(doc).get("enableInTreeAutoscaling", False)
+        for role, pod in _pod_specs(doc):
+            if role == "head" and autoscaler:
+                continue
+            assert pod.get("automountServiceAccountToken") is False, f"{name} {role}"
+
+
+def test_the_image_runs_as_the_non_root_user_the_pods_ask_for():
+    text = (CLUSTER / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] == "ray"  # the base image's uid 1000, as runAsUser says
+    for name, doc in _ray_docs():
+        for role, pod in _pod_specs(doc):
+            assert pod["securityContext"]["runAsUser"] == 1000, f"{name} {role}"
+
+
+def test_network_policy_lets_only_the_ray_pods_reach_the_ray_ports():
+    docs = [d for p in MANIFESTS for d in _docs(p) if d.get("kind") == "NetworkPolicy"]
+    assert len(docs) == 1
+    policy = docs[0]["spec"]
+    labels = {"app.kubernetes.io/name": "ntk-ray"}
+    assert policy["podSelector"]["matchLabels"] == labels and policy["policyTypes"] == ["Ingress"]
+    for name, doc in _ray_docs():  # the policy selects every Ray pod
+        spec = _cluster_spec(doc)
+        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        assert all(t["metadata"]["labels"].get("app.kubernetes.io/name") == "ntk-ray" for t in templates), name
+    for rule in policy["ingress"]:  # no rule opens anything to everyone
+        assert rule.get("from"), rule
+        assert all("podSelector" in peer and "namespaceSelector" not in peer and "ipBlock" not in peer
+                   for peer in rule["from"]), rule
+    open_to_others = [r for r in policy["ingress"] if r["from"][0]["podSelector"]["matchLabels"] != labels]
+    assert [p["port"] for r in open_to_others for p in r["ports"]] == [8265]  # the submitter: Jobs API only
+    assert open_to_others[0]["from"][0]["podSelector"]["matchLabels"] == {"job-name": _rayjob()["metadata"]["name"]}
