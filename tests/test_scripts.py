@@ -35,6 +35,7 @@ SMOKE_TESTS = {
     "benchmarks/bench_features_gpu.sh": "tests/test_scripts.py::test_bench_features_gpu_sh_is_valid",
     "scripts/demo_lifts.py": "tests/test_scripts.py::test_demo_lifts_smoke",
     "scripts/build_demo_corpus.py": "tests/test_scripts.py::test_build_demo_corpus_smoke",
+    "scripts/check_claims.py": "tests/test_claims.py::test_every_number_in_the_readmes_is_backed",
 }
 PRODUCT_BENCHMARKS = ["benchmarks/bench_selection.py", "scripts/demo_lifts.py"]
 
