@@ -77,8 +77,6 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
     from ntk_ray.stages.registry import get_selector
 
     validate(cfg)  # every number in its declared range; --out not an existing file
-    if cfg.budget < 1:
-        raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
     if cfg.scorer not in SCORERS:
         raise UsageError(f"--scorer {cfg.scorer!r}: choose {', '.join(SCORERS[:-1])} or {SCORERS[-1]}")
     try:
@@ -89,10 +87,6 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
         selector.check(cfg)
     if cfg.on_too_long not in ("truncate", "reject"):
         raise UsageError(f"--on-too-long {cfg.on_too_long!r}: choose truncate or reject")
-    if cfg.max_length < 8:
-        raise UsageError(f"--max-length must be at least 8 (got {cfg.max_length})")
-    if cfg.coarse_factor < 1:
-        raise UsageError(f"--coarse-factor must be at least 1 (got {cfg.coarse_factor})")
     if cfg.adapter and not (Path(cfg.adapter).expanduser() / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {cfg.adapter}: no adapter_config.json (not a saved LoRA adapter)")
     cols = columns_of(cfg)

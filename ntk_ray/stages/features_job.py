@@ -177,8 +177,8 @@ class ScoreInputs:
 
 
 def check_score_inputs(cfg) -> ScoreInputs:
-    if cfg.budget < 1:
-        raise UsageError(f"--budget must be at least 1 (got {cfg.budget})")
+    """The feature directories' shards and their common projector spec (the numbers were
+    range-checked by ``config.validate``)."""
     pool_files, pool_spec = dir_spec(cfg.features, "--features")
     anchor_files, anchor_spec = dir_spec(cfg.anchors, "--anchors")
     if pool_spec != anchor_spec:
