@@ -187,7 +187,9 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # workers are handed cfg.model and resolve it themselves, so a node that does not share
     # this machine's cache directory converts or finds its own copy
     inputs = check_inputs(cfg)
-    out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log)
+    # inputs: the files as they are now against the ones this directory's run read (a changed
+    # file or a glob that matches other files is refused, the finished run included)
+    out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log, inputs=inputs.paths)
     plan = plan_for(cfg, publish_to=cfg.out if remote else None)
     last = plan[-1].name
     if is_done(out / "_work" / last) and (out / "manifest.json").exists():
@@ -239,7 +241,7 @@ def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progres
     identity = {k: v for k, v in asdict(cfg).items()
                 if k not in ("out", "actors", "accelerator", "ray_address", "executor", "batch_tokens")}
     identity["data"] = files
-    out = prepare_out_dir(cfg.out, identity, overwrite)
+    out = prepare_out_dir(cfg.out, identity, overwrite, inputs={"data": files})
     inputs = CheckedInputs(columns=cols, paths={"data": files}, modes={"data": mode}, model_path=model)
     results = run_plan(cfg, features_plan(), out, inputs, progress, executor)
     return results["summary"].manifest

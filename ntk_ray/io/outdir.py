@@ -242,10 +242,19 @@ def local_out_path(out: str | Path, flag: str = "--out") -> Path:
     return Path(os.path.expanduser(text))
 
 
-def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str = "--out") -> Path:
+def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str = "--out",
+                    inputs: dict | None = None, where: str | None = None) -> Path:
     """Create OUT, lock it, stamp it. The same config resumes (finished stages are reused);
     another config's run is refused unless ``overwrite``, which then deletes only ntk-ray's
-    files (see the module docstring); a non-empty directory that is not a run is refused."""
+    files (see the module docstring); a non-empty directory that is not a run is refused.
+
+    ``inputs`` (role -> resolved files): the same config over input files that changed since
+    the run there read them (``io.fingerprint``) is refused in one line naming the file, or
+    with ``overwrite`` started over; the files are recorded in ``_work/inputs.json``. ``where``
+    names the run in that message (default: OUT)."""
+    from ntk_ray.io.fingerprint import check_unchanged, record
+    from ntk_ray.io.fs import InputError
+
     out = local_out_path(out, flag)
     fingerprint = fingerprint_of(identity)
     if overwrite:
@@ -267,6 +276,13 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
                              f"choose another {flag}")
         if overwrite and previous != fingerprint:
             _clear_run(out)
+        elif inputs is not None:
+            try:
+                check_unchanged(out / "_work", inputs, where or str(out))
+            except InputError as e:
+                if not overwrite:
+                    raise UsageError(str(e)) from None
+                _clear_run(out)  # the same config over other files: start over
     try:
         (out / "_work").mkdir(parents=True, exist_ok=True)
         if not os.access(out / "_work", os.W_OK | os.X_OK):
@@ -275,6 +291,11 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
     except OSError as e:
         raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
                          f"choose another {flag}") from None
+    if inputs is not None:
+        try:
+            record(out / "_work", inputs)
+        except InputError as e:
+            raise UsageError(str(e)) from None
     write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, out / STAMP)
     return out
 
@@ -314,7 +335,8 @@ def check_uri_stamp(uri: str, identity: dict, overwrite: bool, flag: str = "--ou
         write_uri_stamp(uri, {"fingerprint": fingerprint, "config": redact(identity)})
 
 
-def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool, log) -> tuple[Path, bool]:
+def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool, log,
+                 inputs: dict | None = None) -> tuple[Path, bool]:
     """(the directory the stages write into, whether ``out`` is a URI). For a URI the stages run
     in ``work_dir`` (default ``storage.default_work_dir``) and the results are copied to the URI
     at the end (``storage.publish``); a URI that cannot be written, or that holds another
@@ -322,10 +344,10 @@ def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool
     from ntk_ray.io.storage import default_work_dir, is_uri
 
     if not is_uri(out):
-        return prepare_out_dir(out, identity, overwrite), False
+        return prepare_out_dir(out, identity, overwrite, inputs=inputs), False
     check_output_uri(out)
     local = prepare_out_dir(work_dir if work_dir else default_work_dir(out), identity, overwrite,
-                            flag="--work-dir" if work_dir else "--out")
+                            flag="--work-dir" if work_dir else "--out", inputs=inputs, where=redact(out))
     check_uri_stamp(out, identity, overwrite)
     log(f"results go to {redact(out)}; working directory {local}")
     return local, True

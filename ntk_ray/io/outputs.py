@@ -53,13 +53,30 @@ def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int, stage: str =
     return ranked.select(list(RANKED_SCHEMA))
 
 
-def selected_rows(ranked: pl.DataFrame, read_original_rows) -> pl.DataFrame:
+def selected_rows(ranked: pl.DataFrame, read_original_rows, id_column: str | None = None) -> pl.DataFrame:
     """Original input columns of the selected rows (read back from their files), plus rank and
-    score, sorted by rank. Files with different columns are combined by column name."""
+    score, sorted by rank. Files with different columns are combined by column name.
+
+    With ``id_column``: a row read back whose id (``io.rows.id_text`` of that column) is not the
+    id the run ranked raises InputError naming the file and row: the file changed under the run
+    (rows without the column have generated ids ``<file>:<row>``; the file's size and mtime
+    check, ``io.fingerprint``, covers those)."""
+    from ntk_ray.io.fs import InputError, redact
+    from ntk_ray.io.rows import id_text
+
     chosen = ranked.filter(pl.col("selected"))
     tables = []
     for (source,), group in chosen.group_by(["source"], maintain_order=True):
         original = read_original_rows(source, group["row"].to_list())
+        if id_column is not None and id_column in original.column_names:
+            for want, value, row in zip(group["id"].to_list(), original.column(id_column).to_pylist(),
+                                        group["row"].to_list()):
+                if value is None:  # a JSONL line without the id key: a generated id
+                    continue
+                got, _ = id_text(value)
+                if got != want:
+                    raise InputError(f"{redact(source)} row {row}: the id there is now {got!r}, the run ranked "
+                                     f"{want!r}: the file changed during the run; rerun with --overwrite")
         tables.append(pl.from_arrow(original).with_columns(
             pl.Series("rank", group["rank"].to_list(), dtype=pl.Int64),
             pl.Series("score", group["score"].to_list(), dtype=pl.Float64)))

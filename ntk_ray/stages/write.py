@@ -91,7 +91,15 @@ class WriteStage(Stage):
             raise RuntimeError(f"row accounting failed: {counts}")
         if counts["selected"] < cfg.budget:
             ctx.progress.log(f"warning: only {counts['selected']} usable pool rows for a budget of {cfg.budget}: all are selected")
-        selected = selected_rows(ranked, read_original_rows)  # read back through the real sources
+        from ntk_ray.io.accounting import UsageError
+        from ntk_ray.io.fingerprint import check_unchanged
+        from ntk_ray.io.fs import InputError
+
+        try:  # the selected rows are read back by row number: only from the files the run read
+            check_unchanged(ctx.work, ctx.inputs.paths, redact(cfg.out))
+            selected = selected_rows(ranked, read_original_rows, id_column=ctx.inputs.columns.id)
+        except InputError as e:
+            raise UsageError(str(e)) from None
         write_parquet_atomic(redacted_sources(ranked), out / "ranked.parquet")
         write_parquet_atomic(selected, out / "selected.parquet")
         write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})), out / "rejects.parquet")
