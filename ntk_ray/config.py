@@ -17,6 +17,8 @@ from ntk_ray.io.accounting import MIN_DOMAIN_ROWS  # noqa: F401 (the rule lives 
 ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
 EXECUTORS = ("ray", "local")  # runner.executor_factory
 WARMUP_MODES = ("train", "fresh")
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # models.loading.resolve_dtype
+LR_SCHEDULES = ("constant", "linear", "cosine")  # core.training.lr_factor
 
 
 #: the largest value of an int field that declares no ``max`` (fits every index type used)
@@ -54,6 +56,16 @@ def _scorers():
 def _projectors():
     from ntk_ray.core.projection import PROJECTORS
     return PROJECTORS
+
+
+def _allocations():
+    from ntk_ray.core.selectors import ALLOCATIONS
+    return ALLOCATIONS
+
+
+def _fusions():
+    from ntk_ray.core.selectors import FUSIONS
+    return FUSIONS
 
 
 def _on_too_long():
@@ -100,6 +112,13 @@ def _max_length():
 
 def _on_too_long_field():
     return opt("truncate", "longer samples are truncated (counted in the manifest) or rejected", choices=_on_too_long)
+
+
+def _dtype():
+    return opt("auto", "precision of the model's weights and forward/backward passes: auto = bfloat16 on a GPU that "
+               "supports it, else float32 (so float32 on CPU; resolved where the model runs and recorded in the "
+               "manifest). LoRA weights stay float32; gradients, features and kernel sums are accumulated in float32 "
+               "or wider. Part of the result", choices=DTYPES)
 
 
 def _projector(group=None):
@@ -172,6 +191,7 @@ class SelectConfig:
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
+    dtype: str = _dtype()
     # warm-up (method.md defaults)
     lora_r: int = _lora_r(W)
     lora_alpha: int = _lora_alpha(W)
@@ -194,6 +214,16 @@ class SelectConfig:
                       choices=_scorers, group=N)
     projector: str = _projector(N)
     proj_dim: int = _proj_dim(N)
+    allocation: str = opt("score", "how the budget is picked from the scored candidates: score (the top N by --scorer), "
+                          "facility-location (greedy coverage of the anchors: max sum_a max_picked k(a, x)), "
+                          "kernel-mean-matching (greedy: the picks' mean feature closest to the anchors' mean). The "
+                          "greedy ones use the kernel of --scorer (cosine, mean or max); later ranks follow the score",
+                          choices=_allocations, group=N)
+    fusion: str = opt("none", "rrf: rank the candidates by reciprocal rank fusion of the NTK ranking and the coarse "
+                      "stage's embedding ranking, sum 1/(k + rank) (embeds every pool row when the coarse stage would "
+                      "be skipped); none: the NTK ranking alone", choices=_fusions, group=N)
+    fusion_k: int = opt(60, "k of --fusion rrf (60 in Cormack et al.; larger: flatter weights over ranks)", group=N,
+                        min=0, max=1 << 20)
     seed: int = opt(0, "seed of the warm-up and of the random projection", min=0, max=SEED_MAX)
     # execution
     batch_tokens: int = _batch_tokens(X)
@@ -235,6 +265,7 @@ class FeaturesConfig:
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
+    dtype: str = _dtype()
     seed: int = opt(0, "seed of the fresh adapter and of the random projection", min=0, max=SEED_MAX)
     projector: str = _projector()
     proj_dim: int = _proj_dim()
@@ -262,6 +293,26 @@ class ScoreConfig:
                                shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
     ray_address: str | None = _ray_address()
     executor: str = _executor()
+
+
+@dataclass
+class LocalModelOptions:
+    """The flags of ``ntk-ray finetune`` and ``ntk-ray evaluate`` (which run the model in this
+    process) that ``select`` does not have: where the model runs, and finetune's schedule. The
+    select warm-up keeps a constant learning rate, no warm-up steps and one batch per step (its
+    ranking is unchanged)."""
+    accelerator: str = opt("auto", "auto: this machine's GPU (cuda) when it has one, else the CPU; gpu: the GPU (an "
+                           "error without one); cpu: the CPU", choices=ACCELERATORS)
+    lr_schedule: str = opt("cosine", "learning rate per optimizer step after the warm-up steps: constant, linear (to 0 "
+                           "at the end) or cosine (half a cosine to 0 at the end)", choices=LR_SCHEDULES)
+    warmup_ratio: float = opt(0.03, "share of the optimizer steps spent ramping the learning rate up linearly from "
+                              "lr/W to lr (W = ceil(ratio x steps); 0: none)", min=0, max=1)
+    grad_accum_steps: int = opt(1, "batches (of --batch-tokens padded tokens) whose gradients are summed into one "
+                                "optimizer step; the loss is the mean over all target tokens of the step's batches, "
+                                "so k batches of one row train exactly as one batch of k rows", min=1, max=1 << 20)
+    train_batch_tokens: int = opt(4096, "padded tokens per training batch (rows packed by length; the memory knob: "
+                                  "with --grad-accum-steps k an optimizer step sees k such batches)",
+                                  flag="--batch-tokens", min=1)
 
 
 # ---- the one up-front check of a config's values -----------------------------------------------

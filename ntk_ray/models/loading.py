@@ -5,6 +5,14 @@
 ``resolve_model`` turns it into something ``from_pretrained`` accepts; ``load_model`` and
 ``load_tokenizer`` load from that, turning library errors into one-line ``ModelError``s; and
 ``model_identity`` describes the model (source, file hashes, architecture, size) for the manifest.
+
+Precision (``--dtype``): ``resolve_dtype`` turns ``auto`` into a concrete dtype where the model
+runs (bfloat16 on a GPU that supports it, float32 otherwise, CPU included); ``load_model`` loads
+the weights in it, and the forward and backward passes run in it (no autocast). What stays wider
+whatever the model's dtype: the LoRA weights (float32, ``lora.attach_lora`` / ``load_adapter``),
+the logits before a softmax or cross-entropy (float32), per-sample gradients, their projection
+and norms (float32, ``core.features`` / ``core.projection``) and kernel sums (float64,
+``core.scoring``).
 """
 
 from __future__ import annotations
@@ -104,19 +112,64 @@ def load_tokenizer(model: str | None):
     return tokenizer
 
 
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> str:
+    """The concrete dtype name (``bfloat16``, ``float16``, ``float32``) for ``--dtype`` on
+    ``device``. ``auto``: bfloat16 on a CUDA device that supports it natively
+    (``torch.cuda.is_bf16_supported(including_emulation=False)``: Ampere and later; a V100 or T4
+    would emulate it slowly), else float32 (on CPU always). Call it where the model
+    runs (a worker): the driver may have no GPU. A concrete name is returned as is, so a value
+    resolved once (by the warm-up) passes through the other workers unchanged."""
+    if isinstance(dtype, torch.dtype):
+        names = {v: k for k, v in DTYPE_NAMES.items()}
+        if dtype not in names:
+            raise ModelError(f"--dtype {dtype}: not one of {', '.join(DTYPE_NAMES)}")
+        return names[dtype]
+    if dtype == "auto":
+        if torch.device(device).type == "cuda" and torch.cuda.is_available() \
+                and torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16"
+        return "float32"
+    if dtype not in DTYPE_NAMES:
+        raise ModelError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPE_NAMES)}")
+    return dtype
+
+
+def torch_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """``resolve_dtype`` as a ``torch.dtype``."""
+    return DTYPE_NAMES[resolve_dtype(dtype, device)]
+
+
+def local_device(accelerator: str = "auto", flag: str = "--accelerator") -> str:
+    """The device of a command that runs the model in this process (``finetune``, ``evaluate``),
+    with ``select``'s ``--accelerator`` words: auto = ``cuda`` when this machine has a GPU, else
+    ``cpu``; gpu = ``cuda`` (a ModelError without one); cpu = ``cpu``."""
+    if accelerator == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if accelerator == "gpu":
+        raise ModelError(f"{flag} gpu: this machine has no CUDA GPU that torch can use")
+    return "cpu"
+
+
 def load_model(
     model: str | None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     *,
     attn_implementation: str | None = None,
 ):
-    """AutoModelForCausalLM for ``model`` (``None``: the demo model), on ``device``, in eval mode."""
+    """AutoModelForCausalLM for ``model`` (``None``: the demo model), on ``device``, in eval mode,
+    its weights in ``dtype`` (a torch dtype, or a ``--dtype`` name: ``auto`` is resolved for
+    ``device`` by ``resolve_dtype``)."""
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(model)
     check_local_dir(resolved, "model")
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, device)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -2,7 +2,16 @@
 adapter (its random init optionally drawn from a seed), loading a saved one, and listing the
 trainable LoRA factors. A target matches a module when it is the module's full name or its
 dotted suffix (peft's rule for a list of names); a target matching nothing is a one-line
-``ModelError`` naming the Linear modules that do exist."""
+``ModelError`` naming the Linear modules that do exist.
+
+Precision: the LoRA factors are float32 whatever the base model's dtype (peft's
+``autocast_adapter_dtype``, asked for explicitly and checked here), the standard practice for a
+bfloat16/float16 base: AdamW's updates of order lr * 1e-4 relative would vanish in bfloat16's 8
+significant bits. peft casts a layer's input to float32 before the LoRA matmuls and the sum back
+to the base dtype, so the LoRA branch computes in float32 and the captured activations and
+output gradients of ``core.features`` are float32 tensors. A fresh adapter on a bfloat16 base is
+the seed's float32 draw rounded through bfloat16 once (peft moves it to the base layer's dtype
+before casting it back), so it differs from the float32 base's draw in the low bits."""
 
 from __future__ import annotations
 
@@ -108,11 +117,20 @@ def attach_lora(
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if seed is not None:
             torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return float32_lora(get_peft_model(model, config, autocast_adapter_dtype=True))
+
+
+def float32_lora(model):
+    """``model`` with every trainable (LoRA) parameter in float32 (module docstring): peft
+    already casts bfloat16/float16 adapters up; any other low-precision one is cast here."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def load_adapter(model, adapter_dir):
-    """Attach a saved LoRA adapter to ``model``, trainable (LoRA params require grad)."""
+    """Attach a saved LoRA adapter to ``model``, trainable (LoRA params require grad), in float32."""
     from peft import PeftModel
 
     path = Path(adapter_dir).expanduser()
@@ -121,7 +139,8 @@ def load_adapter(model, adapter_dir):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+            return float32_lora(PeftModel.from_pretrained(model, str(path), is_trainable=True,
+                                                          autocast_adapter_dtype=True))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load adapter {adapter_dir}: {first_line(e)}") from e
 
