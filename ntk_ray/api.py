@@ -100,7 +100,7 @@ def select(domain, pool, budget: int, out: str | Path | None = None, *, executor
     unknown = sorted(set(options) - fields)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; SelectConfig has {', '.join(sorted(fields))}")
-    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="ntk-ray-"))
+    out = Path(out).expanduser() if out is not None else Path(tempfile.mkdtemp(prefix="ntk-ray-"))
     cfg = SelectConfig(domain=_materialise(domain, "domain"), pool=_materialise(pool, "pool"), budget=int(budget),
                        out=str(out), **options)
     if executor == "local":

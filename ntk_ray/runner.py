@@ -67,6 +67,32 @@ def check_model(cfg, lora_targets=None) -> str:
     return model
 
 
+def _check_out_outside_inputs(cfg, inputs: dict) -> None:
+    """An --out (or --work-dir) inside a directory given as input would be read as input by the
+    next run (its ranked.parquet is a pool file): refused, as is an input file under --out."""
+    import os
+
+    from ntk_ray.io.fs import is_uri
+
+    places = [("--out", cfg.out), ("--work-dir", getattr(cfg, "work_dir", None))]
+    for oflag, place in places:
+        if not place or is_uri(str(place)):
+            continue
+        here = os.path.realpath(os.path.expanduser(str(place)))
+        for flag, (specs, files) in inputs.items():
+            for spec in [specs] if isinstance(specs, (str, os.PathLike)) else list(specs or []):
+                spec = str(spec)
+                if is_uri(spec) or not os.path.isdir(os.path.expanduser(spec)):
+                    continue
+                root = os.path.realpath(os.path.expanduser(spec))
+                if here == root or here.startswith(root.rstrip(os.sep) + os.sep):
+                    raise UsageError(f"{oflag} {place} is inside the {flag} directory {spec}: the next run would read "
+                                     f"this run's files as input; choose an {oflag} outside it")
+            for f in files:
+                if not is_uri(f) and os.path.realpath(f).startswith(here.rstrip(os.sep) + os.sep):
+                    raise UsageError(f"{flag} file {f} is inside {oflag} {place}; keep inputs and outputs apart")
+
+
 def check_inputs(cfg: SelectConfig) -> CheckedInputs:
     """Everything that can be checked before work starts: files, columns, row counts, flags,
     model, tokenizer and LoRA targets. Raises UsageError (one line) and starts nothing."""
@@ -99,6 +125,7 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
         n_pool = count_rows(pool, flag="--pool", at_most=cfg.budget)
     except InputError as e:
         raise UsageError(str(e)) from None
+    _check_out_outside_inputs(cfg, {"--domain": (cfg.domain, domain), "--pool": (cfg.pool, pool)})
     if n_domain < MIN_DOMAIN_ROWS:
         raise UsageError(f"--domain: {n_domain} rows in {', '.join(domain[:3])}; at least {MIN_DOMAIN_ROWS} are needed")
     if n_pool < cfg.budget:

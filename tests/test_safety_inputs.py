@@ -105,3 +105,45 @@ def test_fingerprints_hold_no_secret(tmp_path):
     assert "SECRET" not in json.dumps(record)
     assert record["pool"][0]["size"] == 3 and isinstance(record["pool"][0]["mtime_ns"], int)
     assert Path(f).exists()
+
+
+def test_features_and_score_store_no_secret_of_an_input_uri(tiny_data, tiny_model_dir, tmp_path):
+    from ntk_ray.cli import main
+
+    pool = f"file://{tiny_data}/pool.jsonl?sig=POOLSECRET"
+    feats, anchors, scored = tmp_path / "feats", tmp_path / "anchors", tmp_path / "scored"
+    common = ["--model", str(tiny_model_dir), "--proj-dim", "32", "--max-length", "32", "--executor", "local"]
+    assert main(["features", "--data", pool, "--out", str(feats)] + common) == 0
+    assert main(["features", "--data", str(tiny_data / "domain.jsonl"), "--out", str(anchors)] + common) == 0
+    assert main(["score", "--features", str(feats), "--anchors", str(anchors), "--budget", "3", "--out", str(scored),
+                 "--executor", "local"]) == 0
+    for p in [feats / "_manifest.json", feats / "_rejects.parquet"] + [scored / n for n in (
+            "manifest.json", "ranked.parquet", "rejects.parquet")]:
+        data = p.read_bytes() + (json.dumps(pl.read_parquet(p).to_dicts()).encode() if p.suffix == ".parquet" else b"")
+        assert b"POOLSECRET" not in data, p
+    assert set(pl.read_parquet(scored / "ranked.parquet")["source"]) == {f"file://{tiny_data}/pool.jsonl?sig=***"}
+    assert pl.read_parquet(scored / "selected.parquet").columns[:2] == ["id", "text"]  # read back via the real URI
+
+
+def test_an_out_inside_an_input_directory_is_refused_before_any_work(tiny_data, tiny_model_dir, tmp_path, capsys):
+    out = tiny_data / "run"
+    assert select(tiny_data, out, tiny_model_dir, "--pool", str(tiny_data)) != 0
+    line = one_error_line(capsys)
+    assert "--out" in line and "inside the --pool directory" in line, line
+    assert not out.exists()
+    # an input file under --out (a glob into an earlier run's outputs) too
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    (other / "sub" / "pool.jsonl").write_text((tiny_data / "pool.jsonl").read_text())
+    assert select(tiny_data, other, tiny_model_dir, "--pool", str(other / "sub" / "*.jsonl")) != 0
+    assert "is inside --out" in one_error_line(capsys)
+
+
+def test_the_python_api_expands_a_tilde_in_out(tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    import ntk_ray
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sel = ntk_ray.select(str(tiny_data / "domain.jsonl"), str(tiny_data / "pool.jsonl"), 3, out="~/apirun",
+                         executor="local", model=str(tiny_model_dir), selector="random", max_length=32)
+    assert sel.out == tmp_path / "apirun" and (tmp_path / "apirun" / "ranked.parquet").exists()
+    assert not (Path.cwd() / "~").exists()

@@ -24,11 +24,15 @@ from ntk_ray.io.fs import redact
 def select(data: Path, out, model: Path, *extra, selector: str = "random") -> int:
     from ntk_ray.cli import main
 
+    return main(select_args(data, out, model, *extra, selector=selector))
+
+
+def select_args(data: Path, out, model: Path, *extra, selector: str = "random") -> list[str]:
     args = ["select", "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.jsonl"), "--budget", "5",
             "--out", str(out), "--model", str(model), "--max-length", "32", "--executor", "local",
             "--selector", selector, "--proj-dim", "64", "--coarse-factor", "2", "--warmup-epochs", "1"]
     # later flags win: callers may repeat --pool, --budget, ...
-    return main(args + list(extra))
+    return args + list(extra)
 
 
 def one_error_line(capsys) -> str:
@@ -474,3 +478,55 @@ def test_cli_error_lines_and_summaries_hold_no_secret(tmp_path, capsys):
                  "--budget", "1", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "TOPSECRET42" not in err and "ntk-ray: error:" in err
+
+
+def test_a_driver_sigkilled_while_publishing_recovers_without_recomputing(tiny_data, tiny_model_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A real SIGKILL of the driver process after its first result file reached the URI: the
+    rerun reuses every saved stage, publishes all four files, manifest last."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ntk_ray.io import storage
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NTK_RAY_CACHE", str(cache))
+    uri = f"file://{tmp_path}/remote/run"
+    remote = tmp_path / "remote" / "run"
+    mark = tmp_path / "uploaded.txt"
+    driver = (
+        "import os, sys, time\n"
+        "from ntk_ray.io import storage\n"
+        "real = storage._upload\n"
+        "def slow(fs, source, dest):\n"
+        "    result = real(fs, source, dest)\n"
+        "    if not dest.endswith('_ntk_ray_stamp.json'):\n"
+        "        open(os.environ['MARK'], 'a').write(dest + '\\n')\n"
+        "        time.sleep(120)\n"
+        "    return result\n"
+        "storage._upload = slow\n"
+        "from ntk_ray.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    args = select_args(tiny_data, uri, tiny_model_dir)
+    env = dict(os.environ, MARK=str(mark), NTK_RAY_CACHE=str(cache))
+    proc = subprocess.Popen([sys.executable, "-c", driver] + args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 120
+    while not (mark.exists() and mark.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert [Path(line).name for line in mark.read_text().split()] == ["ranked.parquet"]
+    assert not (remote / "manifest.json").exists()  # a reader never takes the URI for a complete run
+    capsys.readouterr()
+    assert select(tiny_data, uri, tiny_model_dir) == 0
+    err = capsys.readouterr().err
+    for stage in ("read", "score", "write"):
+        assert f"{stage}: reusing the finished" in err, err
+    work = storage.default_work_dir(uri)
+    for name in storage.RESULT_FILES:
+        assert (remote / name).read_bytes() == (work / name).read_bytes()

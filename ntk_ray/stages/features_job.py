@@ -31,7 +31,8 @@ from ntk_ray.stages.rank import Scores, kernel_scores
 from ntk_ray.stages.read import read_files
 from ntk_ray.io.feature_files import SPEC_KEY
 from ntk_ray.stages.workers import Featurizer, ReadSpec
-from ntk_ray.stages.write import PublishStage, Written
+from ntk_ray.io.fs import redact
+from ntk_ray.stages.write import PublishStage, Written, redacted_sources
 
 
 # -------------------------------------------------------------------------------------------
@@ -130,12 +131,13 @@ class SummaryStage(Stage):
             rows.meta.filter(pl.col("reject").is_not_null()).select(as_rejects),
             feats.filter(pl.col("reject").is_not_null()).select(as_rejects),
         ]) if feats.height else empty_rejects()
-        write_parquet_atomic(rejects.cast({"row": pl.Int64}), ctx.out / "_rejects.parquet")
+        write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})), ctx.out / "_rejects.parquet")
         manifest = {"counts": {"rows": rows.meta.height, "featurised": int(feats.filter(pl.col("reject").is_null()).height),
                                "rejected": rejects.height},
                     "projector": read_spec(shards[0]) if shards else None, "adapter": adapter.dir,
                     "config": asdict(ctx.cfg), "actors": asdict(ctx.executor.plan) if ctx.executor else None,
                     "stage_seconds": ctx.progress.seconds()}
+        manifest = redact(manifest)  # no credential of an input URI in the summary
         write_json_atomic(manifest, ctx.out / "_manifest.json")
         return Summary(manifest)
 
@@ -220,19 +222,21 @@ class FeatureWriteStage(Stage):
         ranked = rank_rows(scored, scored.head(0).drop("order", strict=False), cfg.budget)
         rejects = cand.filter(pl.col("reject").is_not_null()).select(
             "id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason"))
-        write_parquet_atomic(ranked, out / "ranked.parquet")
+        write_parquet_atomic(redacted_sources(ranked), out / "ranked.parquet")
         try:
             selected = selected_rows(ranked, read_original_rows)
         except (OSError, ValueError, IndexError) as e:
             ctx.progress.log(f"selected.parquet has ids only: the source files could not be read back ({e})")
             selected = ranked.filter(pl.col("selected")).select("id", "rank", "score")
         write_parquet_atomic(selected, out / "selected.parquet")
-        write_parquet_atomic(rejects.cast({"row": pl.Int64}) if rejects.height else empty_rejects(), out / "rejects.parquet")
+        write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})) if rejects.height else empty_rejects(),
+                             out / "rejects.parquet")
         manifest = {"counts": {"pool_rows": rows.height, "rejected": rejects.height, "ranked": ranked.height,
                                "selected": int(ranked["selected"].sum()),
                                "anchors": int(shards_frame(ctx.inputs.anchor_files, ["reject"])["reject"].is_null().sum())},
                     "config": {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer},
                     "projector": ctx.inputs.spec, "stage_seconds": ctx.progress.seconds()}
+        manifest = redact(manifest)
         write_json_atomic(manifest, out / "manifest.json")
         return Written(manifest)
 
