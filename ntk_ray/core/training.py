@@ -5,8 +5,32 @@ is a response token, or every token but the first for plain text):
 
     L = sum_{b, t: loss_mask[b, t]} -log p(x_{b,t} | x_{b,<t}) / sum loss_mask
 
-averaged over the tokens of a batch. The warm-up of NTK-Selector and ``ntk-ray finetune`` use
-``train_lora``; ``ntk-ray evaluate`` uses ``mean_token_loss``.
+averaged over the target tokens of an optimizer step. The warm-up of NTK-Selector and
+``ntk-ray finetune`` use ``train_lora``; ``ntk-ray evaluate`` uses ``mean_token_loss``.
+
+Gradient accumulation (``grad_accum_steps = k``): an optimizer step sums the gradients of k
+consecutive batches B_1..B_k, each backward taken on sum_{tokens of B_i} loss / N with N the
+target tokens of all k batches (counted from the masks before the step), so the step's gradient
+is that of L over the union of the k batches: k batches of one row train exactly as one batch
+of k rows (up to float summation order). The last step of an epoch takes the batches left.
+
+Learning rate (``lr_factor``): optimizer step s = 0..S-1 of S steps (every epoch's steps,
+known before training) uses lr * f(s), with W = ceil(warmup_ratio * S) warm-up steps:
+
+    f(s) = (s + 1) / W                           s < W   (linear ramp; no step at lr 0)
+    f(s) = 1                                     s >= W, constant
+    f(s) = 1 - p                                 s >= W, linear,  p = (s - W) / (S - W)
+    f(s) = (1 + cos(pi p)) / 2                   s >= W, cosine
+
+The select warm-up uses the defaults of ``TrainConfig``: constant, no warm-up steps, one batch
+per step (its ranking is what it was); ``ntk-ray finetune`` defaults to cosine with 3% warm-up
+steps (``config.LocalModelOptions``), the common LoRA recipe.
+
+Precision: the model may be bfloat16/float16 (``--dtype``); the LoRA weights, their gradients
+and AdamW's moments are float32 (``models.lora``), and the logits are cast to float32 before
+the cross-entropy, so the loss and its sums are float32 (the epoch totals float64 in Python).
+A float16 model trains with loss scaling (``torch.amp.GradScaler``: float16 gradients of small
+losses underflow); bfloat16 has float32's exponent range and needs none.
 
 For LESS (``selectors.adam_gradient_transform``) ``train_lora(..., keep_optimizer_state=True)``
 also hands back the optimizer's Adam moments after the last step (``adam_moments``: m_t, v_t,
@@ -32,14 +56,51 @@ import torch
 from ntk_ray.core.features import pack_by_tokens, pad_batch
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainConfig:
+    """``train_lora``'s settings. The defaults of the schedule fields are the select warm-up's
+    (constant learning rate, no warm-up steps, one batch per optimizer step)."""
     epochs: float = 2.0
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_tokens: int = 4096
     max_batch_rows: int = 16
     seed: int = 0
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: choose {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be between 0 and 1 (got {self.warmup_ratio})")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be at least 1 (got {self.grad_accum_steps})")
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """W = ceil(warmup_ratio * S) (at most S)."""
+    return min(total_steps, math.ceil(warmup_ratio * total_steps - 1e-9)) if warmup_ratio > 0 else 0
+
+
+def lr_factor(step: int, total_steps: int, schedule: str = "constant", warmup_ratio: float = 0.0) -> float:
+    """f(s): the multiple of the base learning rate that optimizer step ``step`` (0-based) of
+    ``total_steps`` uses (module docstring)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule {schedule!r}: choose {', '.join(LR_SCHEDULES)}")
+    w = warmup_steps(total_steps, warmup_ratio)
+    if step < w:
+        return (step + 1) / w
+    if schedule == "constant":
+        return 1.0
+    p = (step - w) / max(1, total_steps - w)
+    if schedule == "linear":
+        return 1.0 - p
+    return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def batch_loss(model, input_ids, attention_mask, loss_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,36 +120,63 @@ def _batches(sequences, cfg: TrainConfig, epoch: int) -> list[list[int]]:
     return [batches[i] for i in order]
 
 
+def _epoch_batches(sequences, cfg: TrainConfig) -> list[list[list[int]]]:
+    """Every epoch's batches, in training order (a fractional last epoch keeps the first share
+    of its shuffled batches, at least one)."""
+    epochs = []
+    for epoch in range(math.ceil(cfg.epochs)):
+        batches = _batches(sequences, cfg, epoch)
+        if epoch + 1 > cfg.epochs:  # fractional last epoch
+            batches = batches[: max(1, int(len(batches) * (cfg.epochs - epoch)))]
+        epochs.append(batches)
+    return epochs
+
+
+def _target_tokens(loss_masks, rows) -> int:
+    """Target tokens of ``rows`` as ``batch_loss`` counts them (mask positions 1..T-1)."""
+    return sum(int(sum(loss_masks[i][1:])) for i in rows)
+
+
 def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], cfg: TrainConfig,
                device="cpu", log=print, keep_optimizer_state: bool = False) -> dict:
     """AdamW on the trainable (LoRA) parameters for ``cfg.epochs`` passes (a fraction is allowed:
-    0.5 = the first half of the shuffled batches). Returns losses per epoch and the step count;
-    with ``keep_optimizer_state`` also ``"adam"``: the ``AdamMoments`` after the last step
+    0.5 = the first half of the shuffled batches), ``cfg.grad_accum_steps`` batches per optimizer
+    step, the learning rate of step s being ``cfg.lr * lr_factor(s, ...)`` (module docstring).
+    Returns losses per epoch (mean per target token), the optimizer step count and the batches
+    run; with ``keep_optimizer_state`` also ``"adam"``: the ``AdamMoments`` after the last step
     (tensors: not JSON-serialisable, so it is absent by default)."""
     if not sequences:
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=half)  # float16 model: loss scaling
+    k = cfg.grad_accum_steps
+    epochs = _epoch_batches(sequences, cfg)
+    total_steps = sum(math.ceil(len(b) / k) for b in epochs)
     model.train()
-    history, steps, started = [], 0, time.time()
-    for epoch in range(math.ceil(cfg.epochs)):
-        batches = _batches(sequences, cfg, epoch)
-        if epoch + 1 > cfg.epochs:  # fractional last epoch
-            batches = batches[: max(1, int(len(batches) * (cfg.epochs - epoch)))]
+    history, steps, micro, started = [], 0, 0, time.time()
+    for epoch, batches in enumerate(epochs):
         total, count = 0.0, 0.0
-        for batch in batches:
-            ids, attn, mask = pad_batch([sequences[i] for i in batch], [loss_masks[i] for i in batch], device=device)
-            loss_sum, n = batch_loss(model, ids, attn, mask)
-            loss = loss_sum / n.clamp(min=1)
+        for first in range(0, len(batches), k):
+            group = batches[first:first + k]
+            n_step = max(_target_tokens(loss_masks, [i for b in group for i in b]), 1)
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * lr_factor(steps, total_steps, cfg.lr_schedule, cfg.warmup_ratio)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count, steps = total + loss_sum.item(), count + n.item(), steps + 1
+            for batch in group:
+                ids, attn, mask = pad_batch([sequences[i] for i in batch], [loss_masks[i] for i in batch], device=device)
+                loss_sum, n = batch_loss(model, ids, attn, mask)
+                scaler.scale(loss_sum / n_step).backward()
+                total, count, micro = total + loss_sum.item(), count + n.item(), micro + 1
+            scaler.step(optimizer)
+            scaler.update()
+            steps += 1
         history.append(total / max(count, 1))
         log(f"  epoch {epoch + 1}: loss {history[-1]:.4f} ({steps} steps, {time.time() - started:.0f}s)")
     model.eval()
-    out = {"epoch_loss": history, "steps": steps, "seconds": time.time() - started}
+    out = {"epoch_loss": history, "steps": steps, "batches": micro, "seconds": time.time() - started}
     if keep_optimizer_state:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         out["adam"] = adam_moments(optimizer, params, names)
