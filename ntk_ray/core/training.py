@@ -138,13 +138,15 @@ def _target_tokens(loss_masks, rows) -> int:
 
 
 def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], cfg: TrainConfig,
-               device="cpu", log=print, keep_optimizer_state: bool = False) -> dict:
+               device="cpu", log=print, keep_optimizer_state: bool = False, on_batch=None) -> dict:
     """AdamW on the trainable (LoRA) parameters for ``cfg.epochs`` passes (a fraction is allowed:
     0.5 = the first half of the shuffled batches), ``cfg.grad_accum_steps`` batches per optimizer
     step, the learning rate of step s being ``cfg.lr * lr_factor(s, ...)`` (module docstring).
     Returns losses per epoch (mean per target token), the optimizer step count and the batches
     run; with ``keep_optimizer_state`` also ``"adam"``: the ``AdamMoments`` after the last step
-    (tensors: not JSON-serialisable, so it is absent by default)."""
+    (tensors: not JSON-serialisable, so it is absent by default). ``on_batch(done, total, loss)``,
+    if given, is called after every batch: batches done and in the whole run, the batch's mean
+    token loss (live progress)."""
     if not sequences:
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
@@ -170,6 +172,8 @@ def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], c
                 loss_sum, n = batch_loss(model, ids, attn, mask)
                 scaler.scale(loss_sum / n_step).backward()
                 total, count, micro = total + loss_sum.item(), count + n.item(), micro + 1
+                if on_batch is not None:
+                    on_batch(micro, sum(map(len, epochs)), loss_sum.item() / max(n.item(), 1))
             scaler.step(optimizer)
             scaler.update()
             steps += 1
