@@ -37,7 +37,7 @@ exactly (see each function).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -130,3 +130,156 @@ def adam_gradient_transform(exp_avg: list[torch.Tensor], exp_avg_sq: list[torch.
         return ((m / bc1) / ((v / bc2).sqrt() + eps)).to(g.dtype)
 
     return transform
+
+
+# ----------------------------------------------------------------------------------------------
+# diversity-aware allocation over the NTK features (``select --allocation``)
+#
+# The scorers rank each candidate on its own, so near-duplicates of the anchors' favourite
+# direction all get in. These greedy allocations pick the budget as a set and return an ORDER
+# (pick 1, pick 2, ...); rows after the last pick keep the scorer's order (as round-robin does).
+# Both work on the kernel of ``--scorer``: cosine kernels (unit-normalised psi) for ``cosine``,
+# raw inner products for ``mean`` and ``max``. Ties are broken by the smaller int64 key.
+
+ALLOCATIONS = ("score", "facility-location", "kernel-mean-matching")
+
+
+def _best(values: np.ndarray, keys: np.ndarray, taken: np.ndarray) -> int:
+    """Index of the largest value among rows not ``taken`` (ties: the smaller key); -1 if none."""
+    v = np.where(taken, -np.inf, values)
+    top = v.max() if v.size else -np.inf
+    if top == -np.inf and taken.all():
+        return -1
+    tied = np.flatnonzero(v == top)
+    return int(tied[np.argmin(keys[tied])])
+
+
+def facility_location_order(kernel: np.ndarray, keys: np.ndarray, budget: int) -> list[int]:
+    """Greedy facility location (coverage of the anchors) over a (anchors x rows) kernel block:
+
+        f(S) = sum_j max(0, max_{i in S} Theta(a_j, x_i)),
+        pick_t = argmax_{i not in S} f(S + {i}) - f(S) = sum_j max(0, Theta(a_j, x_i) - c_j),
+        c_j = max(0, max_{i in S} Theta(a_j, x_i))   (each anchor's best coverage so far).
+
+    f is monotone submodular (clipping at 0 keeps it so), so the greedy set is within 1 - 1/e
+    of the best set of its size, and the lazy evaluation used here (a stale gain is an upper
+    bound of the fresh one) picks exactly what the plain greedy picks, ties by key included.
+    A row that covers anchors already covered by an earlier pick gains little: the allocation
+    spreads the budget over the anchors. Returns the keys in pick order (``budget`` of them, or
+    every row). Cost: O(anchors x rows) memory for the block, O(anchors) per gain evaluation;
+    in practice a few evaluations per pick (lazy greedy), worst case O(budget x rows x anchors)."""
+    import heapq
+
+    rows = np.ascontiguousarray(np.asarray(kernel, dtype=np.float64).T)  # (rows x anchors)
+    keys = np.asarray(keys, dtype=np.int64)
+    n = rows.shape[0]
+    cover = np.zeros(rows.shape[1])
+
+    def gain(i: int) -> float:  # one summation order for every evaluation: a stale gain bounds a fresh one
+        return float(np.maximum(rows[i] - cover, 0.0).sum())
+
+    heap = [(-gain(i), int(keys[i]), i) for i in range(n)]
+    heapq.heapify(heap)
+    order: list[int] = []
+    fresh = np.zeros(n, dtype=np.int64)  # the pick count at which a row's heap entry was computed
+    while heap and len(order) < min(budget, n):
+        _, key, i = heapq.heappop(heap)
+        if fresh[i] == len(order):  # up to date: no other row can beat it (their bounds are >=)
+            order.append(key)
+            cover = np.maximum(cover, rows[i])
+            continue
+        gain_i = gain(i)
+        fresh[i] = len(order)
+        heapq.heappush(heap, (-gain_i, key, i))
+    return order
+
+
+def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_rows: int = 4096) -> list[int]:
+    """Greedy kernel mean matching (kernel herding towards the anchors' mean feature): the set S
+    whose mean feature is closest to the anchors' mean mu in the kernel's feature space,
+
+        MMD^2(S) = | mu - (1/|S|) sum_{i in S} x_i |^2,
+
+    built one row at a time. With s = sum of the rows picked so far and t = |S| + 1 the size
+    after the next pick, t^2 MMD^2(S + {i}) = t^2 |mu|^2 - 2t <mu, s + x_i> + |s + x_i|^2, so
+
+        pick_t = argmin_{i not in S}  |x_i|^2 + 2 <s, x_i> - 2t <mu, x_i>.
+
+    The first pick is the row of best score (<mu, x_i> with |x_i| = 1 for cosine); after that a
+    row similar to what is already picked (<s, x_i> large) is pushed back, and rows that cover
+    what the picks so far miss are pulled forward. c_i = <s, x_i> is kept up to date with one
+    matrix-vector product per pick: O(budget x rows x d) time, rows x d floats of memory (the
+    candidates' features, float32 on ``x``'s device), in row blocks of ``block_rows``.
+
+    ``x``: (rows x d) torch tensor or array (already unit-normalised for the cosine kernel),
+    ``target``: mu (d,). Returns the keys in pick order (``budget`` of them, or every row)."""
+    import torch
+
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x
+    mu = torch.as_tensor(np.asarray(target, dtype=np.float64)).to(device=xt.device, dtype=torch.float64)
+    keys = np.asarray(keys, dtype=np.int64)
+    n = xt.shape[0]
+
+    def matvec(v) -> np.ndarray:  # (X v) in float64, a block of rows at a time
+        out = np.empty(n)
+        with torch.inference_mode():
+            for start in range(0, n, block_rows):
+                blk = xt[start:start + block_rows].to(torch.float64)
+                out[start:start + block_rows] = (blk @ v).cpu().numpy()
+        return out
+
+    with torch.inference_mode():
+        sq = np.concatenate([torch.linalg.vector_norm(xt[s:s + block_rows].to(torch.float64), dim=1).square().cpu().numpy()
+                             for s in range(0, n, block_rows)]) if n else np.zeros(0)
+    m = matvec(mu)
+    c = np.zeros(n)
+    taken = np.zeros(n, dtype=bool)
+    order: list[int] = []
+    for t in range(1, min(budget, n) + 1):
+        i = _best(-(sq + 2.0 * c - 2.0 * t * m), keys, taken)
+        if i < 0:
+            break
+        taken[i] = True
+        order.append(int(keys[i]))
+        if t < min(budget, n):
+            c += matvec(xt[i].to(torch.float64))
+    return order
+
+
+# ----------------------------------------------------------------------------------------------
+# rank fusion of the NTK ranking and the coarse stage's embedding ranking (``select --fusion``)
+
+FUSIONS = ("none", "rrf")
+
+
+def reciprocal_rank_fusion(ranks: list[np.ndarray], k: float) -> np.ndarray:
+    """Reciprocal rank fusion (Cormack et al. 2009) of several rankings of the same rows:
+
+        rrf(x) = sum_r 1 / (k + rank_r(x)),    rank_r(x) in 1..n (1 = best),
+
+    higher = better. k damps the weight of the very top ranks (k = 60 in the original paper);
+    with k -> infinity the fusion orders rows by their mean rank. ``ranks``: one int array per
+    ranking, aligned on the same rows."""
+    if not ranks:
+        raise ValueError("no rankings to fuse")
+    if k < 0:
+        raise ValueError(f"k must be >= 0 (got {k})")
+    out = np.zeros(len(ranks[0]))
+    for r in ranks:
+        r = np.asarray(r, dtype=np.float64)
+        if r.shape != out.shape:
+            raise ValueError(f"rankings of different lengths: {r.shape} vs {out.shape}")
+        out += 1.0 / (k + r)
+    return out
+
+
+def ranks_of(keys: np.ndarray, *sort_by: np.ndarray, descending: tuple[bool, ...]) -> np.ndarray:
+    """1-based ranks of rows sorted by ``sort_by`` (each ascending or ``descending``), then key
+    ascending: the rank a row would get in ``io.outputs.rank_rows``-style sorting."""
+    keys = np.asarray(keys, dtype=np.int64)
+    cols = [keys] + [(-np.asarray(c, dtype=np.float64) if d else np.asarray(c, dtype=np.float64))
+                     for c, d in zip(reversed(sort_by), reversed(descending))]
+    order = np.lexsort(cols)
+    ranks = np.empty(len(keys), dtype=np.int64)
+    ranks[order] = np.arange(1, len(keys) + 1)
+    return ranks

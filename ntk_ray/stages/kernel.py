@@ -94,3 +94,82 @@ def score_shards(executor, files: list[str], anchors, scorer: str, column: str =
         # copied, so a finished task's object can be freed at once
         parts[i] = {"key": np.array(part["key"]), "score": np.array(part["score"]), "reject": part["reject"]}
     return scores_frame(parts)
+
+
+def usable_vectors(path: str, column: str = "feature") -> tuple[np.ndarray, np.ndarray]:
+    """(keys, (rows x d) float32 vectors) of one shard's rows without a ``reject`` reason."""
+    extra = ("key", "reject") if "reject" in pq.ParquetFile(path).schema_arrow.names else ("key",)
+    keys, rows = [], []
+    for batch, x in iter_vectors(path, column, extra):
+        k = batch.column("key").to_numpy()
+        if "reject" in extra:
+            keep = batch.column("reject").is_null().to_numpy(zero_copy_only=False)
+            x, k = x[keep], k[keep]
+        keys.append(k)
+        rows.append(x)
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros((0, vector_width_of(path, column)), np.float32)
+    return np.concatenate(keys), np.concatenate(rows)
+
+
+def vector_width_of(path: str, column: str) -> int:
+    from ntk_ray.io.shards import vector_width
+
+    return vector_width(pq.ParquetFile(path), column)
+
+
+def kernel_block_of_file(path: str, anchors, unit: bool, column: str = "feature") -> tuple[np.ndarray, np.ndarray]:
+    """One task: (keys, (anchors x rows) kernel block) of a shard's usable rows
+    (``AnchorKernel.kernel_block``: float64 on the float32 grid; ``unit``: cosines)."""
+    kernel = AnchorKernel(np.asarray(anchors, dtype=np.float32))
+    keys, x = usable_vectors(path, column)
+    return keys, kernel.kernel_block(x, unit=unit) if len(keys) else np.zeros((kernel.n_anchors, 0))
+
+
+def allocation_order(executor, files: list[str], anchors, n_anchors: int, allocation: str, unit: bool, budget: int,
+                     column: str = "feature") -> list[int]:
+    """The greedy pick order of ``allocation`` (``core.selectors.ALLOCATIONS``) over the usable
+    rows of the shards, as keys. ``facility-location``: the (anchors x rows) kernel block comes
+    from one task per shard and the greedy runs on the driver (anchors x rows float64 in
+    memory). ``kernel-mean-matching``: one task on a model worker (a GPU where there is one)
+    loads every row's features (rows x d float32) and runs the greedy there. Rows are put in key
+    order first, so the result does not depend on how the rows are sharded."""
+    from ntk_ray.core.selectors import facility_location_order
+
+    if allocation == "facility-location":
+        parts = [None] * len(files)
+        for i, part in executor.map_tasks(kernel_block_of_file, files, anchors, unit, column):
+            parts[i] = (np.array(part[0]), np.array(part[1]))
+        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        block = np.concatenate([p[1] for p in parts], axis=1) if parts else np.zeros((n_anchors, 0))
+        order = np.argsort(keys, kind="stable")
+        return facility_location_order(block[:, order], keys[order], budget)
+    if allocation == "kernel-mean-matching":
+        return executor.run_task(kernel_mean_matching_task, list(files), anchors, unit, budget, column,
+                                 executor.plan.device)
+    raise ValueError(f"unknown allocation {allocation!r}")
+
+
+def kernel_mean_matching_task(files: list[str], anchors, unit: bool, budget: int, column: str, device: str) -> list[int]:
+    """On a model worker: every usable row's vector (unit-normalised for the cosine kernel) onto
+    ``device``, then ``core.selectors.kernel_mean_matching_order`` towards the anchors' mean
+    (the mean of the unit anchors for cosine: ``AnchorKernel.unit_mean``)."""
+    import torch
+
+    from ntk_ray.core.selectors import kernel_mean_matching_order
+
+    kernel = AnchorKernel(np.asarray(anchors, dtype=np.float32))
+    parts = [usable_vectors(f, column) for f in files]
+    keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    x = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, kernel.features.shape[1]), np.float32)
+    del parts
+    order = np.argsort(keys, kind="stable")
+    keys, x = keys[order], x[order]
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    del x
+    if unit:  # rows scaled to unit norm in place, a block at a time (float64 norms; zero rows stay zero)
+        for start in range(0, xt.shape[0], 4096):
+            blk = xt[start:start + 4096].to(torch.float64)
+            norm = torch.linalg.vector_norm(blk, dim=1)
+            xt[start:start + 4096] = (blk / torch.where(norm > 0, norm, 1.0)[:, None]).to(torch.float32)
+    return kernel_mean_matching_order(xt, kernel.unit_mean if unit else kernel.mean, keys, budget)

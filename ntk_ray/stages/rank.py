@@ -18,7 +18,12 @@ import numpy as np
 import polars as pl
 
 from ntk_ray.stages.base import Context, Stage
-from ntk_ray.stages.kernel import merge_topk, score_shards, scores_frame
+from ntk_ray.stages.kernel import (
+    allocation_order,
+    merge_topk,
+    score_shards,
+    scores_frame,
+)
 from ntk_ray.stages.model import Shards, Warm, pool_rows
 from ntk_ray.stages.read import Accounting, Tokens
 
@@ -108,16 +113,23 @@ class AllRowsStage(Stage):
 
 
 def kernel_scores(ctx: Context, files: list[str], anchors: np.ndarray, scorer: str, budget: int,
-                  column: str = "feature") -> Scores:
+                  column: str = "feature", allocation: str = "score") -> Scores:
     """Scores of every row of the shards against ``anchors``; for round-robin (``scorer``
     "round-robin" on features) also the picking order from the exact per-anchor top-``budget``
-    lists."""
+    lists; for a greedy ``allocation`` (``core.selectors.ALLOCATIONS``) the greedy's pick order
+    on the kernel of ``scorer`` (cosine for ``cosine``, inner products for ``mean`` / ``max``)."""
     from ntk_ray.core.scoring import round_robin_order
 
     anchors = np.asarray(anchors, dtype=np.float32)  # cosines: the kernel normalises both sides
     ref = ctx.executor.put(anchors)
     row_scorer = "max-cosine" if scorer == "embedding-round-robin" else scorer
     scores = score_shards(ctx.executor, files, ref, row_scorer, column=column)
+    if allocation != "score":
+        if scorer not in ("cosine", "mean", "max"):
+            raise ValueError(f"allocation {allocation!r} with scorer {scorer!r}: use cosine, mean or max")
+        order = allocation_order(ctx.executor, files, ref, len(anchors), allocation, scorer == "cosine", budget, column)
+        ctx.progress.log(f"score: {len(order)} rows picked by greedy {allocation}")
+        return Scores(scores, order_frame(order))
     if scorer not in ("round-robin", "embedding-round-robin"):
         return Scores(scores)
     k = max(1, min(budget, scores.height))
@@ -126,13 +138,49 @@ def kernel_scores(ctx: Context, files: list[str], anchors: np.ndarray, scorer: s
 
 
 class NtkScoreStage(Stage):
-    """Kernel scores of every candidate against the warm-up's anchor features (``--scorer``)."""
+    """Kernel scores of every candidate against the warm-up's anchor features (``--scorer``),
+    ordered by a greedy ``--allocation`` when one is given, and fused with the coarse stage's
+    embedding ranking when ``--fusion rrf`` (``fuse_with_coarse``)."""
     name = "score"
     output = Scores
-    needs = ("warmup", "features")
+    needs = ("warmup", "features", "coarse")
 
-    def run(self, ctx: Context, warmup: Warm, features: Shards) -> Scores:
-        return kernel_scores(ctx, features.files(), warmup.anchor_features, ctx.cfg.scorer, ctx.cfg.budget)
+    def run(self, ctx: Context, warmup: Warm, features: Shards, coarse: Candidates) -> Scores:
+        cfg = ctx.cfg
+        scores = kernel_scores(ctx, features.files(), warmup.anchor_features, cfg.scorer, cfg.budget,
+                               allocation=getattr(cfg, "allocation", "score"))
+        if getattr(cfg, "fusion", "none") == "none":
+            return scores
+        if coarse.skipped:
+            raise ValueError("--fusion needs the coarse stage's embedding ranking, which was skipped")
+        ctx.progress.log(f"score: NTK ranking fused with the embedding ranking ({cfg.fusion}, k = {cfg.fusion_k})")
+        return Scores(scores.scores, fuse_with_coarse(scores, coarse.candidates, cfg.fusion_k))
+
+
+def fuse_with_coarse(scores: Scores, candidates: pl.DataFrame, k: float) -> pl.DataFrame:
+    """The ``order`` frame of reciprocal rank fusion (``core.selectors.reciprocal_rank_fusion``)
+    of two rankings of the candidates without a reject: the NTK ranking (the explicit ``order``
+    first, as ``io.outputs.rank_rows`` sorts it, then score desc, key asc) and the coarse
+    stage's embedding ranking (votes desc, summed similarity desc, key asc). Fused order:
+    rrf desc, then NTK rank, then key. Only the candidates move: rows cut by the coarse stage
+    stay below every candidate, as without fusion."""
+    from ntk_ray.core.selectors import ranks_of, reciprocal_rank_fusion
+
+    rows = candidates.select("key", "coarse_votes", "coarse_sim").join(scores.scores, on="key", how="inner")
+    rows = rows.filter(pl.col("reject").is_null() & pl.col("score").is_not_null() & pl.col("score").is_finite())
+    if scores.order is not None:
+        rows = rows.join(scores.order, on="key", how="left")
+    else:
+        rows = rows.with_columns(pl.lit(None, dtype=pl.Int64).alias("order"))
+    keys = rows["key"].to_numpy()
+    n = len(keys)
+    explicit = rows["order"].fill_null(n).to_numpy().astype(np.float64)  # no explicit place: after every pick
+    ntk_rank = ranks_of(keys, explicit, rows["score"].to_numpy(), descending=(False, True))
+    emb_rank = ranks_of(keys, rows["coarse_votes"].fill_null(0).to_numpy(), rows["coarse_sim"].fill_null(0.0).to_numpy(),
+                        descending=(True, True))
+    fused = reciprocal_rank_fusion([ntk_rank, emb_rank], k)
+    order = np.lexsort((keys, ntk_rank, -fused))
+    return order_frame(keys[order])
 
 
 class RandomScoreStage(Stage):

@@ -77,11 +77,19 @@ def _less_check(cfg) -> None:
         raise UsageError("--selector less needs the warm-up's optimizer state: drop --adapter / --warmup fresh")
 
 
+def _ntk_check(cfg) -> None:
+    if getattr(cfg, "allocation", "score") != "score" and cfg.scorer == "round-robin":
+        raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
+                         "not round-robin")
+
+
 register(Selector(
     "ntk", "warm-up, coarse kNN votes, NTK kernel scores (default)",
-    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(), EmbedStage(), CoarseStage(), FeaturesStage("coarse"),
-                 NtkScoreStage(), WriteStage("ntk", warm=True)],
-    keeps_features=True))
+    # --fusion needs every candidate's embedding rank: embed even when the pool is no larger than M
+    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(),
+                 EmbedStage(only_if_over_m=getattr(cfg, "fusion", "none") == "none"), CoarseStage(),
+                 FeaturesStage("coarse"), NtkScoreStage(), WriteStage("ntk", warm=True)],
+    check=_ntk_check, keeps_features=True))
 register(Selector(
     "random", "a seeded uniform pick; no model",
     lambda cfg: [ReadStage(), ValidateStage(), AllRowsStage(), RandomScoreStage(), WriteStage("random", warm=False)]))

@@ -1,0 +1,278 @@
+"""The selection options of issue 16 ("try to make it win"), each against a slow reference:
+
+* ``--allocation facility-location | kernel-mean-matching``: the fast greedies of
+  ``core.selectors`` against literal loops that recompute the objective from scratch for every
+  candidate at every step (and against the exhaustive optimum on tiny sets);
+* ``--fusion rrf``: reciprocal rank fusion against hand-computed numbers;
+* ``--checkpoints K``: the kernel of the concatenated weighted features against the weighted sum
+  of the per-checkpoint kernels;
+
+and each end to end on the tiny model in-process (``--executor local``), its order recomputed
+from the kept feature files.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ntk_ray.core.selectors import (
+    facility_location_order,
+    kernel_mean_matching_order,
+    ranks_of,
+    reciprocal_rank_fusion,
+)
+
+# ---- references --------------------------------------------------------------------------------
+
+def coverage(kernel: np.ndarray, picked: list[int]) -> float:
+    """f(S) = sum_j max(0, max_{i in S} K[j, i]), from scratch."""
+    if not picked:
+        return 0.0
+    return float(sum(max(0.0, max(kernel[j, i] for i in picked)) for j in range(kernel.shape[0])))
+
+
+def facility_location_reference(kernel: np.ndarray, keys: np.ndarray, budget: int) -> list[int]:
+    """Plain greedy: every step evaluates f(S + {i}) for every i from scratch; ties: smaller key."""
+    picked: list[int] = []
+    for _ in range(min(budget, kernel.shape[1])):
+        best = None
+        for i in range(kernel.shape[1]):
+            if i in picked:
+                continue
+            value = coverage(kernel, picked + [i])
+            if best is None or value > best[0] + 1e-12 or (abs(value - best[0]) <= 1e-12 and keys[i] < keys[best[1]]):
+                best = (value, i)
+        picked.append(best[1])
+    return [int(keys[i]) for i in picked]
+
+
+def mmd2(x: np.ndarray, mu: np.ndarray, picked: list[int]) -> float:
+    """|mu - mean of the picked rows|^2, from scratch (float64)."""
+    return float(np.sum((mu - x[picked].mean(axis=0)) ** 2))
+
+
+def kernel_mean_matching_reference(x: np.ndarray, mu: np.ndarray, keys: np.ndarray, budget: int) -> list[int]:
+    picked: list[int] = []
+    for _ in range(min(budget, len(x))):
+        best = None
+        for i in range(len(x)):
+            if i in picked:
+                continue
+            value = mmd2(x, mu, picked + [i])
+            if best is None or value < best[0] - 1e-12 or (abs(value - best[0]) <= 1e-12 and keys[i] < keys[best[1]]):
+                best = (value, i)
+        picked.append(best[1])
+    return [int(keys[i]) for i in picked]
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---- facility location -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_facility_location_equals_the_plain_greedy(seed):
+    rng = np.random.default_rng(seed)
+    anchors, rows = int(rng.integers(2, 7)), int(rng.integers(3, 14))
+    kernel = rng.normal(size=(anchors, rows))  # negative values too: clipped at 0 by f
+    keys = rng.permutation(1000)[:rows].astype(np.int64) - 500
+    for budget in (1, 3, rows, rows + 2):
+        assert facility_location_order(kernel, keys, budget) == facility_location_reference(kernel, keys, budget)
+
+
+def test_facility_location_ties_go_to_the_smaller_key_and_duplicates_wait():
+    # rows 0 and 1 are copies (both cover anchor 0 best); row 2 covers anchor 1
+    kernel = np.array([[0.9, 0.9, 0.1],
+                       [0.2, 0.2, 0.6]])
+    keys = np.array([7, 3, 5])
+    order = facility_location_order(kernel, keys, 3)
+    assert order[:2] == [3, 5]  # the smaller key of the tie, then the other anchor, not the duplicate
+    assert order == facility_location_reference(kernel, keys, 3)
+
+
+def test_facility_location_is_within_1_minus_1_over_e_of_the_best_set():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        kernel = rng.random((5, 8))
+        keys = np.arange(8)
+        greedy = facility_location_order(kernel, keys, 3)
+        idx = [int(np.nonzero(keys == k)[0][0]) for k in greedy]
+        best = max(coverage(kernel, list(s)) for s in itertools.combinations(range(8), 3))
+        assert coverage(kernel, idx) >= (1 - 1 / np.e) * best - 1e-12
+        # the first pick is the exhaustive best single row
+        assert coverage(kernel, idx[:1]) == pytest.approx(max(coverage(kernel, [i]) for i in range(8)))
+
+
+# ---- kernel mean matching ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("unit", [True, False])
+def test_kernel_mean_matching_equals_the_plain_greedy(seed, unit):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    rows, d = int(rng.integers(3, 12)), int(rng.integers(2, 9))
+    x = rng.normal(size=(rows, d)).astype(np.float32)
+    anchors = rng.normal(size=(4, d)).astype(np.float32)
+    if unit:
+        x, anchors = _unit(x).astype(np.float32), _unit(anchors)
+    mu = anchors.astype(np.float64).mean(axis=0)
+    keys = rng.permutation(rows).astype(np.int64) * 11
+    for budget in (1, 2, rows):
+        want = kernel_mean_matching_reference(x.astype(np.float64), mu, keys, budget)
+        assert kernel_mean_matching_order(x, mu, keys, budget) == want
+        # torch input, tiny row blocks: the same picks
+        assert kernel_mean_matching_order(torch.from_numpy(x), mu, keys, budget, block_rows=2) == want
+
+
+def test_kernel_mean_matching_prefers_coverage_over_a_duplicate():
+    # anchors split between two directions; two copies of direction 0 score a bit higher than
+    # direction 1, so a top-2 by score would take both copies; the matching takes one of each
+    e0, e1 = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    x = np.array([e0, e0, 0.8 * e1 + 0.6 * e0], dtype=np.float32)
+    mu = (e0 + e1) / 2
+    keys = np.array([0, 1, 2])
+    order = kernel_mean_matching_order(x, mu, keys, 2)
+    assert order[0] == 2 or order[1] == 2
+    assert order == kernel_mean_matching_reference(x.astype(np.float64), mu, keys, 2)
+    # the exhaustive best pair is what the greedy found
+    best = min(itertools.combinations(range(3), 2), key=lambda s: mmd2(x.astype(np.float64), mu, list(s)))
+    assert sorted(order) == sorted(keys[list(best)].tolist())
+
+
+# ---- rank fusion -------------------------------------------------------------------------------
+
+def test_reciprocal_rank_fusion_by_hand():
+    # k = 1: row a: 1/(1+1) + 1/(1+3) = 0.75; row b: 1/3 + 1/2 = 0.8333; row c: 1/4 + 1/3 = 0.5833
+    fused = reciprocal_rank_fusion([np.array([1, 2, 3]), np.array([3, 1, 2])], k=1)
+    np.testing.assert_allclose(fused, [0.75, 5 / 6, 7 / 12])
+    # k = 60 (the default): 1/61 + 1/63 etc.
+    np.testing.assert_allclose(reciprocal_rank_fusion([np.array([1, 2]), np.array([2, 1])], 60), [1 / 61 + 1 / 62] * 2)
+    with pytest.raises(ValueError):
+        reciprocal_rank_fusion([np.array([1, 2]), np.array([1])], 1)
+
+
+def test_ranks_of_sorts_like_rank_rows():
+    keys = np.array([30, 10, 20, 40])
+    # score desc, ties by key asc: 0.5 (key 10), 0.5 (key 30), 0.2 (key 20), 0.1 (key 40)
+    assert ranks_of(keys, np.array([0.5, 0.5, 0.2, 0.1]), descending=(True,)).tolist() == [2, 1, 3, 4]
+    # an explicit order first (asc), then score desc
+    assert ranks_of(keys, np.array([1.0, 4, 4, 0]), np.array([0.0, 0.1, 0.9, 0.0]),
+                    descending=(False, True)).tolist() == [2, 4, 3, 1]
+
+
+def test_fuse_with_coarse_by_hand():
+    from ntk_ray.stages.rank import Scores, fuse_with_coarse
+
+    # NTK ranking: k1 (0.9), k2 (0.5), k3 (0.4), k4 (0.1); k5 is rejected and stays out
+    scores = pl.DataFrame({"key": [1, 2, 3, 4, 5], "score": [0.9, 0.5, 0.4, 0.1, None],
+                           "reject": [None, None, None, None, "non-finite gradient (NaN/inf)"]},
+                          schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
+    # embedding ranking (votes desc, sim desc): k4 (3 votes), k3 (2, 1.5), k2 (2, 1.0), k1 (0)
+    cand = pl.DataFrame({"key": [1, 2, 3, 4, 5], "coarse_votes": [0, 2, 2, 3, 1],
+                         "coarse_sim": [0.0, 1.0, 1.5, 2.9, 0.7]})
+    order = fuse_with_coarse(Scores(scores), cand, k=1)
+    # k = 1: k1 1/2 + 1/5 = 0.7; k2 1/3 + 1/4 = 0.583; k3 1/4 + 1/3 = 0.583; k4 1/5 + 1/2 = 0.7
+    # ties: the better NTK rank first -> k1, k4 (NTK ranks 1, 4), then k2, k3 (NTK ranks 2, 3)
+    assert order["key"].to_list() == [1, 4, 2, 3]
+    assert order["order"].to_list() == [0, 1, 2, 3]
+    # k = 100: nearly the mean rank: k1 (1, 4), k2 (2, 3), k3 (3, 2), k4 (4, 1): all tied at 2.5
+    # mean rank but 1/(k + r) is convex, so the extremes (k1, k4) still win, by NTK rank
+    assert fuse_with_coarse(Scores(scores), cand, k=100)["key"].to_list() == [1, 4, 2, 3]
+    # an explicit NTK order (e.g. a greedy allocation) is the NTK ranking
+    explicit = pl.DataFrame({"key": [3, 2], "order": [0, 1]})
+    got = fuse_with_coarse(Scores(scores, explicit), cand, k=1)
+    # NTK ranks: k3 1, k2 2, k1 3, k4 4; embedding ranks k4 1, k3 2, k2 3, k1 4
+    # k3: 1/2 + 1/3 = 0.833; k2: 1/3 + 1/4 = 0.583; k1: 1/4 + 1/5 = 0.45; k4: 1/5 + 1/2 = 0.7
+    assert got["key"].to_list() == [3, 4, 2, 1]
+
+
+# ---- end to end on the tiny model --------------------------------------------------------------
+
+def _select(tiny_data, tiny_model_dir, out, **options):
+    from ntk_ray.config import SelectConfig
+    from ntk_ray.runner import run_select
+    from ntk_ray.runtime.local import LocalExecutor
+
+    cfg = SelectConfig(domain=[str(tiny_data / "domain.jsonl")], pool=[str(tiny_data / "pool.jsonl")], budget=5,
+                       out=str(out), model=str(tiny_model_dir), max_length=32, proj_dim=64, warmup_epochs=1.0,
+                       batch_tokens=512, keep_features=True, **options)
+    manifest = run_select(cfg, executor=LocalExecutor())
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    c = manifest["counts"]
+    assert c["pool_rows"] == c["ranked"] + c["rejected"] == 30
+    assert ranked["rank"].to_list() == list(range(1, ranked.height + 1))
+    assert ranked["selected"].sum() == 5
+    return manifest, ranked
+
+
+def _kept_features(out):
+    from ntk_ray.io.shards import list_shards
+    from ntk_ray.stages.kernel import usable_vectors
+
+    parts = [usable_vectors(f) for f in list_shards(str(out / "_work" / "features"))]
+    keys = np.concatenate([p[0] for p in parts])
+    x = np.concatenate([p[1] for p in parts]).astype(np.float64)
+    anchors = usable_vectors(str(out / "_work" / "anchor_features" / "anchors.parquet"))[1].astype(np.float64)
+    return keys, x, anchors
+
+
+def _ids_of_keys(out, keys):
+    from ntk_ray.io.shards import list_shards, shards_frame
+
+    frame = shards_frame(list_shards(str(out / "_work" / "features")), ["id", "key"])
+    by_key = dict(zip(frame["key"].to_list(), frame["id"].to_list()))
+    return [by_key[k] for k in keys]
+
+
+@pytest.mark.parametrize("allocation", ["facility-location", "kernel-mean-matching"])
+def test_select_with_a_greedy_allocation_picks_the_reference_greedy(tiny_data, tiny_model_dir, tmp_path, allocation):
+    out = tmp_path / "out"
+    _, ranked = _select(tiny_data, tiny_model_dir, out, allocation=allocation)
+    keys, x, anchors = _kept_features(out)
+    order = np.argsort(keys)
+    keys, u = keys[order], _unit(x[order])
+    ua = _unit(anchors)
+    if allocation == "facility-location":
+        from ntk_ray.core.scoring import round_scores
+
+        # the job's cosines are on the float32 grid
+        want = facility_location_reference(round_scores(ua @ u.T), keys, 5)
+    else:
+        want = kernel_mean_matching_reference(u, ua.mean(axis=0), keys, 5)
+    assert ranked.filter(pl.col("selected"))["id"].to_list() == _ids_of_keys(out, want)
+    # the rows after the picks keep the cosine score order
+    rest = ranked.filter(~pl.col("selected") & (pl.col("stage") == "ntk"))["score"].to_list()
+    assert rest == sorted(rest, reverse=True)
+
+
+def test_select_with_rrf_fuses_the_ntk_and_embedding_rankings(tiny_data, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    _, ranked = _select(tiny_data, tiny_model_dir, out, fusion="rrf", fusion_k=2)
+    ntk = ranked.filter(pl.col("stage") == "ntk")
+    ids = ntk["id"].to_list()
+    # recompute from the ranked table's own columns: NTK rank by score (then id's key), embedding
+    # rank by (votes, sim)
+    from ntk_ray.core.scoring import stable_keys
+
+    keys = stable_keys(ids)
+    score, votes, sim = ntk["score"].to_numpy(), ntk["coarse_votes"].to_numpy(), ntk["coarse_sim"].to_numpy()
+    r1 = np.array([sorted(range(len(ids)), key=lambda j: (-score[j], keys[j])).index(i) + 1 for i in range(len(ids))])
+    r2 = np.array([sorted(range(len(ids)), key=lambda j: (-votes[j], -sim[j], keys[j])).index(i) + 1
+                   for i in range(len(ids))])
+    fused = 1 / (2 + r1) + 1 / (2 + r2)
+    want = sorted(range(len(ids)), key=lambda i: (-fused[i], r1[i], keys[i]))
+    assert ids == [ids[i] for i in want]
+    assert ntk.height == 20 and ranked.filter(pl.col("stage") == "coarse").height == 10
+
+
+def test_allocation_with_round_robin_is_a_usage_error(tiny_data, tiny_model_dir, tmp_path):
+    from ntk_ray.io.accounting import UsageError
+
+    with pytest.raises(UsageError, match="--allocation"):
+        _select(tiny_data, tiny_model_dir, tmp_path / "out", allocation="facility-location", scorer="round-robin")
