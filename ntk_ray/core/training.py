@@ -138,7 +138,7 @@ def _target_tokens(loss_masks, rows) -> int:
 
 
 def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], cfg: TrainConfig,
-               device="cpu", log=print, keep_optimizer_state: bool = False, on_batch=None) -> dict:
+               device="cpu", log=print, keep_optimizer_state: bool = False, on_batch=None, on_step=None) -> dict:
     """AdamW on the trainable (LoRA) parameters for ``cfg.epochs`` passes (a fraction is allowed:
     0.5 = the first half of the shuffled batches), ``cfg.grad_accum_steps`` batches per optimizer
     step, the learning rate of step s being ``cfg.lr * lr_factor(s, ...)`` (module docstring).
@@ -146,7 +146,9 @@ def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], c
     run; with ``keep_optimizer_state`` also ``"adam"``: the ``AdamMoments`` after the last step
     (tensors: not JSON-serialisable, so it is absent by default). ``on_batch(done, total, loss)``,
     if given, is called after every batch: batches done and in the whole run, the batch's mean
-    token loss (live progress)."""
+    token loss (live progress). ``on_step(step, total_steps, lr)``, if given, is called after
+    every optimizer step (1-based step count, the learning rate that step used): e.g. to save
+    warm-up checkpoints."""
     if not sequences:
         raise ValueError("no training rows")
     torch.manual_seed(cfg.seed)
@@ -177,6 +179,8 @@ def train_lora(model, sequences: list[list[int]], loss_masks: list[list[int]], c
             scaler.step(optimizer)
             scaler.update()
             steps += 1
+            if on_step is not None:
+                on_step(steps, total_steps, optimizer.param_groups[0]["lr"])
         history.append(total / max(count, 1))
         log(f"  epoch {epoch + 1}: loss {history[-1]:.4f} ({steps} steps, {time.time() - started:.0f}s)")
     model.eval()
