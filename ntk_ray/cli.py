@@ -135,11 +135,30 @@ def _add_run_flags(p: argparse.ArgumentParser, group=None) -> None:
                         "(default: %(default)s)")
     (group or p).add_argument("--overwrite", action="store_true",
                               help="replace an existing --out that holds a different run (default: %(default)s)")
+    _add_output_flags(p, group)
+
+
+def _add_output_flags(p: argparse.ArgumentParser, group=None) -> None:
+    """--verbose / --quiet: how much the run prints on stderr (not part of the run's identity)."""
+    how = (group or p).add_mutually_exclusive_group()
+    how.add_argument("--verbose", action="store_const", const="verbose", dest="verbosity", default="normal",
+                     help="also print what Ray and the libraries say about expected conditions: Ray's info logs, "
+                          "Ray Data's progress bars, model-loading bars, library warnings (default: stage lines and "
+                          "progress with rows/s and ETA)")
+    how.add_argument("--quiet", action="store_const", const="quiet", dest="verbosity",
+                     help="print only errors and the final summary (default: stage lines and progress)")
+
+
+def _progress(args):
+    from ntk_ray.progress import Progress
+
+    return Progress(verbosity=getattr(args, "verbosity", "normal"))
 
 
 #: the subcommands whose flags are generated from a config dataclass
 CONFIG_COMMANDS = {"select": SelectConfig, "features": FeaturesConfig, "score": ScoreConfig}
-MODEL_FIELDS = ("model", "max_length", "on_too_long", "text_column", "prompt_column", "response_column", "id_column")
+MODEL_FIELDS = ("model", "max_length", "on_too_long", "text_column", "prompt_column", "response_column", "id_column",
+                "messages_column", "assistant_turns")
 
 
 class ConfigError(ValueError):
@@ -253,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sample (the demo rows are short) (default: %(default)s)")
     d.add_argument("--warmup-epochs", type=float, default=1.0, help="epochs of the warm-up (default: %(default)s)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing select run in OUT/select (default: %(default)s)")
+    _add_output_flags(d)
 
     ft = sub.add_parser("features", help="NTK features of any data, as Parquet shards (to score later with `score`)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -302,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(e, SelectConfig, only=MODEL_FIELDS, from_config=False)
     e.add_argument("--seed", type=int, default=SelectConfig.seed,
                    help="accepted like the other commands' --seed; the evaluation is deterministic (default: %(default)s)")
+
+    r = sub.add_parser("report", help="(re)build the selection report of a select output directory",
+                       description="Writes OUT/report.html (self-contained: plots embedded, works offline), OUT/report.md "
+                                   "and OUT/report/*.png from the files of a finished `select` run: the funnel from pool "
+                                   "to selection with the rejects by reason, the score histogram with the cut and its "
+                                   "margin, the composition of the selection against the pool by input file and token "
+                                   "length, examples around the cut, the near-duplicate share of the selection, and the "
+                                   "cost per stage with a projection to a 1M-row pool. `select` builds it at its end; "
+                                   "this rebuilds it (e.g. after a failed build) and reads files only: no Ray, no model.")
+    r.add_argument("out", metavar="OUT", help="the --out directory of a finished select run (a local directory)")
     return parser
 
 
@@ -315,6 +345,18 @@ def print_summary(manifest: dict, out: str, stream=None) -> None:
     print("  stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["stage_seconds"].items()), file=stream)
     for name in ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json"):
         print(f"  {redact(str(out)).rstrip('/')}/{name}", file=stream)
+    from ntk_ray.runner import demo_model_notice
+
+    notice = demo_model_notice(manifest.get("config", {}).get("model", "?"))
+    if notice:
+        print(f"  note: {notice}", file=stream)
+    report = manifest.get("report")
+    if report and report.get("error"):
+        print(f"  report: not built ({report['error']}); build it with `ntk-ray report OUT`", file=stream)
+    elif report:
+        print(f"  report: {redact(str(out)).rstrip('/')}/{report['html']}", file=stream)
+        for line in report["key_lines"]:
+            print(f"    {line}", file=stream)
 
 
 def _tokenized(paths, args):
@@ -324,7 +366,7 @@ def _tokenized(paths, args):
     from ntk_ray.models import load_tokenizer
     from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
 
-    cols = Columns(text=args.text_column, prompt=args.prompt_column, response=args.response_column, id=args.id_column)
+    cols = Columns.of(args)
     flag = "--train" if args.command == "finetune" else "--data"  # the flag the user gave the files with
     files = resolve_paths(paths, flag)
     mode = check_columns(files, cols, flag)
@@ -403,7 +445,8 @@ def cmd_evaluate(args) -> int:
     result = evaluate_rows(model, load_tokenizer(args.model), rows, max_length=args.max_length,
                            text_column=args.text_column, prompt_column=args.prompt_column,
                            response_column=args.response_column, choices_column=args.choices_column,
-                           answer_column=args.answer_column, on_too_long=args.on_too_long)
+                           answer_column=args.answer_column, on_too_long=args.on_too_long,
+                           messages_column=args.messages_column, assistant_turns=args.assistant_turns)
     result.pop("predictions", None)
     print(json.dumps(result | {"unreadable": unreadable, "adapter": args.adapter}))
     return 0
@@ -420,9 +463,27 @@ def cmd_demo(args) -> int:
     cfg = SelectConfig(domain=[str(data / "domain.jsonl")], pool=[str(data / "pool.parquet")], budget=args.budget,
                        out=str(Path(args.out) / "select"), max_length=args.max_length, scorer=args.scorer,
                        warmup_epochs=args.warmup_epochs, seed=args.seed)
-    manifest = run_select(cfg, overwrite=args.overwrite)
+    manifest = run_select(cfg, overwrite=args.overwrite, progress=_progress(args))
     print_summary(manifest, cfg.out)
     print(label_lift_report(Path(cfg.out), data / "pool.parquet", args.domain_label, args.budget, args.seed))
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Build OUT's report (``ntk_ray.report``), record it in OUT/manifest.json, print its paths
+    and key lines."""
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.report import ReportError, build_report, record, report_entry
+
+    try:
+        rep = build_report(args.out)
+        record(args.out, json.loads((Path(args.out) / "manifest.json").read_text()), report_entry(rep))
+    except ReportError as e:
+        raise UsageError(f"report {e}") from None
+    print(f"ntk-ray report: {rep.html} ({rep.seconds:.1f}s)")
+    print(f"  {rep.md}, {Path(rep.plots[0]).parent}/ ({len(rep.plots)} plots)")
+    for line in rep.key_lines:
+        print(f"  {line}")
     return 0
 
 
@@ -439,13 +500,13 @@ def cmd_config(args) -> int:
         return 0
     validate(cfg)  # every number in its range, --out not a file: before any work
     if args.command == "select":
-        manifest = runner.run_select(cfg, overwrite=args.overwrite)
+        manifest = runner.run_select(cfg, overwrite=args.overwrite, progress=_progress(args))
         print_summary(manifest, cfg.out)
     elif args.command == "features":
-        m = runner.run_features(cfg, overwrite=args.overwrite)
+        m = runner.run_features(cfg, overwrite=args.overwrite, progress=_progress(args))
         print(json.dumps({"out": redact(cfg.out), **m["counts"], "seconds": m["stage_seconds"]}))
     else:
-        m = runner.run_score(cfg, overwrite=args.overwrite)
+        m = runner.run_score(cfg, overwrite=args.overwrite, progress=_progress(args))
         print(json.dumps({"out": redact(cfg.out), **m["counts"]}))
     return 0
 
@@ -463,6 +524,8 @@ def main(argv=None) -> int:
             return cmd_finetune(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (UsageError, ConfigError) as e:
         print(f"ntk-ray: error: {redact(str(e))}", file=sys.stderr)
         return 2

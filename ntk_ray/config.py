@@ -18,7 +18,6 @@ ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
 EXECUTORS = ("ray", "local")  # runner.executor_factory
 WARMUP_MODES = ("train", "fresh")
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # models.loading.resolve_dtype
-LR_SCHEDULES = ("constant", "linear", "cosine")  # core.training.lr_factor
 
 
 #: the largest value of an int field that declares no ``max`` (fits every index type used)
@@ -68,6 +67,11 @@ def _fusions():
     return FUSIONS
 
 
+def _lr_schedules():
+    from ntk_ray.core.training import LR_SCHEDULES
+    return LR_SCHEDULES
+
+
 def _on_too_long():
     from ntk_ray.core.tokenize import ON_TOO_LONG
     return ON_TOO_LONG
@@ -99,6 +103,22 @@ def _response_column():
 
 def _id_column():
     return opt("id", "column holding a row id (when absent: <file name>:<row>)", metavar="NAME")
+
+
+def _messages_column():
+    return opt(None, "column holding a conversation: a list of {role, content} messages (ShareGPT: {from, value}); "
+               "the chat template renders it and the assistant turns are scored", metavar="NAME",
+               shown_default="messages, else conversations, when a file has no text or prompt/response columns")
+
+
+def _assistant_turns_choices():
+    from ntk_ray.core.tokenize import ASSISTANT_TURNS
+    return ASSISTANT_TURNS
+
+
+def _assistant_turns():
+    return opt("all", "which assistant turns of a conversation are trained and scored (the others are context)",
+               choices=_assistant_turns_choices)
 
 
 def _model():
@@ -183,10 +203,16 @@ class SelectConfig:
     budget: int = opt(0, "how many pool samples to select", metavar="N", required=True, min=1)
     out: str = opt("", "output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results "
                    "are copied there when the run is complete", metavar="DIR", required=True)
+    save_hf: str | None = opt(None, "also write the selection (the rows of selected.parquet) as a Hugging Face "
+                              "datasets save_to_disk directory: datasets.load_from_disk(DIR).push_to_hub(...); a new "
+                              "or empty local directory, or one an earlier --save-hf wrote", metavar="DIR",
+                              shown_default="none")
     text_column: str = _text_column()
     prompt_column: str = _prompt_column()
     response_column: str = _response_column()
     id_column: str = _id_column()
+    messages_column: str | None = _messages_column()
+    assistant_turns: str = _assistant_turns()
     # model
     model: str | None = _model()
     max_length: int = _max_length()
@@ -204,6 +230,10 @@ class SelectConfig:
                       choices=WARMUP_MODES, group=W)
     adapter: str | None = opt(None, "use this trained peft adapter instead of warming up", metavar="DIR", group=W,
                               shown_default="warm up")
+    checkpoints: int = opt(1, "K > 1: NTK features averaged over K evenly spaced warm-up checkpoints (as LESS/TRAK): "
+                           "psi = [sqrt(w_i) psi_i], w_i = the checkpoint's learning rate / their sum, so kernels are "
+                           "the weighted sums of per-checkpoint kernels; the feature length is K x --proj-dim and the "
+                           "features stage runs K times (ntk selector, trained warm-up only)", group=W, min=1, max=64)
     selector: str = opt("ntk", _selector_help, choices=_selectors, group="selector")
     # coarse stage
     coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C, min=1, max=1 << 20)
@@ -235,6 +265,9 @@ class SelectConfig:
     ray_address: str | None = _ray_address(X)
     executor: str = _executor(X)
     keep_features: bool = opt(False, "keep the NTK feature shards in OUT/_work/features", group=X)
+    read_unit_mb: float = opt(64.0, "input per read worker task: a bigger uncompressed JSONL or Parquet file is read "
+                              "by many workers in parts of this size (speed only: not part of the result)",
+                              metavar="MIB", group=X, gt=0, max=1e7)
     work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state); on a "
                                "multi-node cluster a path every node mounts, e.g. a PVC", metavar="DIR", group=X,
                                shown_default="~/.cache/ntk-ray/runs/<out>")
@@ -243,7 +276,7 @@ class SelectConfig:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
         for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "executor", "keep_features",
-                  "batch_tokens", "work_dir"):
+                  "batch_tokens", "work_dir", "save_hf", "read_unit_mb"):
             d.pop(k)
         return d
 
@@ -262,6 +295,8 @@ class FeaturesConfig:
     prompt_column: str = _prompt_column()
     response_column: str = _response_column()
     id_column: str = _id_column()
+    messages_column: str | None = _messages_column()
+    assistant_turns: str = _assistant_turns()
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
@@ -304,7 +339,7 @@ class LocalModelOptions:
     accelerator: str = opt("auto", "auto: this machine's GPU (cuda) when it has one, else the CPU; gpu: the GPU (an "
                            "error without one); cpu: the CPU", choices=ACCELERATORS)
     lr_schedule: str = opt("cosine", "learning rate per optimizer step after the warm-up steps: constant, linear (to 0 "
-                           "at the end) or cosine (half a cosine to 0 at the end)", choices=LR_SCHEDULES)
+                           "at the end) or cosine (half a cosine to 0 at the end)", choices=_lr_schedules)
     warmup_ratio: float = opt(0.03, "share of the optimizer steps spent ramping the learning rate up linearly from "
                               "lr/W to lr (W = ceil(ratio x steps); 0: none)", min=0, max=1)
     grad_accum_steps: int = opt(1, "batches (of --batch-tokens padded tokens) whose gradients are summed into one "
@@ -407,6 +442,14 @@ def validate(cfg, flags: dict | None = None) -> None:
             if os.path.exists(local) and not os.path.isdir(local):
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} {path} is an existing file, not a directory; choose a directory")
+    if getattr(cfg, "save_hf", None):
+        from ntk_ray.io.hf import check_save_target
+        from ntk_ray.io.fs import InputError
+
+        try:
+            check_save_target(cfg.save_hf)  # a URI, a file, or somebody else's directory: refused before any work
+        except InputError as e:
+            raise UsageError(str(e)) from None
 
 
 def validate_values(cls, values: dict, flags: dict | None = None) -> None:

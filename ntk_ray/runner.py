@@ -38,14 +38,14 @@ class CheckedInputs:
     column names and the resolved model path."""
     columns: object  # io.rows.Columns
     paths: dict  # role -> [file, ...]
-    modes: dict  # role -> "text" | "prompt_response"
+    modes: dict  # role -> "text" | "prompt_response" | "chat"
     model_path: str
 
 
 def columns_of(cfg):
     from ntk_ray.io.rows import Columns
 
-    return Columns(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column)
+    return Columns.of(cfg)
 
 
 def check_model(cfg, lora_targets=None) -> str:
@@ -134,6 +134,16 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
     return CheckedInputs(columns=cols, paths={"domain": domain, "pool": pool}, modes=modes, model_path=model)
 
 
+def demo_model_notice(model: str | None) -> str | None:
+    """What a run without ``--model`` says at its start and in its summary: it used the small
+    bundled demo model, and how to pass a real one (None when a model was given)."""
+    if model:
+        return None
+    return ("no --model given: this run uses the bundled demo model SmolLM2-135M-Instruct (135M parameters, "
+            "for trying ntk-ray out); for a real selection pass the model you will fine-tune: "
+            "--model DIR (a local Hugging Face model directory) or --model ORG/NAME (a hub id)")
+
+
 def executor_factory(cfg) -> Callable[[Progress], object]:
     """The executor the config asks for: Ray (``--executor ray``, the default: address, actors,
     accelerator, wait) or this process (``--executor local``)."""
@@ -141,12 +151,14 @@ def executor_factory(cfg) -> Callable[[Progress], object]:
         if getattr(cfg, "executor", "ray") == "local":
             from ntk_ray.runtime.local import LocalExecutor
 
-            return LocalExecutor(device="cpu" if getattr(cfg, "accelerator", "auto") == "cpu" else None)
+            return LocalExecutor(device="cpu" if getattr(cfg, "accelerator", "auto") == "cpu" else None,
+                                 verbosity=progress.verbosity)
         from ntk_ray.runtime.ray_executor import RayExecutor
 
         return RayExecutor(address=cfg.ray_address, actors=getattr(cfg, "actors", None),
                            accelerator=getattr(cfg, "accelerator", "auto"),
-                           wait_for_resources=getattr(cfg, "wait_for_resources", 600), log=progress.log)
+                           wait_for_resources=getattr(cfg, "wait_for_resources", 600), log=progress.log,
+                           verbosity=progress.verbosity)
 
     return make
 
@@ -206,6 +218,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     """Run the whole selection; returns the manifest (also written to OUT/manifest.json).
     ``executor``: run on this executor (e.g. ``runtime.local.LocalExecutor()``) instead of
     starting Ray."""
+    from ntk_ray.report import ReportStage, build_and_record
     from ntk_ray.stages.registry import plan_for
     from ntk_ray.stages.registry import get_selector
 
@@ -214,11 +227,14 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # workers are handed cfg.model and resolve it themselves, so a node that does not share
     # this machine's cache directory converts or finds its own copy
     inputs = check_inputs(cfg)
+    if demo_model_notice(cfg.model):
+        progress.log(demo_model_notice(cfg.model))
     # inputs: the files as they are now against the ones this directory's run read (a changed
     # file or a glob that matches other files is refused, the finished run included)
     out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log, inputs=inputs.paths)
     plan = plan_for(cfg, publish_to=cfg.out if remote else None)
-    last = plan[-1].name
+    plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish
+    last = [s for s in plan if s.resumable][-1].name  # the report is not saved: it reruns with the plan
     if is_done(out / "_work" / last) and (out / "manifest.json").exists():
         if remote:
             from ntk_ray.io.storage import is_published, publish
@@ -226,7 +242,15 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
             if not is_published(out, cfg.out):  # e.g. removed at the URI since: manifest.json last again
                 publish(out, cfg.out)
         progress.log(f"this run is already complete: outputs in {redact(cfg.out)} (nothing recomputed)")
-        return json.loads((out / "manifest.json").read_text())
+        if getattr(cfg, "save_hf", None):  # not part of the run's identity: written on request
+            import polars as pl
+
+            from ntk_ray.stages.write import save_selection_hf
+
+            save_selection_hf(pl.read_parquet(out / "selected.parquet"), cfg.save_hf, progress.log)
+        manifest = json.loads((out / "manifest.json").read_text())
+        # a run killed while its report was built, or finished before reports existed
+        return manifest if "report" in manifest else build_and_record(out, manifest, progress.log)
     results = run_plan(cfg, plan, out, inputs, progress, executor, make_executor)
     # the plan ended with write (and publish, for a URI): only now, with the results published,
     # are the intermediate shards (embed/, features/) dropped; a run killed before this point
@@ -240,7 +264,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     else:
         for stage in ("embed", "features"):
             shutil.rmtree(out / "_work" / stage, ignore_errors=True)
-    return results["write"].manifest
+    return results["report"].manifest
 
 
 @releases_out_locks

@@ -191,7 +191,8 @@ def test_missing_text_column_names_the_override_flags(no_ray, data, model_dir, t
     path.write_text(json.dumps({"body": "x", "id": 1}) + "\n")
     line = error_line(capsys, select(data, model_dir, tmp_path, pool=[str(path)]))
     assert line == (f"--pool: {path} has no column 'text' (--text-column) nor 'prompt' (--prompt-column) and "
-                    f"'response' (--response-column); columns found: body, id")
+                    f"'response' (--response-column) nor 'messages'/'conversations' (--messages-column); "
+                    f"columns found: body, id")
 
 
 def test_missing_response_column_names_its_flag(no_ray, data, model_dir, tmp_path, capsys):

@@ -158,7 +158,8 @@ def test_check_columns_missing_column_error(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "p", "meta": 1}])
     message = input_error(check_columns, [path], Columns(), "--pool")
     assert message == (f"--pool: {path} has no column 'text' (--text-column) nor 'response' "
-                       f"(--response-column); columns found: prompt, meta")
+                       f"(--response-column) nor 'messages'/'conversations' (--messages-column); "
+                       f"columns found: prompt, meta")
     pq_path = write_parquet(tmp_path / "m.parquet", {"body": ["x"]})
     message = input_error(check_columns, [pq_path], Columns(), "--domain")
     assert message.startswith(f"--domain: {pq_path} has no column 'text' (--text-column) nor "

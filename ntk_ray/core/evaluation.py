@@ -190,11 +190,14 @@ def _as_columns(rows) -> dict[str, list]:
 
 def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str = "text", prompt_column: str = "prompt",
                   response_column: str = "response", choices_column: str = "choices", answer_column: str = "answer",
-                  on_too_long: str = "truncate", device="cpu", batch_tokens: int = 8192) -> dict:
+                  on_too_long: str = "truncate", device="cpu", batch_tokens: int = 8192,
+                  messages_column: str | None = None, assistant_turns: str = "all") -> dict:
     """What ``ntk-ray evaluate`` reports for a set of rows (a list of dicts or a polars DataFrame).
 
     Loss/perplexity (``training.mean_token_loss``) over the rows' response tokens: prompt +
-    response rows, or ``text`` rows; for multiple-choice rows without a response column the
+    response rows, or ``text`` rows, or conversations (``messages_column``; by default
+    ``messages`` or ``conversations`` when there is no text or prompt/response column: the
+    assistant turns, ``assistant_turns`` all or last); for multiple-choice rows without a response column the
     right choice is the response. Keys: ``loss``, ``perplexity``, ``tokens``, ``rows``,
     ``rejected`` (rows the tokenizer rejected for the loss) and, when the rows carry both
     ``choices`` and ``answer`` columns, ``accuracy``, ``accuracy_rows``, ``choices_per_row``,
@@ -222,7 +225,11 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
         if responses is None:
             responses = [c[g] for c, g in zip(choices, gold)]
 
-    if prompts is not None and responses is not None:
+    chats = cols.get(messages_column) if messages_column else cols.get("messages", cols.get("conversations"))
+    if chats is not None and (messages_column or not (texts is not None or (prompts is not None and responses is not None))):
+        tok = tokenize_batch(tokenizer, messages=chats, assistant_turns=assistant_turns, max_length=max_length,
+                             on_too_long=on_too_long)
+    elif prompts is not None and responses is not None:
         tok = tokenize_batch(tokenizer, prompts=prompts, responses=responses, max_length=max_length, on_too_long=on_too_long)
     elif texts is not None:
         tok = tokenize_batch(tokenizer, texts=texts, max_length=max_length, on_too_long=on_too_long)

@@ -20,7 +20,31 @@ Masks, per row of length L:
   loss_mask[t]  = 1 where token t is a training target (a response token; for text rows every
                   token but the first). Token 0 is never a target: nothing predicts it.
   score_mask[t] = 1 where the logits at position t enter F: ``loss_mask[t + 1]`` for
-                  prompt/response rows (0 at the last position), 1 everywhere for text rows.
+                  prompt/response and chat rows (0 at the last position), 1 everywhere for text
+                  rows.
+
+Chat rows (a conversation: a list of {role, content} messages, or ShareGPT {from, value} with
+human -> user, gpt -> assistant; :func:`normalize_conversation`):
+  The chat template renders the conversation; the trained positions are the assistant turns
+  (``--assistant-turns all``, the default, or ``last``): for turn k (message k, an assistant
+  message)
+      G_k = render(conv[:k], add_generation_prompt=True)     the context the reply is generated after
+      P_k = render(conv[:k + 1]).rstrip()                    ... followed by the reply and its end-of-turn
+                                                             marker (the newline after it dropped)
+  and the reply is the characters [len(G_k), len(P_k)) of T = P_K, K the last trained turn. Every
+  G_k and P_k must be a prefix of T (checked per row; a template that rewrites earlier turns,
+  e.g. one dropping the reasoning of earlier replies, fails it for all but the last turn: use
+  ``--assistant-turns last``). T is cut at these boundaries and each piece tokenized on its own
+  (as a prompt and its response above), so a reply's tokens are exactly what the model has to
+  generate after G_k; pieces are concatenated. Messages after the last trained turn are not
+  rendered: under causal attention they change neither F nor the loss. An assistant message that
+  opens the conversation is context, not trained (nothing prompts it).
+  This works with every template that renders prefixes consistently; transformers'
+  ``return_assistant_tokens_mask`` would need templates marked up with ``{% generation %}``,
+  which few are.
+  A tokenizer without a chat template renders with :func:`fallback_chat_template`, the
+  Tulu/open-instruct format (``<|user|>\n...\n<|assistant|>\n...EOS\n``, BOS first when the
+  tokenizer adds one).
 """
 
 from __future__ import annotations
@@ -28,9 +52,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from jinja2.exceptions import TemplateError
+
 log = logging.getLogger(__name__)
 
 ON_TOO_LONG = ("truncate", "reject")
+ASSISTANT_TURNS = ("all", "last")
+#: message roles accepted in a conversation, and what they mean (ShareGPT: human, gpt)
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _SENTINEL = "\u2063ntkRaySentinelReply\u2063"
 _warned: set = set()  # chat templates already warned about
 
@@ -138,21 +167,38 @@ def tokenize_batch(
     texts: list | None = None,
     prompts: list | None = None,
     responses: list | None = None,
+    messages: list | None = None,
+    assistant_turns: str = "all",
     max_length: int,
     on_too_long: str = "truncate",
     use_chat_template: bool | None = None,
 ) -> Tokenized:
-    """Tokenize either ``texts`` or ``prompts`` + ``responses`` (one entry per row).
+    """Tokenize either ``texts``, or ``prompts`` + ``responses``, or ``messages`` (conversations:
+    see :func:`normalize_conversation`), one entry per row.
 
     ``on_too_long``: ``"truncate"`` keeps the first ``max_length`` tokens (the prompt is kept, the
-    response cut; a row whose prompt leaves no response token is rejected) and sets
+    response cut; a row whose prompt leaves no response token is rejected; a conversation is cut
+    after its first ``max_length`` tokens and rejected when no assistant token is left) and sets
     ``truncated``; ``"reject"`` rejects every row over ``max_length``.
-    ``use_chat_template``: None = use the tokenizer's chat template when it has one.
+    ``assistant_turns`` (conversations): ``"all"`` trains and scores every assistant turn,
+    ``"last"`` only the last one (the earlier ones are context).
+    ``use_chat_template``: None = use the tokenizer's chat template when it has one (for
+    conversations, :func:`fallback_chat_template` when it has none; False = always that).
     """
     if on_too_long not in ON_TOO_LONG:
         raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, not {on_too_long!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"--max-length must be an integer >= 2 (got {max_length!r})")
+    if messages is not None:
+        if texts is not None or prompts is not None or responses is not None:
+            raise ValueError("pass messages alone, not with texts or prompts + responses")
+        if assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, not {assistant_turns!r}")
+        if use_chat_template and not has_chat_template(tokenizer):
+            raise ValueError("the tokenizer has no chat template")
+        template = None if has_chat_template(tokenizer) and use_chat_template is not False \
+            else fallback_chat_template(tokenizer)
+        return _tokenize_chats(tokenizer, list(messages), max_length, on_too_long, assistant_turns, template)
     if texts is not None:
         if prompts is not None or responses is not None:
             raise ValueError("pass either texts or prompts + responses, not both")
@@ -247,6 +293,165 @@ def _tokenize_pairs(
         score = loss[1:] + [0]
         if not any(score):
             out._reject("no response token to score")
+            continue
+        out._append(ids, loss, score, truncated)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# conversations
+
+
+def normalize_conversation(value, what: str = "messages") -> tuple[list[dict] | None, str | None]:
+    """(the conversation as [{"role", "content"}, ...], None) or (None, a reject reason).
+
+    Accepted: a list of messages, each ``{"role", "content"}`` (OpenAI, Tulu, UltraChat) or
+    ``{"from", "value"}`` (ShareGPT); a JSON string holding such a list (a CSV cell). Roles
+    (case-insensitive): system, user, assistant; ShareGPT's human (-> user) and gpt
+    (-> assistant). Other keys of a message (name, weight, ...) are ignored. ``what`` names the
+    column in the reasons: ``messages is not a list (int)``, ``empty conversation``,
+    ``messages[2] is not an object (str)``, ``messages[2] has no role``, ``messages[2] has
+    unknown role 'tool' (...)``, ``messages[2] has no content``, ``messages[2] content is not a
+    string (list)``, ``invalid Unicode in messages[2] (unpaired surrogate)``, ``no assistant
+    turn``, ``empty assistant turn (messages[3])``."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None, f"{what} is not a list (str)"
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        return None, f"{what} is not a list ({type(value).__name__})"
+    if not value:
+        return None, "empty conversation"
+    conv = []
+    for i, message in enumerate(value):
+        where = f"{what}[{i}]"
+        if not isinstance(message, dict):
+            return None, f"{where} is not an object ({type(message).__name__})"
+        role, key = message.get("role"), "content"
+        if role is None and message.get("from") is not None:
+            role, key = message["from"], "value"
+        if role is None:
+            return None, f"{where} has no role"
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            return None, (f"{where} has unknown role {role!r} (expected system, user or assistant; "
+                          f"ShareGPT: human or gpt)")
+        content = message.get(key)
+        if content is None:
+            return None, f"{where} has no content"
+        if not isinstance(content, str):
+            return None, f"{where} content is not a string ({type(content).__name__})"
+        if _has_surrogate(content):
+            return None, f"invalid Unicode in {where} (unpaired surrogate)"
+        conv.append({"role": ROLES[role.lower()], "content": content})
+    assistants = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
+    if not assistants:
+        return None, "no assistant turn"
+    for i in assistants:
+        if not conv[i]["content"].strip():
+            return None, f"empty assistant turn ({what}[{i}])"
+    return conv, None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def fallback_chat_template(tokenizer) -> str:
+    """The Jinja template conversations are rendered with when the tokenizer has none: the
+    Tulu/open-instruct format that LESS trained with, ``<|system|>``/``<|user|>``/``<|assistant|>``
+    lines, each message's content on the next line, EOS after an assistant reply; BOS first when
+    the tokenizer adds one on its own."""
+    # newlines as expressions: transformers renders with trim_blocks (a newline after a tag is dropped)
+    bos = "{{ bos_token }}" if _bos_prefix(tokenizer) else ""
+    eos = "{{ eos_token }}" if tokenizer.eos_token is not None else ""
+    return (bos + "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+            "{% if m['role'] == 'assistant' %}" + eos + "{% endif %}{{ '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def render_chat(tokenizer, conv: list[dict], add_generation_prompt: bool = False, template: str | None = None) -> str:
+    """The chat template's text for ``conv`` (``template``: None = the tokenizer's own)."""
+    return tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=template)
+
+
+def trained_turns(conv: list[dict], assistant_turns: str = "all") -> list[int]:
+    """Indices of the assistant messages that are trained and scored (an opening one is not)."""
+    turns = [k for k, m in enumerate(conv) if m["role"] == "assistant" and k > 0]
+    return turns[-1:] if assistant_turns == "last" else turns
+
+
+def _chat_pieces(tokenizer, conv: list[dict], assistant_turns: str, template: str | None
+                 ) -> tuple[list[tuple[str, int]] | None, str | None]:
+    """([(text, trained 0/1), ...], None): the rendered conversation cut at the reply
+    boundaries (module docstring), or (None, a reject reason)."""
+    turns = trained_turns(conv, assistant_turns)
+    if not turns:
+        return None, "no assistant turn after a user or system message"
+    try:
+        whole = render_chat(tokenizer, conv[: turns[-1] + 1], template=template).rstrip()
+        pieces, at = [], 0
+        for k in turns:
+            start = render_chat(tokenizer, conv[:k], add_generation_prompt=True, template=template)
+            stop = whole if k == turns[-1] else render_chat(tokenizer, conv[: k + 1], template=template).rstrip()
+            if not (whole.startswith(start) and whole.startswith(stop) and at <= len(start)):
+                return None, (f"the chat template renders the conversation up to message {k} differently from "
+                              f"the whole (it rewrites earlier turns; try --assistant-turns last)")
+            if len(stop) <= len(start):
+                return None, f"the chat template writes nothing for the assistant turn (message {k})"
+            pieces += [(whole[at:len(start)], 0), (whole[len(start):len(stop)], 1)]
+            at = len(stop)
+    except (TemplateError, ValueError, TypeError) as exc:  # raise_exception: roles must alternate, no system role...
+        message = " ".join(str(exc).split())[:200]
+        return None, f"chat template error: {type(exc).__name__}: {message}"
+    return pieces, None
+
+
+def _tokenize_chats(tokenizer, convs: list, max_length: int, on_too_long: str, assistant_turns: str,
+                    template: str | None) -> Tokenized:
+    rows: list[list[tuple[str, int]] | str] = []
+    for value in convs:
+        conv, reason = normalize_conversation(value)
+        if reason is None:
+            pieces, reason = _chat_pieces(tokenizer, conv, assistant_turns, template)
+        rows.append(reason if reason is not None else pieces)
+    flat = [text for row in rows if not isinstance(row, str) for text, _ in row]
+    ids_flat = iter(_batch_ids(tokenizer, flat, add_special_tokens=False))
+
+    out = Tokenized()
+    for row in rows:
+        if isinstance(row, str):
+            out._reject(row)
+            continue
+        ids: list[int] = []
+        loss: list[int] = []
+        for _, trained in row:
+            piece = next(ids_flat)
+            ids += piece
+            loss += [trained] * len(piece)
+        n = len(ids)
+        first = loss.index(1) if 1 in loss else n  # where the first reply starts
+        truncated = False
+        if n > max_length:
+            if on_too_long == "reject":
+                out._reject(f"{n} tokens > --max-length {max_length}")
+                continue
+            ids, loss, truncated = ids[:max_length], loss[:max_length], True
+        if loss:
+            loss[0] = 0  # nothing predicts the first token
+        score = loss[1:] + [0]
+        if not any(score):
+            out._reject(f"no assistant token within --max-length ({first} tokens before the first assistant reply)"
+                        if truncated else "no assistant token to score")
             continue
         out._append(ids, loss, score, truncated)
     return out

@@ -26,12 +26,15 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
-from ntk_ray.io.formats import INVALID_UTF8, ROW_COLUMN, BadRecord, encodable, format_for, one_line, reader_for
+from ntk_ray.core.tokenize import ASSISTANT_TURNS, normalize_conversation
+from ntk_ray.io.formats import INVALID_UTF8, ROW_COLUMN, BadRecord, Span, encodable, format_for, one_line, reader_for
 from ntk_ray.io.paths import InputError, file_name
 
 __all__ = [
+    "CHAT_COLUMNS",
     "Columns",
     "InputError",
+    "MODE_CHAT",
     "MODE_PROMPT_RESPONSE",
     "MODE_TEXT",
     "OUTPUT_SCHEMA",
@@ -46,19 +49,44 @@ __all__ = [
 ]
 
 
+#: the columns a conversation is looked for in when ``--messages-column`` is not given
+CHAT_COLUMNS = ("messages", "conversations")
+
+
 @dataclass(frozen=True)
 class Columns:
-    """Names of the input columns (overridable with ``--text-column`` and friends)."""
+    """Names of the input columns (overridable with ``--text-column`` and friends), and which
+    assistant turns of a conversation are trained and scored (``--assistant-turns``).
+    ``messages=None``: the first of :data:`CHAT_COLUMNS` that a file has."""
 
     text: str = "text"
     prompt: str = "prompt"
     response: str = "response"
     id: str = "id"
+    messages: str | None = None
+    assistant_turns: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, not {self.assistant_turns!r}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> Columns:
+        """The columns a config (or parsed flags) names: ``text_column``, ``prompt_column``,
+        ``response_column``, ``id_column``, ``messages_column``, ``assistant_turns``."""
+        return cls(text=cfg.text_column, prompt=cfg.prompt_column, response=cfg.response_column, id=cfg.id_column,
+                   messages=getattr(cfg, "messages_column", None),
+                   assistant_turns=getattr(cfg, "assistant_turns", "all"))
 
 
 MODE_TEXT = "text"
 MODE_PROMPT_RESPONSE = "prompt_response"
-_MODES = (MODE_TEXT, MODE_PROMPT_RESPONSE)
+MODE_CHAT = "chat"
+_MODES = (MODE_TEXT, MODE_PROMPT_RESPONSE, MODE_CHAT)
+
+#: a conversation as it comes out of :func:`read_file_rows` (normalised: roles system, user,
+#: assistant)
+MESSAGES_TYPE = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
@@ -67,11 +95,12 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("text", pa.string()),
     pa.field("prompt", pa.string()),
     pa.field("response", pa.string()),
+    pa.field("messages", MESSAGES_TYPE),
     pa.field("reject", pa.string()),
 ])
 
 _FLAG_OF_FIELD = {"text": "--text-column", "prompt": "--prompt-column",
-                  "response": "--response-column", "id": "--id-column"}
+                  "response": "--response-column", "id": "--id-column", "messages": "--messages-column"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,23 +115,54 @@ def _found(names: Sequence[str]) -> str:
 def _missing_error(path: str, names: Sequence[str], cols: Columns, flag: str) -> InputError:
     missing_pr = [f"'{getattr(cols, f)}' ({_FLAG_OF_FIELD[f]})" for f in ("prompt", "response")
                   if getattr(cols, f) not in names]
+    chat = "/".join(f"'{c}'" for c in CHAT_COLUMNS)
     return InputError(f"{flag}: {path} has no column '{cols.text}' (--text-column) nor "
-                      f"{' and '.join(missing_pr)}; {_found(names)}")
+                      f"{' and '.join(missing_pr)} nor {chat} (--messages-column); {_found(names)}")
+
+
+def _chat_column(names: Sequence[str], cols: Columns) -> str | None:
+    """The conversation column of a file with these columns, or None."""
+    if cols.messages is not None:
+        return cols.messages if cols.messages in names else None
+    return next((c for c in CHAT_COLUMNS if c in names), None)
+
+
+def _layouts(names: Sequence[str], cols: Columns) -> list[str]:
+    """The modes a file with these columns can be read in, preferred first."""
+    found = []
+    if cols.prompt in names and cols.response in names:
+        found.append(MODE_PROMPT_RESPONSE)
+    if cols.text in names:
+        found.append(MODE_TEXT)
+    if _chat_column(names, cols) is not None:
+        found.append(MODE_CHAT)
+    return found
+
+
+def _describe(mode: str, names: Sequence[str], cols: Columns) -> str:
+    if mode == MODE_PROMPT_RESPONSE:
+        return f"'{cols.prompt}'+'{cols.response}'"
+    if mode == MODE_TEXT:
+        return f"'{cols.text}'"
+    return f"'{_chat_column(names, cols) or cols.messages or CHAT_COLUMNS[0]}'"
 
 
 def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
     """Check that every file has usable columns; return the mode for all of them.
 
-    The mode is ``"prompt_response"`` when every non-empty file has both the prompt and the
+    The mode is ``"chat"`` when ``--messages-column`` is given (every file must have that
+    column); else ``"prompt_response"`` when every non-empty file has both the prompt and the
     response column (preferred even when ``text`` exists too), else ``"text"`` when every one has
-    the text column. Only Parquet footers, the first records of JSON files and the header (and
+    the text column, else ``"chat"`` when every one has a conversation column (``messages`` or
+    ``conversations``). Only Parquet footers, the first records of JSON files and the header (and
     first block) of CSV files are read.
 
     Raises:
         InputError: a file that is not Parquet/JSON at all (truncated footer, first record not
-            JSON, ...), a file with neither layout (naming the missing column and its
-            ``--*-column`` flag), files mixing the two layouts, an explicitly chosen id column
-            (``--id-column`` other than ``id``) that a file lacks, or no records in any file.
+            JSON, ...), a file with no layout (naming the missing column and its
+            ``--*-column`` flag), files mixing layouts, an explicitly chosen id column
+            (``--id-column`` other than ``id``) or messages column that a file lacks, or no
+            records in any file.
     """
     if not paths:
         raise InputError(f"{flag}: no input files")
@@ -111,7 +171,9 @@ def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
         names = reader_for(path).sample_columns(path, flag)
         if names is None:
             continue  # an empty file adds no rows and has no say in the mode
-        if cols.text not in names and not (cols.prompt in names and cols.response in names):
+        if cols.messages is not None and cols.messages not in names:
+            raise InputError(f"{flag}: {path} has no column '{cols.messages}' (--messages-column); {_found(names)}")
+        if not _layouts(names, cols):
             raise _missing_error(path, names, cols, flag)
         if cols.id != Columns().id and cols.id not in names:
             raise InputError(f"{flag}: {path} has no column '{cols.id}' (--id-column); {_found(names)}")
@@ -119,15 +181,18 @@ def check_columns(paths: Sequence[str], cols: Columns, flag: str) -> str:
     if not layouts:
         raise InputError(f"{flag}: no records in any input file ({', '.join(paths[:3])}"
                          f"{', ...' if len(paths) > 3 else ''})")
-    without_pr = [p for p, n in layouts if not (cols.prompt in n and cols.response in n)]
-    if not without_pr:
-        return MODE_PROMPT_RESPONSE
-    without_text = [p for p, n in layouts if cols.text not in n]
-    if not without_text:
-        return MODE_TEXT
-    raise InputError(f"{flag}: files mix column layouts: {without_pr[0]} has '{cols.text}' but not "
-                     f"'{cols.prompt}'+'{cols.response}', {without_text[0]} has "
-                     f"'{cols.prompt}'+'{cols.response}' but not '{cols.text}'")
+    if cols.messages is not None:
+        return MODE_CHAT
+    for mode in (MODE_PROMPT_RESPONSE, MODE_TEXT, MODE_CHAT):
+        if all(mode in _layouts(n, cols) for _, n in layouts):
+            return mode
+    first, names = layouts[0]
+    mode = _layouts(names, cols)[0]
+    other, other_names = next((p, n) for p, n in layouts if mode not in _layouts(n, cols))
+    other_mode = _layouts(other_names, cols)[0]
+    raise InputError(f"{flag}: files mix column layouts: {other} has {_describe(other_mode, other_names, cols)} "
+                     f"but not {_describe(mode, names, cols)}, {first} has {_describe(mode, names, cols)} but not "
+                     f"{_describe(other_mode, names, cols)}")
 
 
 def count_rows(paths: Sequence[str], *, flag: str | None = None, at_most: int | None = None) -> int:
@@ -252,16 +317,32 @@ def _id_value(record: dict, name: str) -> tuple[str | None, str | None]:
     return id_text(record[name])
 
 
+def _conversation(record: dict, cols: Columns) -> tuple[list[dict] | None, str | None]:
+    """(normalised conversation, None) or (None, reject reason) (``core.tokenize.normalize_conversation``)."""
+    name = cols.messages or next((c for c in CHAT_COLUMNS if c in record), CHAT_COLUMNS[0])
+    if name not in record:
+        return None, f"missing column '{name}'"
+    value = record[name]
+    if value is None:
+        return None, f"null {name}"
+    if value is INVALID_UTF8:
+        return None, f"invalid UTF-8 in {name}"
+    return normalize_conversation(value, name)
+
+
 def _validate(record: Any, cols: Columns, mode: str) -> tuple[str | None, str | None, str | None,
-                                                             str | None, str | None]:
-    """(id or None, text, prompt, response, reject) for one record; payload is None if rejected."""
+                                                             str | None, list | None, str | None]:
+    """(id or None, text, prompt, response, messages, reject) for one record; payload is None if
+    rejected."""
     if isinstance(record, BadRecord):
-        return None, None, None, None, record.reason
+        return None, None, None, None, None, record.reason
     if not isinstance(record, dict):
-        return None, None, None, None, f"not a JSON object ({type(record).__name__})"
-    text = prompt = response = None
+        return None, None, None, None, None, f"not a JSON object ({type(record).__name__})"
+    text = prompt = response = messages = None
     if mode == MODE_TEXT:
         text, reject = _text_value(record, cols.text, "text")
+    elif mode == MODE_CHAT:
+        messages, reject = _conversation(record, cols)
     else:
         prompt, reject = _text_value(record, cols.prompt, "prompt", allow_empty=True)
         if reject is None:
@@ -269,8 +350,8 @@ def _validate(record: Any, cols: Columns, mode: str) -> tuple[str | None, str | 
     row_id, id_reject = _id_value(record, cols.id)
     reject = reject or id_reject
     if reject is not None:
-        text = prompt = response = None
-    return row_id, text, prompt, response, reject
+        text = prompt = response = messages = None
+    return row_id, text, prompt, response, messages, reject
 
 
 class _Rows:
@@ -288,13 +369,14 @@ class _Rows:
         return len(self._cols["row"])
 
     def add(self, row: int, row_id: str | None, text: str | None, prompt: str | None,
-            response: str | None, reject: str | None) -> None:
+            response: str | None, messages: list | None, reject: str | None) -> None:
         c = self._cols
         c["id"].append(row_id if row_id is not None else f"{self._prefix}:{row}")
         c["row"].append(row)
         c["text"].append(text)
         c["prompt"].append(prompt)
         c["response"].append(response)
+        c["messages"].append(messages)
         c["reject"].append(reject)
 
     def flush(self) -> pa.Table:
@@ -311,14 +393,20 @@ def _check_mode(mode: str) -> None:
 
 
 def read_file_rows(path: str, cols: Columns, mode: str, chunk_rows: int = 4096, *,
-                   id_prefix: str | None = None, on_corrupt: str = "raise") -> Iterator[pa.Table]:
+                   id_prefix: str | None = None, on_corrupt: str = "raise",
+                   span: Span | None = None) -> Iterator[pa.Table]:
     """Yield the rows of one file as :data:`OUTPUT_SCHEMA` tables of at most ``chunk_rows`` rows.
+
+    ``span``: only the rows of that part of the file (:class:`ntk_ray.io.formats.Span`, from
+    the format's ``spans``), with the same ``row``, ``id`` and rejects as in the whole-file
+    read: the rows of a file's spans, read in order, are the rows of the file.
 
     Columns: ``id`` (string, never null: the id column as a string when the row has one, else
     ``f"{id_prefix}:{row}"`` with ``id_prefix`` defaulting to the file name), ``source`` (the path
     as given), ``row`` (int64, 0-based; JSONL: physical line index, blank lines count but yield
-    nothing), ``text`` / ``prompt`` / ``response`` (string; the columns of the other mode and
-    those of rejected rows are null), ``reject`` (null when usable, else a short reason).
+    nothing), ``text`` / ``prompt`` / ``response`` (string) and ``messages`` (the normalised
+    conversation, :data:`MESSAGES_TYPE`) (the columns of the other modes and those of rejected
+    rows are null), ``reject`` (null when usable, else a short reason).
 
     Every non-blank JSONL line, JSON array element and Parquet row yields exactly one row. In
     JSONL the id is taken per line: a line without the id key gets the fallback id. An empty
@@ -345,11 +433,13 @@ def read_file_rows(path: str, cols: Columns, mode: str, chunk_rows: int = 4096, 
     if on_corrupt not in ("raise", "reject"):
         raise ValueError(f"on_corrupt must be 'raise' or 'reject', got {on_corrupt!r}")
     rows = _Rows(path, file_name(path) if id_prefix is None else id_prefix)
-    fields = [cols.text] if mode == MODE_TEXT else [cols.prompt, cols.response]
+    fields = ([cols.text] if mode == MODE_TEXT else [cols.prompt, cols.response] if mode == MODE_PROMPT_RESPONSE
+              else [cols.messages] if cols.messages else list(CHAT_COLUMNS))
+    extra = {} if span is None else {"span": span}  # formats that never split take no span
     records = reader_for(path).iter_records(path, fields + [cols.id], batch_rows=chunk_rows,
-                                            on_corrupt=on_corrupt)
+                                            on_corrupt=on_corrupt, **extra)
     emitted = False
-    next_row = 0
+    next_row = 0 if span is None else span.row
     try:
         for row, record in records:
             rows.add(row, *_validate(record, cols, mode))
@@ -362,7 +452,7 @@ def read_file_rows(path: str, cols: Columns, mode: str, chunk_rows: int = 4096, 
             if len(rows):
                 yield rows.flush()
             raise
-        rows.add(next_row, None, None, None, None, f"unreadable rest of file: {one_line(exc)}")
+        rows.add(next_row, None, None, None, None, None, f"unreadable rest of file: {one_line(exc)}")
     if len(rows) or not emitted:
         yield rows.flush()
 

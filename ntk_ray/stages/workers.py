@@ -51,7 +51,7 @@ def set_threads_from_env() -> None:
 @dataclass
 class ReadSpec:
     role: str  # "domain" | "pool"
-    mode: str  # "text" | "prompt_response"
+    mode: str  # "text" | "prompt_response" | "chat"
     columns: object  # io.rows.Columns
     model: str | None
     max_length: int
@@ -60,10 +60,14 @@ class ReadSpec:
 
 
 class ReadAndTokenize:
-    """Reads whole input files and tokenizes their rows into ``out_dir`` shards
-    ``<file index>-<chunk>.parquet``; the unit marker ``<file index>`` is written once a file is
-    complete, and a rerun skips files that have one. Every row read comes out, usable or with a
-    ``reject`` reason."""
+    """Reads input files, whole or in spans (``io.formats.Span``: a byte range of a JSONL file, a
+    row range of a Parquet file), and tokenizes their rows into ``out_dir`` shards
+    ``<file index>-<chunk>.parquet``, a chunk being ``chunk_rows`` records counted from the
+    start of the file (so the shards are the same whether a file is read whole or in spans of
+    any size). An item is ``{"index", "path", "unit", "span"}`` (``span``: the span as JSON, or
+    ``""`` for the whole file; ``read.plan_units`` makes them); the unit marker ``unit`` is
+    written once its rows are all written, and a rerun skips units that have one. Every row
+    read comes out, usable or with a ``reject`` reason."""
 
     def __init__(self, spec: ReadSpec, out_dir: str | None = None, chunk_rows: int = 2048):
         from ntk_ray.models import load_tokenizer
@@ -74,19 +78,33 @@ class ReadAndTokenize:
         self.tokenizer = load_tokenizer(spec.model)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import json
+
+        from ntk_ray.io.formats import Span
         from ntk_ray.io.rows import read_file_rows
 
         done = []
-        for index, path in zip(batch.column("index").to_pylist(), batch.column("path").to_pylist()):
-            unit = f"{index:06d}"
+        for item in batch.to_pylist():
+            index, path = item["index"], item["path"]
+            unit = item.get("unit") or f"{index:06d}"
+            span = Span(**json.loads(item["span"])) if item.get("span") else None
             if not is_done(self.out_dir, unit):
-                for stale in self.out_dir.glob(f"{unit}-*.parquet"):
-                    stale.unlink()  # a file interrupted half-way is read again from its start
+                first = 0 if span is None else span.ordinal // self.chunk_rows
+                if span is not None and span.ordinal % self.chunk_rows:
+                    raise ValueError(f"{path}: span at record {span.ordinal} is not aligned to {self.chunk_rows} rows")
+                if span is None:
+                    stale = list(self.out_dir.glob(f"{index:06d}-*.parquet"))
+                else:  # the chunks this span writes
+                    last = -(-(span.ordinal + span.count) // self.chunk_rows)
+                    stale = [self.out_dir / f"{index:06d}-{c:06d}.parquet" for c in range(first, last)]
+                for shard in stale:
+                    shard.unlink(missing_ok=True)  # a unit interrupted half-way is read again from its start
                 rows = 0
                 chunks = read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows,
-                                        id_prefix=(self.spec.id_prefixes or {}).get(path), on_corrupt="reject")
-                for c, chunk in enumerate(chunks):
-                    write_table_atomic(self.tokenize(chunk), self.out_dir / f"{unit}-{c:06d}.parquet")
+                                        id_prefix=(self.spec.id_prefixes or {}).get(path), on_corrupt="reject",
+                                        span=span)
+                for c, chunk in enumerate(chunks, first):
+                    write_table_atomic(self.tokenize(chunk), self.out_dir / f"{index:06d}-{c:06d}.parquet")
                     rows += chunk.num_rows
                 mark_done(self.out_dir, unit, {"path": path, "rows": rows})
             done.append(read_marker(self.out_dir, unit))
@@ -107,6 +125,11 @@ class ReadAndTokenize:
             if self.spec.mode == "text":
                 texts = chunk.column("text").to_pylist()
                 tok = tokenize_batch(self.tokenizer, texts=[texts[i] for i in usable],
+                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
+            elif self.spec.mode == "chat":
+                convs = chunk.column("messages").to_pylist()
+                tok = tokenize_batch(self.tokenizer, messages=[convs[i] for i in usable],
+                                     assistant_turns=self.spec.columns.assistant_turns,
                                      max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
             else:
                 prompts, responses = chunk.column("prompt").to_pylist(), chunk.column("response").to_pylist()
@@ -135,11 +158,13 @@ class ReadAndTokenize:
         }, schema=TOKENS_SCHEMA)
 
 
-def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, lora: dict | None = None):
-    """The base model with the warmed-up adapter (trainable, so gradients reach LoRA)."""
+def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, lora: dict | None = None,
+                       dtype: str = "float32"):
+    """The base model in ``dtype`` (``auto`` resolved for ``device``) with the warmed-up adapter
+    (trainable, so gradients reach LoRA; its factors float32, ``models.lora``)."""
     from ntk_ray.models import attach_lora, load_adapter, load_model
 
-    base = load_model(model, device=device)
+    base = load_model(model, dtype=dtype, device=device)
     if adapter_dir:
         return load_adapter(base, adapter_dir).to(device)
     return attach_lora(base, **(lora or {})).to(device)
@@ -196,15 +221,16 @@ NONFINITE_EMBEDDING = "non-finite embedding (NaN/inf)"
 class Embedder(ShardMapper):
     """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised. A row whose
     embedding is not finite gets a ``reject`` reason and a zero embedding (the coarse stage and
-    the kernel skip rejected rows; the write stage lists them in rejects.parquet)."""
+    the kernel skip rejected rows; the write stage lists them in rejects.parquet). ``dtype``:
+    the model's (``--dtype``; the pooling sums are float32)."""
 
     def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
-                 device: str | None = None):
+                 device: str | None = None, dtype: str = "float32"):
         set_threads_from_env()
         self.out_dir = Path(out_dir)
         self.keep = keep_set(keep)
         self.device = device or pick_device()
-        self.model = load_adapted_model(model, adapter_dir, self.device).eval()
+        self.model = load_adapted_model(model, adapter_dir, self.device, dtype=dtype).eval()
         self.batch_tokens = batch_tokens
 
     def process(self, batch: pa.Table) -> pa.Table:
@@ -223,29 +249,28 @@ class Embedder(ShardMapper):
 class Featurizer(ShardMapper):
     """NTK features psi(x) (``core.features.FeatureComputer``) for batches of tokenized rows. A
     row whose gradient is not finite gets a ``reject`` reason and a zero feature instead of
-    poisoning the ranking."""
+    poisoning the ranking. ``dtype``: the model's (``--dtype``); the forward and backward run in
+    it (no autocast), the per-sample gradients are accumulated and projected in float32."""
 
     mask_column = "score_mask"  # "loss_mask" for objective="loss"
 
     def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, projector: str, dim: int,
                  seed: int, batch_tokens: int = 8192, device: str | None = None, objective: str = "summed-logits",
-                 adam_moments: str | None = None):
+                 adam_moments: str | None = None, dtype: str = "float32"):
         from ntk_ray.core.features import FeatureComputer
 
         set_threads_from_env()
         self.out_dir = Path(out_dir)
         self.keep = keep_set(keep)
         self.device = device or pick_device()
-        adapted = load_adapted_model(model, adapter_dir, self.device)
-        autocast = torch.bfloat16 if self.device == "cuda" else None
+        adapted = load_adapted_model(model, adapter_dir, self.device, dtype=dtype)
         options = {}
         if objective != "summed-logits":  # LESS: loss gradients
             options["objective"] = objective
         if adam_moments:  # LESS: Adam-preconditioned by the warm-up's optimizer state
             options["gradient_transform"] = less_transform_for(adapted, adam_moments, self.device)
         self.mask_column = "loss_mask" if objective == "loss" else "score_mask"
-        self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device,
-                                        autocast_dtype=autocast, **options)
+        self.computer = FeatureComputer(adapted, projector=projector, dim=dim, seed=seed, device=self.device, **options)
         self.batch_tokens = batch_tokens
         import json
 
