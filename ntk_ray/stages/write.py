@@ -134,8 +134,9 @@ class PublishStage(Stage):
         self.uri = uri
 
     def run(self, ctx: Context, write: Written) -> Written:
-        from ntk_ray.io.storage import publish
+        from ntk_ray.io.storage import RESULT_FILES, publish
 
-        for path in publish(ctx.out, self.uri):
+        report = ("report.html",) if (ctx.out / "report.html").is_file() else ()  # self-contained: one file
+        for path in publish(ctx.out, self.uri, names=report + RESULT_FILES):
             ctx.progress.log(f"publish: {path}")
         return write
