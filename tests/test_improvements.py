@@ -276,3 +276,87 @@ def test_allocation_with_round_robin_is_a_usage_error(tiny_data, tiny_model_dir,
 
     with pytest.raises(UsageError, match="--allocation"):
         _select(tiny_data, tiny_model_dir, tmp_path / "out", allocation="facility-location", scorer="round-robin")
+
+
+# ---- features over warm-up checkpoints ---------------------------------------------------------
+
+def test_checkpoint_steps_and_weights():
+    from ntk_ray.core.selectors import checkpoint_steps, checkpoint_weights
+
+    assert checkpoint_steps(10, 1) == [10]
+    assert checkpoint_steps(10, 3) == [4, 7, 10]
+    assert checkpoint_steps(2, 3) == [1, 2, 2]  # fewer steps than checkpoints: some coincide
+    assert checkpoint_weights([1e-4, 1e-4]) == [0.5, 0.5]
+    assert checkpoint_weights([3.0, 1.0]) == [0.75, 0.25]
+
+
+def test_combined_checkpoint_features_give_the_weighted_sum_of_kernels():
+    from ntk_ray.core.selectors import (
+        combine_checkpoint_features,
+        combine_checkpoint_norms,
+    )
+
+    rng = np.random.default_rng(0)
+    weights = [0.5, 0.3, 0.2]
+    xs = [rng.normal(size=(7, 5)).astype(np.float32) for _ in weights]
+    anchors = [rng.normal(size=(3, 5)).astype(np.float32) for _ in weights]
+    x, a = combine_checkpoint_features(xs, weights), combine_checkpoint_features(anchors, weights)
+    assert x.shape == (7, 15) and x.dtype == np.float32
+    want = sum(w * (xi.astype(np.float64) @ ai.T.astype(np.float64)) for w, xi, ai in zip(weights, xs, anchors))
+    np.testing.assert_allclose(x.astype(np.float64) @ a.T.astype(np.float64), want, rtol=1e-5, atol=1e-6)
+    norms = [np.linalg.norm(xi, axis=1) for xi in xs]
+    np.testing.assert_allclose(combine_checkpoint_norms(norms, weights), np.linalg.norm(x, axis=1), rtol=1e-5)
+
+
+def _features_under(adapter_dir, model_dir, tokens_dir, keys, proj_dim):
+    """psi of the rows ``keys`` of a token directory under one adapter, computed from scratch."""
+    from ntk_ray.core.features import FeatureComputer
+    from ntk_ray.io.shards import list_shards, shards_frame
+    from ntk_ray.models import load_adapter, load_model
+
+    tokens = shards_frame(list_shards(tokens_dir), ["key", "input_ids", "score_mask"])
+    tokens = pl.DataFrame({"key": keys}).join(tokens, on="key", how="left")
+    model = load_adapter(load_model(str(model_dir), device="cpu"), str(adapter_dir))
+    computer = FeatureComputer(model, projector="sketch", dim=proj_dim, seed=0, device="cpu")
+    out = computer.features(tokens["input_ids"].to_list(), tokens["score_mask"].to_list(), 512)
+    return out.feature.numpy().astype(np.float64)
+
+
+def test_select_with_checkpoints_scores_with_the_weighted_sum_of_checkpoint_kernels(tiny_data, tiny_model_dir,
+                                                                                   tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ntk_ray.io.feature_files import SPEC_KEY
+    from ntk_ray.io.shards import list_shards, shards_frame
+
+    out = tmp_path / "out"
+    # a small token budget per step: several optimizer steps, so the checkpoints differ
+    manifest, ranked = _select(tiny_data, tiny_model_dir, out, checkpoints=2, warmup_batch_tokens=24,
+                               warmup_lr=5e-2)
+    info = manifest["adapter"]["warmup"]["checkpoints"]
+    steps = manifest["adapter"]["warmup"]["steps"]
+    assert info["steps"] == [-(-steps // 2), steps] and info["weights"] == [0.5, 0.5] and steps >= 2
+    work = out / "_work"
+    ckpts = [work / "warmup" / "checkpoints" / str(i) for i in range(2)]
+    keys, x, anchors = _kept_features(out)
+    assert x.shape[1] == 2 * 64 and anchors.shape[1] == 2 * 64
+    spec = json.loads(pq.ParquetFile(list_shards(str(work / "features"))[0]).schema_arrow.metadata[SPEC_KEY])
+    assert spec["checkpoints"] == 2 and spec["checkpoint_weights"] == [0.5, 0.5]
+    anchor_keys = shards_frame([str(work / "anchor_features" / "anchors.parquet")], ["key"])["key"].to_list()
+    per = []
+    for ckpt in ckpts:
+        xi = _features_under(ckpt, tiny_model_dir, str(work / "tokens" / "pool"), keys.tolist(), 64)
+        ai = _features_under(ckpt, tiny_model_dir, str(work / "tokens" / "domain"), anchor_keys, 64)
+        per.append(xi @ ai.T)
+    assert not np.allclose(per[0], per[1], rtol=1e-3)  # the checkpoints really differ
+    want = 0.5 * per[0] + 0.5 * per[1]
+    np.testing.assert_allclose(x @ anchors.T, want, rtol=2e-3, atol=1e-5 * np.abs(want).max())
+    # the ranking is the cosine of the combined kernel
+    cos = (x @ anchors.T) / np.linalg.norm(x, axis=1)[:, None] / np.linalg.norm(anchors, axis=1)[None, :]
+    by_key = dict(zip(keys.tolist(), cos.mean(axis=1)))
+    id_of = dict(zip(*[shards_frame(list_shards(str(work / "features")), ["key", "id"])[c].to_list()
+                       for c in ("key", "id")]))
+    top = sorted(by_key, key=lambda k: -by_key[k])[:5]
+    assert set(ranked.filter(pl.col("selected"))["id"].to_list()) == {id_of[k] for k in top}

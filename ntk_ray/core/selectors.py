@@ -37,6 +37,7 @@ exactly (see each function).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -283,3 +284,51 @@ def ranks_of(keys: np.ndarray, *sort_by: np.ndarray, descending: tuple[bool, ...
     ranks = np.empty(len(keys), dtype=np.int64)
     ranks[order] = np.arange(1, len(keys) + 1)
     return ranks
+
+
+# ----------------------------------------------------------------------------------------------
+# features averaged over warm-up checkpoints (``select --checkpoints K``), as LESS and TRAK do
+
+
+def checkpoint_steps(total_steps: int, k: int) -> list[int]:
+    """The optimizer steps after which the warm-up saves its K checkpoints: s_i = ceil(i S / K),
+    i = 1..K, evenly spaced, the last one the end of training (s_K = S). With fewer steps than
+    checkpoints some coincide (that checkpoint then counts more than once)."""
+    if k < 1:
+        raise ValueError(f"need at least one checkpoint (got {k})")
+    return [max(1, math.ceil(i * total_steps / k)) if total_steps else 0 for i in range(1, k + 1)]
+
+
+def checkpoint_weights(lrs: list[float]) -> list[float]:
+    """LESS's checkpoint weights: w_i = eta_i / sum_j eta_j, eta_i the learning rate of the step
+    checkpoint i was saved after (all equal, 1/K, with the warm-up's constant rate)."""
+    total = float(sum(lrs))
+    if not lrs or total <= 0:
+        raise ValueError(f"checkpoint learning rates must be positive (got {lrs})")
+    return [float(lr) / total for lr in lrs]
+
+
+def combine_checkpoint_features(features: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """One feature per row from K per-checkpoint features psi_i (each rows x d), concatenated
+    along the feature axis with weights sqrt(w_i):
+
+        psi(x) = [sqrt(w_1) psi_1(x), ..., sqrt(w_K) psi_K(x)]     (rows x K d)
+        <psi(x), psi(a)> = sum_i w_i <psi_i(x), psi_i(a)>
+
+    so every kernel the scorers form is exactly LESS's checkpoint-weighted sum of per-checkpoint
+    kernels (the cosine normalises the summed kernel: cos = sum_i w_i Theta_i(x, a) /
+    sqrt(sum_i w_i Theta_i(x, x) sum_i w_i Theta_i(a, a))). The result keeps the feature-file
+    contract: a fixed-size vector per row (length K d), float32."""
+    if len(features) != len(weights) or not features:
+        raise ValueError(f"{len(features)} feature blocks for {len(weights)} weights")
+    rows = {f.shape[0] for f in features}
+    if len(rows) != 1:
+        raise ValueError(f"checkpoint features with different row counts: {sorted(rows)}")
+    return np.concatenate([np.asarray(f, dtype=np.float32) * np.float32(math.sqrt(w)) for f, w in zip(features, weights)],
+                          axis=1)
+
+
+def combine_checkpoint_norms(norms: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """The gradient norm that goes with ``combine_checkpoint_features``: the norm of the weighted
+    concatenation of the unprojected gradients, sqrt(sum_i w_i |g_i(x)|^2)."""
+    return np.sqrt(sum(np.asarray(n, dtype=np.float64) ** 2 * w for n, w in zip(norms, weights))).astype(np.float32)

@@ -37,6 +37,7 @@ class Warm:
     projector_spec: dict
     lora_parameters: int
     adam_moments: str | None = None
+    checkpoints: list = field(default_factory=list)  # --checkpoints K > 1: the K warm-up adapters, oldest first
 
 
 @dataclass
@@ -48,6 +49,58 @@ class Shards:
 
     def files(self) -> list[str]:
         return list_shards(self.dir)
+
+
+class CheckpointSaver:
+    """``train_lora``'s ``on_step`` for ``--checkpoints K``: after the optimizer steps
+    ``core.selectors.checkpoint_steps(S, K)`` it saves the adapter to ``dir/<i>`` and keeps the
+    LoRA weights and the step's learning rate (the checkpoint's weight, ``checkpoint_weights``)."""
+
+    def __init__(self, model, directory: Path, k: int):
+        self.model, self.dir, self.k = model, Path(directory), k
+        self.saved: list[tuple[str, float]] = []  # (adapter dir, learning rate), oldest first
+        self.states: list[dict] = []
+        self.steps: list[int] = []
+
+    def __call__(self, step: int, total_steps: int, lr: float) -> None:
+        from ntk_ray.core.selectors import checkpoint_steps
+
+        for i, at in enumerate(checkpoint_steps(total_steps, self.k)):
+            if at == step:
+                target = self.dir / str(i)
+                self.model.save_pretrained(str(target))
+                self.saved.append((str(target), float(lr)))
+                self.states.append({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+                self.steps.append(step)
+
+    def anchor_features(self, computer, seqs, masks, batch_tokens: int, spec: dict):
+        """The anchors' features under every checkpoint, combined; the model is left with its
+        final weights. Returns (features with ``feature`` and ``norm`` tensors, spec with
+        ``checkpoints`` and ``checkpoint_weights``)."""
+        import torch
+
+        from ntk_ray.core.selectors import (
+            checkpoint_weights,
+            combine_checkpoint_features,
+            combine_checkpoint_norms,
+        )
+
+        weights = checkpoint_weights([lr for _, lr in self.saved])
+        params = dict(self.model.named_parameters())
+        final = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        parts = []
+        for state in self.states:
+            with torch.no_grad():
+                for n, value in state.items():
+                    params[n].copy_(value)
+            parts.append(computer.features(seqs, masks, batch_tokens))
+        with torch.no_grad():
+            for n, value in final.items():
+                params[n].copy_(value)
+        feats = parts[-1]
+        feats.feature = torch.from_numpy(combine_checkpoint_features([p.feature.numpy() for p in parts], weights))
+        feats.norm = torch.from_numpy(combine_checkpoint_norms([p.norm.numpy() for p in parts], weights))
+        return feats, spec | {"checkpoints": self.k, "checkpoint_weights": weights}
 
 
 def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device: str, less: bool) -> dict:
@@ -62,6 +115,7 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     set_threads_from_env()
     torch.manual_seed(cfg.seed)
     lines: list[str] = []
+    n_checkpoints, saver = (1 if less else getattr(cfg, "checkpoints", 1)), None
     base = load_model(cfg.model, device=device)
     moments = Path(stage_dir) / "adam_moments.pt"
     if cfg.adapter:
@@ -71,8 +125,10 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
         model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
         if cfg.warmup == "train":
             tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=cfg.warmup_batch_tokens, seed=cfg.seed)
+            saver = CheckpointSaver(model, Path(stage_dir) / "checkpoints", n_checkpoints) if n_checkpoints > 1 else None
             history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append,
-                                 **({"keep_optimizer_state": True} if less else {}))
+                                 **({"keep_optimizer_state": True} if less else {}),
+                                 **({"on_step": saver} if saver else {}))
             if less:  # LESS preconditions pool gradients with the warm-up's Adam moments
                 save_adam_moments(moments, history.pop("adam"))
         else:
@@ -88,14 +144,21 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device,
                                autocast_dtype=autocast, **options)
     feats = computer.features(seqs, loss_masks if less else score_masks, cfg.batch_tokens)
+    spec, checkpoints = computer.projector.spec(), []
+    if n_checkpoints > 1:  # anchors under every checkpoint, combined (core.selectors.combine_checkpoint_features)
+        if saver is None or len(saver.saved) != n_checkpoints:
+            raise ValueError(f"--checkpoints {n_checkpoints} needs a trained warm-up with at least one step")
+        feats, spec = saver.anchor_features(computer, seqs, score_masks, cfg.batch_tokens, spec)
+        checkpoints = [d for d, _ in saver.saved]
+        history["checkpoints"] = {"steps": saver.steps, "weights": spec["checkpoint_weights"]}
     finite = np.isfinite(feats.feature.numpy()).all(axis=1)
     if not finite.all():
         bad = [ids[i] for i in np.nonzero(~finite)[0][:5]]
         raise ValueError(f"--domain: non-finite gradients for {len(bad)} rows, e.g. {bad}")
     return {"log": lines, "history": history, "anchor_ids": ids, "anchor_embeddings": embeddings,
             "anchor_features": feats.feature.numpy(), "anchor_norms": feats.norm.numpy().tolist(),
-            "projector": computer.projector.spec() | {"modules": len(computer.shapes)},
-            "projector_spec": computer.projector.spec(), "lora_parameters": computer.projector.grad_dim,
+            "projector": spec | {"modules": len(computer.shapes)},
+            "projector_spec": spec, "lora_parameters": computer.projector.grad_dim, "checkpoints": checkpoints,
             "adapter_dir": str(adapter_dir), "adam_moments": str(moments) if moments.exists() else None}
 
 
@@ -175,5 +238,63 @@ class FeaturesStage(Stage):
         if self.less:
             args += ("loss", warmup.adam_moments)
         target = ctx.stage_dir(self.name)
-        map_tokens(ctx, read.pool, target, rows, Featurizer, args)
+        if warmup.checkpoints:  # --checkpoints K: psi under each warm-up checkpoint, combined
+            featurize_checkpoints(ctx, read.pool, target, rows, args, warmup)
+        else:
+            map_tokens(ctx, read.pool, target, rows, Featurizer, args)
         return Shards(str(target))
+
+
+def featurize_checkpoints(ctx: Context, tokens_dir: str, target: Path, rows: pl.DataFrame, args: tuple, warmup: Warm) -> None:
+    """``--checkpoints K``: the Featurizer workers run once per warm-up checkpoint (its adapter
+    in place of the final one, into ``target/checkpoint-<i>/``); then each shard's K feature
+    blocks are combined into ``target/<shard>`` (``combine_checkpoint_shard``) and the
+    per-checkpoint shards are removed. Cost: K times the features stage."""
+    import shutil
+
+    dirs = []
+    for i, adapter in enumerate(warmup.checkpoints):
+        dirs.append(target / f"checkpoint-{i}")
+        map_tokens(ctx, tokens_dir, dirs[-1], rows, Featurizer, (args[0], adapter, *args[2:]))
+    for path in list_shards(dirs[0]):
+        name = Path(path).name
+        combine_checkpoint_shard([str(d / name) for d in dirs], target / name, warmup.projector_spec)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def combine_checkpoint_shard(paths: list[str], out: Path, spec: dict) -> None:
+    """One feature shard from the same rows' shards under K checkpoints: ``feature`` =
+    ``core.selectors.combine_checkpoint_features`` (sqrt(w_i)-weighted concatenation, length K d,
+    so inner products are the checkpoint-weighted sums of kernels), ``norm`` =
+    ``combine_checkpoint_norms``, ``reject`` = the first checkpoint's reason where any has one
+    (that row's feature is zero), the projector ``spec`` (with ``checkpoints`` and
+    ``checkpoint_weights``) in the file metadata."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ntk_ray.core.selectors import (
+        combine_checkpoint_features,
+        combine_checkpoint_norms,
+    )
+    from ntk_ray.io.feature_files import SPEC_KEY
+    from ntk_ray.io.shards import as_matrix, fixed_size_list, write_table_atomic
+
+    tables = [pq.read_table(p) for p in paths]
+    keys = tables[0].column("key").to_numpy()
+    for p, t in zip(paths[1:], tables[1:]):
+        if not np.array_equal(t.column("key").to_numpy(), keys):
+            raise RuntimeError(f"checkpoint feature shards {paths[0]} and {p} hold different rows")
+    weights = spec["checkpoint_weights"]
+    feature = combine_checkpoint_features([as_matrix(t.column("feature"), t.num_rows) for t in tables], weights)
+    norm = combine_checkpoint_norms([t.column("norm").to_numpy() for t in tables], weights)
+    reject = [next((r for r in reasons if r is not None), None)
+              for reasons in zip(*(t.column("reject").to_pylist() for t in tables))]
+    feature[np.array([r is not None for r in reject], dtype=bool)] = 0.0
+    first = tables[0]
+    table = pa.table({"id": first.column("id"), "key": first.column("key"), "source": first.column("source"),
+                      "row": first.column("row"), "feature": fixed_size_list(feature), "norm": pa.array(norm),
+                      "reject": pa.array(reject, pa.string())})
+    write_table_atomic(table.replace_schema_metadata({SPEC_KEY: json.dumps(spec).encode()}), out)

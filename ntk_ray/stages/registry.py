@@ -81,6 +81,9 @@ def _ntk_check(cfg) -> None:
     if getattr(cfg, "allocation", "score") != "score" and cfg.scorer == "round-robin":
         raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
                          "not round-robin")
+    if getattr(cfg, "checkpoints", 1) > 1 and (cfg.adapter or cfg.warmup != "train" or not cfg.warmup_epochs):
+        raise UsageError(f"--checkpoints {cfg.checkpoints} needs a trained warm-up: drop --adapter / --warmup fresh / "
+                         "--warmup-epochs 0, or use --checkpoints 1")
 
 
 register(Selector(
