@@ -19,6 +19,9 @@ Formats
       header (a record may span several lines; blank lines are skipped and not counted). A
       record with another number of fields than the header is a reject (``malformed CSV row:
       3 fields, the header has 2``); one record must fit in 16 MiB.
+    * Arrow IPC (:class:`Arrow`): ``.arrow``, the data files of a ``datasets`` ``save_to_disk``
+      directory (:mod:`ntk_ray.io.hf` finds them), read batch by batch (``row`` is the row of the
+      file).
 
 :data:`FORMATS` is the ONE registry and :func:`format_for` the one place that maps a file name
 to its format: no other module looks at suffixes. A format yields records as (0-based row,
@@ -47,6 +50,7 @@ __all__ = [
     "FORMATS",
     "INVALID_UTF8",
     "ROW_COLUMN",
+    "Arrow",
     "BadRecord",
     "Csv",
     "FileFormat",
@@ -879,7 +883,113 @@ class Csv(_Format):
         return _split_records(self._records(path, None, "replace"))
 
 
-FORMATS: tuple[FileFormat, ...] = (JsonLines(), JsonArray(), Parquet(), Csv(".csv", ","), Csv(".tsv", "\t"))
+class Arrow(_Format):
+    """Arrow IPC (``.arrow``): the files of a ``datasets`` ``save_to_disk`` directory (the IPC
+    *stream* format, ``data-00000-of-00001.arrow``) or an Arrow IPC *file* (Feather v2,
+    recognised by its ``ARROW1`` magic); read batch by batch, never whole. ``row`` is the
+    0-based row of the file. A stream has no footer, so counting or reading back rows reads
+    the file up to them (memory-mapped for a local file)."""
+
+    name = "arrow"
+    label = "Arrow"
+    suffixes = (".arrow",)
+
+    @staticmethod
+    def _batches(path: str) -> Iterator[pa.RecordBatch]:
+        """The record batches of the file in order; errors -> InputError naming the file."""
+        fs, fs_path = filesystem(path)
+        try:
+            with fs.open_input_file(fs_path) as handle:
+                is_file = handle.read(6) == b"ARROW1"
+                handle.seek(0)
+                if is_file:
+                    reader = pa.ipc.open_file(handle)
+                    for i in range(reader.num_record_batches):
+                        yield reader.get_batch(i)
+                else:
+                    yield from pa.ipc.open_stream(handle)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path} is not a readable Arrow IPC file: {one_line(exc)}") from exc
+
+    @staticmethod
+    def _schema(path: str) -> pa.Schema:
+        fs, fs_path = filesystem(path)
+        try:
+            with fs.open_input_file(fs_path) as handle:
+                is_file = handle.read(6) == b"ARROW1"
+                handle.seek(0)
+                return (pa.ipc.open_file(handle) if is_file else pa.ipc.open_stream(handle)).schema
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{path} is not a readable Arrow IPC file: {one_line(exc)}") from exc
+
+    def sample_columns(self, path: str, flag: str) -> list[str] | None:
+        try:
+            return list(self._schema(path).names)
+        except InputError as exc:
+            raise InputError(f"{flag}: {exc}") from exc
+
+    def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
+                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+        # as Parquet (too-large rows, invalid UTF-8); a stream cannot say how many rows a corrupt
+        # part held, so a read error always raises after the rows read so far
+        row = 0
+        for batch in self._batches(path):
+            present = [n for n in dict.fromkeys(names) if n in batch.schema.names]
+            if not present:
+                for _ in range(batch.num_rows):
+                    yield row, {}
+                    row += 1
+                continue
+            batch = batch.select(present)
+            for start in range(0, batch.num_rows, batch_rows):
+                piece = batch.slice(start, batch_rows)
+                too_large = _oversized_rows(piece)
+                columns = [_column_to_py(_without(piece.column(i), too_large)) for i in range(piece.num_columns)]
+                for i, values in enumerate(zip(*columns)):
+                    yield row, (BadRecord(ROW_TOO_LARGE) if too_large is not None and too_large[i]
+                                else dict(zip(present, values)))
+                    row += 1
+
+    def count(self, path: str, limit: int | None) -> int:
+        count = 0
+        for batch in self._batches(path):
+            count += batch.num_rows
+            if limit is not None and count >= limit:
+                break
+        return count
+
+    def original_rows(self, path: str, rows: list[int]) -> pa.Table:
+        import numpy as np
+
+        wanted = np.asarray(rows, dtype=np.int64)
+        if wanted.size and wanted.min() < 0:
+            raise IndexError(f"{path}: row {int(wanted.min())} out of range")
+        order = np.argsort(wanted, kind="stable")
+        pieces, start, taken, schema = [], 0, 0, None
+        for batch in self._batches(path):
+            schema = batch.schema
+            end = start + batch.num_rows
+            stop = taken + int(np.searchsorted(wanted[order[taken:]], end))
+            if stop > taken:
+                pieces.append(batch.take(pa.array(wanted[order[taken:stop]] - start)))
+                taken = stop
+            start = end
+            if taken == wanted.size:
+                break
+        if taken < wanted.size:
+            raise IndexError(f"{path}: row {int(wanted[order[taken]])} out of range (the file has {start} rows)")
+        if schema is None:
+            schema = self._schema(path)
+        table = pa.Table.from_batches(pieces, schema=schema) if pieces else schema.empty_table()
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return table.take(pa.array(inverse)).replace_schema_metadata(None)
+
+    def read_records(self, path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+        return [row for batch in self._batches(path) for row in batch.to_pylist()], []
+
+
+FORMATS: tuple[FileFormat, ...] = (JsonLines(), JsonArray(), Parquet(), Csv(".csv", ","), Csv(".tsv", "\t"), Arrow())
 """The registry: every input format, in the order they are listed in messages."""
 _FALLBACK = FORMATS[0]  # JSON Lines: how a name no format claims was always read
 

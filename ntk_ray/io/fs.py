@@ -1,6 +1,6 @@
 """File systems: local paths and URIs (``s3://``, ``gs://``, ``file://``, any pyarrow file
-system), their names, and ``InputError``, the one-line error of bad input. The lowest layer of
-``io``: ``formats`` opens files through it, ``paths`` finds them."""
+system; ``hf://`` through fsspec), their names, and ``InputError``, the one-line error of bad
+input. The lowest layer of ``io``: ``formats`` opens files through it, ``paths`` finds them."""
 
 from __future__ import annotations
 
@@ -51,12 +51,35 @@ def file_name(path: str) -> str:
     return comps[-1] if comps else path
 
 
+#: URI schemes pyarrow has no file system for, opened through fsspec's: ``hf://`` is the Hugging
+#: Face Hub (``huggingface_hub.HfFileSystem``: ``hf://datasets/owner/name[@revision]/path``)
+FSSPEC_SCHEMES = ("hf",)
+
+
+def _fsspec_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """An fsspec file system (the one registered for the scheme) wrapped as a pyarrow one."""
+    import fsspec.core
+
+    head, _ = split_query(path)
+    # URIs are percent-encoded (``paths`` quotes the names it appends); fsspec paths are not.
+    # '%2F' stays: it can only be the '/' of a revision (``@refs%2Fpr%2F1``), never of a name
+    head = urllib.parse.unquote(re.sub("%2[fF]", "\x00", head)).replace("\x00", "%2F")
+    try:
+        fs, inner = fsspec.core.url_to_fs(head)
+    except (ImportError, ValueError, OSError) as exc:
+        raise InputError(f"cannot open {path}: {exc}") from exc
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow file system and in-filesystem path of a local path or URI.
+    """The pyarrow file system and in-filesystem path of a local path or URI (``hf://`` through
+    fsspec: :data:`FSSPEC_SCHEMES`).
 
     Raises:
         InputError: a URI that pyarrow cannot open (unknown scheme, bad bucket name ...).
     """
+    if is_uri(path) and path.split("://", 1)[0].lower() in FSSPEC_SCHEMES:
+        return _fsspec_filesystem(path)
     if is_uri(path):
         try:
             return pafs.FileSystem.from_uri(path)

@@ -21,7 +21,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ntk_ray.io import formats
+from ntk_ray.io import formats, hf
 from ntk_ray.io.fs import InputError, components, file_name, filesystem, is_uri, split_query, URI
 
 __all__ = [
@@ -316,6 +316,9 @@ def resolve_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], flag: s
     * a glob (``*``, ``?``, ``[...]``, ``**``; a local path that exists is never a glob) is
       expanded and sorted; matched directories are expanded as above, a matched file with an
       unsupported suffix is an error.
+    * a Hugging Face dataset (a ``save_to_disk`` directory, a dataset repository snapshot or
+      ``hf://datasets/owner/name``, optionally ``:SPLIT`` or ``:CONFIG:SPLIT``) stands for the
+      files :func:`ntk_ray.io.hf.expand` finds in it.
     Local paths are returned as given (children joined onto the given directory); URIs stay
     URIs. Several specs keep their order; a file reached twice (two globs, a symlink, a
     symlinked directory: the same real path) is listed once, the first time. Symlinked
@@ -334,11 +337,13 @@ def resolve_paths(spec: str | os.PathLike | Sequence[str | os.PathLike], flag: s
         text = os.fspath(item)
         if not text.strip():
             raise InputError(f"{flag}: empty input path")
-        for path in (_resolve_uri if is_uri(text) else _resolve_local)(text, flag):
-            key = _real_identity(path)
-            if key not in seen:
-                seen.add(key)
-                out.append(path)
+        hf_files = hf.expand(text, flag)  # a Hugging Face dataset: its files or patterns
+        for part in [text] if hf_files is None else hf_files:
+            for path in (_resolve_uri if is_uri(part) else _resolve_local)(part, flag):
+                key = _real_identity(path)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(path)
     return out
 
 

@@ -51,6 +51,15 @@ def redacted_sources(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(pl.col("source").replace(mapping))
 
 
+def save_selection_hf(selected: pl.DataFrame, target: str, log) -> None:
+    """``--save-hf DIR``: the rows of ``selected.parquet`` as a ``datasets`` ``save_to_disk``
+    directory (``io.hf.save_to_disk``: atomic; refuses a directory it did not write)."""
+    from ntk_ray.io.hf import save_to_disk
+
+    path = save_to_disk(selected.to_arrow(), target, description="rows selected by ntk-ray select")
+    log(f"write: the selection as a datasets save_to_disk directory: {path}")
+
+
 class WriteStage(Stage):
     """ranked / selected / rejects / manifest from the accounting, the candidates and their
     scores; checks that every pool row is ranked or rejected exactly once."""
@@ -102,6 +111,8 @@ class WriteStage(Stage):
             raise UsageError(str(e)) from None
         write_parquet_atomic(redacted_sources(ranked), out / "ranked.parquet")
         write_parquet_atomic(selected, out / "selected.parquet")
+        if getattr(cfg, "save_hf", None):
+            save_selection_hf(selected, cfg.save_hf, ctx.progress.log)
         write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})), out / "rejects.parquet")
         manifest = {
             "counts": counts,
