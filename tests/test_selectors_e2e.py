@@ -49,7 +49,8 @@ def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, se
         uri = f"file://{d}/bucket/{selector}"
         assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
         published = d / "bucket" / selector
-        assert sorted(p.name for p in published.iterdir()) == sorted([*RESULT_FILES, "_ntk_ray_stamp.json"])
+        assert sorted(p.name for p in published.iterdir()) == sorted([*RESULT_FILES, "report.html",
+                                                                      "_ntk_ray_stamp.json"])
         assert pl.read_parquet(published / "ranked.parquet").equals(pl.read_parquet(out / "ranked.parquet"))
         (published / "ranked.parquet").unlink()  # a rerun finds the complete run and publishes again
         assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
