@@ -281,6 +281,44 @@ def test_select_fresh_warmup_given_adapter_and_a_baseline(data, tiny_model_dir, 
     assert set(ranked["stage"]) == {"random"} and manifest(rnd)["selector"] == "random" and ranked.height == 30
 
 
+@covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k")
+def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path, capsys):
+    """The issue-16 options (reference tests in tests/test_improvements.py)."""
+    from ntk_ray.core.scoring import stable_keys
+    from ntk_ray.core.selectors import kernel_mean_matching_order
+
+    # --allocation kernel-mean-matching --checkpoints 2: features of length 2 x 64, the picks the
+    # greedy makes on the kept (combined) features
+    out = tmp_path / "kmm"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--allocation", "kernel-mean-matching",
+                                          "--checkpoints", "2", "--warmup-batch-tokens", "24", "--keep-features"))
+    assert rc == 0, err
+    m = manifest(out)
+    assert m["config"]["allocation"] == "kernel-mean-matching" and m["config"]["checkpoints"] == 2
+    assert len(m["adapter"]["warmup"]["checkpoints"]["steps"]) == 2
+    feats, anchors = features_of(out / "_work" / "features"), features_of(out / "_work" / "anchor_features")
+    assert {len(f) for f in feats.values()} == {128} and {len(f) for f in anchors.values()} == {128}
+    ids = sorted(feats, key=lambda i: int(stable_keys([i])[0]))
+    x = np.array([feats[i] / np.linalg.norm(feats[i]) for i in ids])
+    a = np.array([f / np.linalg.norm(f) for f in anchors.values()])
+    want = kernel_mean_matching_order(x, a.mean(axis=0), stable_keys(ids), 3)
+    id_of = dict(zip(stable_keys(ids).tolist(), ids))
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    assert ranked.filter(pl.col("selected"))["id"].to_list() == [id_of[k] for k in want]
+    # --fusion rrf --fusion-k 3: the candidates ordered by 1/(3 + NTK rank) + 1/(3 + embedding rank)
+    out = tmp_path / "rrf"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--fusion", "rrf", "--fusion-k", "3"))
+    assert rc == 0, err
+    assert manifest(out)["config"]["fusion"] == "rrf" and manifest(out)["config"]["fusion_k"] == 3
+    ntk = pl.read_parquet(out / "ranked.parquet").filter(pl.col("stage") == "ntk")
+    keys = stable_keys(ntk["id"].to_list())
+    rows = list(zip(ntk["score"], ntk["coarse_votes"], ntk["coarse_sim"], keys))
+    r1 = {r[3]: i + 1 for i, r in enumerate(sorted(rows, key=lambda r: (-r[0], r[3])))}
+    r2 = {r[3]: i + 1 for i, r in enumerate(sorted(rows, key=lambda r: (-r[1], -r[2], r[3])))}
+    fused = sorted(keys, key=lambda k: (-(1 / (3 + r1[k]) + 1 / (3 + r2[k])), r1[k], k))
+    assert list(keys) == fused
+
+
 def _toml(values: dict) -> str:
     def v(x):
         return json.dumps(x) if not isinstance(x, list) else "[" + ", ".join(json.dumps(str(i)) for i in x) + "]"
@@ -331,6 +369,20 @@ def test_select_joins_the_session_ray(ray_session, data, tiny_model_dir, tmp_pat
     assert m["actors"]["size"] == 1 and m["actors"]["num_gpus"] == 0  # --actors 1, on the CPUs
     assert "executor: 1 x (CPU)" in err
     assert ray_session.is_initialized() and ray_session.get_runtime_context().gcs_address == address
+
+
+@covers("select", "--save-hf")
+def test_select_save_hf(data, tiny_model_dir, tmp_path, capsys):
+    """--save-hf DIR: the rows of selected.parquet as a datasets save_to_disk directory (read here
+    with pyarrow; tests/test_hf.py loads it with datasets.load_from_disk)."""
+    import pyarrow as pa
+
+    out, hf_dir = tmp_path / "out", tmp_path / "hf"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--selector", "random", "--save-hf", hf_dir))
+    assert rc == 0, err
+    files = [d["filename"] for d in json.loads((hf_dir / "state.json").read_text())["_data_files"]]
+    saved = pa.concat_tables(pa.ipc.open_stream(pa.OSFile(str(hf_dir / f))).read_all() for f in files)
+    assert saved.to_pylist() == pq.read_table(out / "selected.parquet").to_pylist() and saved.num_rows == 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,6 +601,72 @@ def test_evaluate_text_rows_id_column_and_seed(data, tiny_model_dir, tmp_path, c
     assert json.loads(printed) == first
     rc, _, err = run(capsys, *base, "--text-column", "body", "--seed", -1)
     assert rc == 2 and "--seed" in err  # but range-checked
+
+
+# ------------------------------------------------------------------------------------------------
+# chat rows (more in tests/test_chat.py)
+
+@covers("select", "--messages-column", "--assistant-turns")
+@covers("features", "--messages-column", "--assistant-turns")
+@covers("finetune", "--messages-column", "--assistant-turns")
+@covers("evaluate", "--messages-column", "--assistant-turns")
+def test_chat_column_and_assistant_turns(tiny_data, tiny_chat_model_dir, tmp_path, capsys):
+    """Conversations in a `dialog` column (named, since it is not messages/conversations): one or
+    two user/assistant turns built from the tiny rows; `--assistant-turns last` trains and scores
+    only the last reply."""
+    def chats(name):
+        out = []
+        for i, r in enumerate(read_rows(tiny_data / f"{name}.jsonl")):
+            words = r["text"].split()
+            conv = [{"role": "user", "content": "what is"}, {"role": "assistant", "content": " ".join(words[:2])}]
+            if i % 2:  # two turns
+                conv += [{"role": "user", "content": "the word"}, {"role": "assistant", "content": " ".join(words[2:] or ["a"])}]
+            out.append({"id": r["id"], "dialog": conv})
+        return jsonl(tmp_path / f"{name}.jsonl", out)
+
+    domain, pool = chats("domain"), chats("pool")
+    model = tiny_chat_model_dir
+    rc, _, err = run(capsys, "select", "--domain", domain, "--pool", pool, "--budget", 3, "--out", tmp_path / "s",
+                     "--model", model, "--executor", "local", "--proj-dim", 32, "--warmup-epochs", 0.5)
+    assert rc == 2 and "--messages-column" in err  # `dialog` is not found without the flag
+    rc, _, err = run(capsys, "select", "--domain", domain, "--pool", pool, "--budget", 3, "--out", tmp_path / "s",
+                     "--model", model, "--executor", "local", "--proj-dim", 32, "--warmup-epochs", 0.5,
+                     "--messages-column", "dialog", "--assistant-turns", "last")
+    assert rc == 0, err
+    m = manifest(tmp_path / "s")
+    assert m["counts"]["ranked"] == 30 and m["config"]["messages_column"] == "dialog"
+    assert m["config"]["assistant_turns"] == "last"
+    rows = {r["id"]: r["dialog"] for r in read_rows(tmp_path / "pool.jsonl")}
+    tokens = pl.read_parquet(tmp_path / "s" / "_work" / "tokens" / "pool" / "*.parquet")
+    for key, loss in zip(tokens["id"], tokens["loss_mask"]):  # the last reply and </s>: a token per word
+        assert sum(loss) == len(rows[key][-1]["content"].split()) + 1
+
+    def features(turns):
+        out = tmp_path / f"f-{turns}"
+        rc, _, err = run(capsys, "features", "--data", pool, "--out", out, "--model", model, "--executor", "local",
+                         "--proj-dim", 32, "--messages-column", "dialog", "--assistant-turns", turns)
+        assert rc == 0, err
+        return features_of(out)
+
+    f_all, f_last = features("all"), features("last")
+    one_turn = {k for k, conv in rows.items() if len(conv) == 2}
+    assert set(f_all) == set(f_last) == set(rows) and 0 < len(one_turn) < len(rows)
+    assert all(np.array_equal(f_all[k], f_last[k]) == (k in one_turn) for k in rows)
+
+    rc, printed, err = run(capsys, "finetune", "--train", pool, "--out", tmp_path / "ad", "--model", model,
+                           "--epochs", 1, "--messages-column", "dialog", "--assistant-turns", "last")
+    assert rc == 0, err
+    assert json.loads(printed.splitlines()[-1])["rows"] == 30
+    scored = {}
+    for turns in ("all", "last"):
+        rc, printed, err = run(capsys, "evaluate", "--data", pool, "--model", model, "--messages-column", "dialog",
+                               "--assistant-turns", turns)
+        assert rc == 0, err
+        scored[turns] = json.loads(printed)
+    assert scored["all"]["rows"] == scored["last"]["rows"] == 30
+    assert scored["all"]["tokens"] == sum(len(" ".join(m["content"] for m in c if m["role"] == "assistant").split())
+                                          + len(c) // 2 for c in rows.values())
+    assert scored["last"]["tokens"] == sum(len(c[-1]["content"].split()) + 1 for c in rows.values())
 
 
 # ------------------------------------------------------------------------------------------------
