@@ -37,7 +37,7 @@ import codecs
 import json
 import re
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import pyarrow as pa
@@ -57,6 +57,7 @@ __all__ = [
     "JsonArray",
     "JsonLines",
     "Parquet",
+    "Span",
     "encodable",
     "expected_suffixes",
     "format_for",
@@ -123,28 +124,34 @@ class _TooLarge:
 def _iter_lines(chunks: Iterable[bytes], limit: int | None = None) -> Iterator[bytes | _TooLarge]:
     """Split a byte stream on ``\\n`` (``\\r`` is left for JSON to ignore), linear in the size.
     A line longer than ``limit`` bytes (default :data:`MAX_ROW_BYTES`) comes as a
-    :class:`_TooLarge`, and its bytes are dropped as they are read (never held whole)."""
+    :class:`_TooLarge`, and its bytes are dropped as they are read (never held whole); such a
+    line with nothing but blanks in it comes as ``b""`` (a blank line, as :func:`_count_lines`
+    counts it)."""
     limit = MAX_ROW_BYTES if limit is None else limit
     parts: list[bytes] = []
     size = 0
-    over = False
+    over = inked = False  # inked: a line over the limit has a non-blank byte
     for chunk in chunks:
         start = 0
         while True:
             newline = chunk.find(b"\n", start)
             piece = chunk[start:] if newline < 0 else chunk[start:newline]
             if not over and size + len(piece) > limit:
-                over, parts = True, []
+                over = True
+                inked = any(_NON_BLANK.search(p) for p in parts) or _NON_BLANK.search(piece) is not None
+                parts = []
             elif not over and piece:
                 parts.append(piece)
+            elif over and not inked:
+                inked = _NON_BLANK.search(piece) is not None
             size += len(piece)
             if newline < 0:
                 break
-            yield _TooLarge() if over else b"".join(parts)
+            yield (_TooLarge() if inked else b"") if over else b"".join(parts)
             parts, size, over = [], 0, False
             start = newline + 1
     if parts or over:
-        yield _TooLarge() if over else b"".join(parts)
+        yield (_TooLarge() if inked else b"") if over else b"".join(parts)
 
 
 def _sniff_array(chunks: Iterator[bytes]) -> tuple[bool, Iterator[bytes]]:
@@ -177,15 +184,14 @@ def _parse_line(raw: bytes) -> Any:
 
 
 def _iter_jsonl(chunks: Iterable[bytes], wanted: set[int] | None) -> Iterator[tuple[int, Any]]:
-    """(physical 0-based line index, value) for every non-blank line (or only ``wanted`` ones)."""
+    """(physical 0-based line index, value) for every non-blank line (or only ``wanted`` ones)
+    of a file read from its start (a leading BOM is dropped)."""
     last_wanted = max(wanted) if wanted else -1
-    for index, raw in enumerate(_iter_lines(chunks)):
+    for index, raw in enumerate(_iter_lines(_without_bom(chunks))):
         if isinstance(raw, _TooLarge):
             if wanted is None or index in wanted:
                 yield index, BadRecord(ROW_TOO_LARGE)
             continue
-        if index == 0 and raw.startswith(_BOM):
-            raw = raw[3:]
         if wanted is not None:
             if index > last_wanted:
                 return
@@ -358,22 +364,31 @@ def _count_lines(chunks: Iterable[bytes], limit: int | None) -> int:
     costs no memory; complete lines inside a chunk are counted by ``bytes.count`` less one
     C-level regex pass for the (rare) blank ones.
     """
-    count = 0
+    return _line_stats(_without_bom(chunks), limit)[0]
+
+
+def _line_stats(chunks: Iterable[bytes], limit: int | None = None) -> tuple[int, int]:
+    """(non-blank lines, ``\n`` bytes) of a byte stream that starts at a line start (a BOM is
+    the caller's business): :func:`_count_lines` and the planning of JSONL spans."""
+    count = newlines = 0
     open_line = False  # the unfinished line carried over from earlier chunks has a non-blank byte
-    for chunk in _without_bom(chunks):
+    for chunk in chunks:
         first = chunk.find(b"\n")
         if first < 0:
             open_line = open_line or _NON_BLANK.search(chunk) is not None
             continue
         if open_line or _NON_BLANK.search(chunk, 0, first):
             count += 1
+        newlines += 1
         last = chunk.rfind(b"\n")
         if last > first:  # the complete lines in between: all of them, less the blank ones
-            count += chunk.count(b"\n", first + 1, last + 1) - len(_BLANK_LINE.findall(chunk, first, last + 1))
+            between = chunk.count(b"\n", first + 1, last + 1)
+            newlines += between
+            count += between - len(_BLANK_LINE.findall(chunk, first, last + 1))
         open_line = _NON_BLANK.search(chunk, last + 1) is not None
         if limit is not None and count >= limit:
-            return count
-    return count + open_line
+            return count, newlines
+    return count + open_line, newlines
 
 
 def _count_json(path: str, limit: int | None, sniff: bool) -> int:
@@ -395,6 +410,174 @@ def _count_json(path: str, limit: int | None, sniff: bool) -> int:
             return count
     except (OSError, pa.ArrowException, EOFError) as exc:
         raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# reading one file in parts (spans), so that many workers share a big file
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Span:
+    """A part of one file, read by one worker (``iter_records(..., span=)``).
+
+    The records of a file are numbered 0, 1, ... in reading order (``ordinal``: every record
+    :meth:`FileFormat.iter_records` yields, rejects included; not ``row``, which counts blank
+    JSONL lines too). A span is the ``count`` records with ordinals ``ordinal ..
+    ordinal + count - 1``. How to get there: JSONL: seek to byte ``offset`` (a line start),
+    whose line has the physical index ``row``, and pass over the first ``skip`` records there
+    (not parsed); Parquet: ``offset == row == ordinal`` is the first Parquet row, ``skip`` is 0.
+
+    :meth:`FileFormat.spans` cuts a file at ordinals that are multiples of its ``align``
+    argument, so the read stage's token shards (``align`` records each, counted from the start
+    of the file) are the same whatever the span size: a shard never straddles two spans.
+    """
+
+    offset: int
+    row: int
+    skip: int
+    count: int
+    ordinal: int
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def _file_size(path: str) -> int:
+    fs, fs_path = filesystem(path)
+    try:
+        return fs.get_file_info(fs_path).size or 0
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _line_start(f: Any, x: int) -> int:
+    """The first line start at or after byte ``x`` of a random-access file (its size if none)."""
+    if x <= 0:
+        return 0
+    pos = x - 1
+    f.seek(pos)
+    while True:
+        chunk = f.read(_CHUNK_BYTES)
+        if not chunk:
+            return pos
+        newline = bytes(chunk).find(b"\n")
+        if newline >= 0:
+            return pos + newline + 1
+        pos += len(chunk)
+
+
+def _read_between(f: Any, start: int, stop: int) -> Iterator[bytes]:
+    """The bytes ``start`` .. ``stop`` (exclusive) of a random-access file, in chunks."""
+    f.seek(start)
+    left = stop - start
+    while left > 0:
+        chunk = f.read(min(_CHUNK_BYTES, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield bytes(chunk)
+
+
+def _scan_jsonl(path: str, start: int, stop: int) -> dict:
+    """What planning needs of the JSONL byte range ``[start, stop)``: the lines that START in
+    it run from ``"start"`` (the first line start at or after ``start``) to the first line
+    start at or after ``stop``; ``"lines"`` of them (physical, blank ones included),
+    ``"records"`` of them not blank."""
+    fs, fs_path = filesystem(path)
+    try:
+        with fs.open_input_file(fs_path) as f:
+            a = _line_start(f, start)
+            b = _line_start(f, stop) if stop < f.size() else f.size()
+            chunks = _read_between(f, a, b)
+            records, newlines = _line_stats(_without_bom(chunks) if a == 0 else chunks)
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+    # a segment that does not end with a newline ends the file: the line count there is unused
+    return {"start": a, "lines": newlines, "records": records}
+
+
+def _jsonl_spans(scans: Sequence[dict], align: int) -> list[Span] | None:
+    """Spans from the :func:`_scan_jsonl` of consecutive byte ranges covering a file: range
+    ``i`` gets the records whose ordinals lie in ``[up(O_i), up(O_{i+1}))``, with ``O_i`` the
+    records before its first line start and ``up`` rounding up to a multiple of ``align``
+    (the last range: to the end). Ranges that get no record are dropped; None when the file
+    has no record at all (read it whole: it still yields its empty table)."""
+    starts = []
+    lines = records = 0
+    for scan in scans:
+        starts.append((scan["start"], lines, records))
+        lines += scan["lines"]
+        records += scan["records"]
+    spans = []
+    for i, (offset, row, before) in enumerate(starts):
+        first = _round_up(before, align)
+        end = records if i + 1 == len(starts) else min(records, _round_up(starts[i + 1][2], align))
+        if end > first:
+            spans.append(Span(offset=offset, row=row, skip=first - before, count=end - first, ordinal=first))
+    return spans or None
+
+
+def _iter_jsonl_span(path: str, span: Span) -> Iterator[tuple[int, Any]]:
+    """(physical line index, value) of the records of one span of a JSONL file (see
+    :class:`Span`); the same pairs :func:`_iter_jsonl` yields for those records."""
+    if span.count <= 0:
+        return
+    fs, fs_path = filesystem(path)
+    skip, left = span.skip, span.count
+    try:
+        with fs.open_input_file(fs_path) as f:
+            f.seek(span.offset)
+            chunks: Iterator[bytes] = _iter_chunks(f)
+            for index, raw in enumerate(_iter_lines(_without_bom(chunks) if span.offset == 0 else chunks), span.row):
+                too_large = isinstance(raw, _TooLarge)
+                if not too_large and not raw.strip():
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                yield index, BadRecord(ROW_TOO_LARGE) if too_large else _parse_line(raw)
+                left -= 1
+                if not left:
+                    return
+    except (OSError, pa.ArrowException, EOFError) as exc:
+        raise InputError(f"{path}: cannot read: {exc}") from exc
+
+
+def _parquet_cuts(groups: Sequence[tuple[int, int]], unit_bytes: int, align: int) -> list[int]:
+    """Row boundaries (0 first, the row count last) of Parquet spans of about ``unit_bytes``
+    (uncompressed) each, from the row groups' (rows, bytes): cut at row-group ends where the
+    bytes since the last cut reach ``unit_bytes``, and inside a row group larger than that
+    (every ~``unit_bytes`` worth of its rows); every cut rounded up to a multiple of
+    ``align`` (a span may then start a few rows into a row group)."""
+    total = sum(n for n, _ in groups)
+    ends, weights = [], []  # cumulative rows and bytes at each row group's end
+    candidates: set[int] = set()
+    rows = size = 0
+    for n, b in groups:
+        if n and b > unit_bytes:
+            step = max(1, n * unit_bytes // b)
+            candidates.update(range(rows + step, rows + n, step))
+        rows, size = rows + n, size + b
+        ends.append(rows)
+        weights.append(size)
+        candidates.add(rows)
+
+    def bytes_before(row: int) -> float:  # prorated within a row group
+        g = bisect.bisect_right(ends, row)
+        if g >= len(groups):
+            return float(size)
+        start, base = (ends[g - 1], weights[g - 1]) if g else (0, 0)
+        n, b = groups[g]
+        return base + (b * (row - start) / n if n else 0)
+
+    cuts = [0]
+    for cut in sorted({min(total, _round_up(c, align)) for c in candidates}):
+        if cut > cuts[-1] and (cut == total or bytes_before(cut) - bytes_before(cuts[-1]) >= unit_bytes):
+            cuts.append(cut)
+    if cuts[-1] != total:
+        cuts.append(total)
+    return cuts
 
 
 def _as_text(value: Any) -> str:
@@ -508,41 +691,66 @@ def _without(column: pa.Array, rows) -> pa.Array:
 
 
 def _iter_parquet_records(path: str, names: Sequence[str], batch_rows: int,
-                          on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
-    """(row, {column: value}) for every row, with only those of ``names`` the file has.
+                          on_corrupt: str = "raise", first: int = 0,
+                          stop: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(row, {column: value}) for every row (or the rows ``first`` .. ``stop``, exclusive: a
+    span), with only those of ``names`` the file has.
 
-    Row groups are read one by one. Corrupt data in a row group: with ``on_corrupt="raise"``
-    :class:`InputError` after the rows read so far were yielded (every row group before the
-    corrupt one comes through, rows of the corrupt one may be lost); with ``"reject"`` every
-    row of the corrupt row group not yet yielded comes as a :class:`BadRecord` and reading goes on
-    with the next row group, so the file still yields exactly ``num_rows`` rows.
+    Row groups are read one by one (only those holding wanted rows; in a row group a span
+    starts inside, the record batches before its first row are decoded and dropped). Corrupt
+    data in a row group: with ``on_corrupt="raise"`` :class:`InputError` after the rows read
+    so far were yielded (every row group before the corrupt one comes through, rows of the
+    corrupt one may be lost); with ``"reject"`` every wanted row of the corrupt row group not
+    yet yielded comes as a :class:`BadRecord` and reading goes on with the next row group, so
+    the file still yields exactly ``num_rows`` rows (a span exactly its rows).
     """
     handle, pf = _open_parquet(path)
-    row = 0
     with handle:
+        meta = pf.metadata
+        stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
         present = [n for n in dict.fromkeys(names) if n in pf.schema_arrow.names]
         if not present:
-            for row in range(pf.metadata.num_rows):
+            for row in range(first, stop):
                 yield row, {}
             return
-        for group in range(pf.metadata.num_row_groups):  # batches never span row groups
-            group_end = row + pf.metadata.row_group(group).num_rows
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        start = 0  # the first row of the row group
+        for group, group_rows in enumerate(sizes):  # batches never span row groups
+            if start + group_rows <= first:
+                start += group_rows
+                continue
+            lo, hi = max(first, start), min(stop, start + group_rows)  # the rows wanted from it
+            row = lo  # the next row to yield
+            batch_start = start
             try:
-                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group],
-                                             columns=present, use_threads=False):
-                    too_large = _oversized_rows(batch)
-                    columns = [_column_to_py(_without(batch.column(i), too_large)) for i in range(batch.num_columns)]
-                    for i, values in enumerate(zip(*columns)):
-                        yield row, (BadRecord(ROW_TOO_LARGE) if too_large is not None and too_large[i]
-                                    else dict(zip(present, values)))
-                        row += 1
+                if lo < hi:
+                    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                                 columns=present, use_threads=False):
+                        n = batch.num_rows
+                        b0, b1 = max(lo, batch_start), min(hi, batch_start + n)
+                        if b0 < b1:
+                            if b1 - b0 < n:
+                                batch = batch.slice(b0 - batch_start, b1 - b0)
+                            too_large = _oversized_rows(batch)
+                            columns = [_column_to_py(_without(batch.column(i), too_large))
+                                       for i in range(batch.num_columns)]
+                            for i, values in enumerate(zip(*columns)):
+                                yield row, (BadRecord(ROW_TOO_LARGE) if too_large is not None and too_large[i]
+                                            else dict(zip(present, values)))
+                                row += 1
+                        batch_start += n
+                        if batch_start >= hi:
+                            break
             except (OSError, pa.ArrowException) as exc:
                 if on_corrupt != "reject":
                     raise InputError(f"{path}: corrupt Parquet data after {row} good rows: {exc}") from exc
                 bad = BadRecord(f"corrupt Parquet data in row group {group}: {one_line(exc)}")
-                while row < group_end:
+                while row < hi:
                     yield row, bad
                     row += 1
+            start += group_rows
+            if start >= stop:
+                break
 
 
 def _parquet_original(path: str, rows: list[int]) -> pa.Table:
@@ -704,11 +912,14 @@ class FileFormat(Protocol):
         ...
 
     def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
-                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+                     batch_rows: int = 4096, on_corrupt: str = "raise",
+                     span: Span | None = None) -> Iterator[tuple[int, Any]]:
         """(0-based row, record) for every row, in order: a record is a dict (holding at least
         those of ``names`` the row has), another JSON value, or a :class:`BadRecord`.
 
         ``wanted``: rows the caller needs (a format may skip the others, or yield them anyway).
+        ``span``: only the records of that part of the file (one of :meth:`spans`; only passed
+        to formats whose :meth:`spans` returns some).
         ``on_corrupt="reject"``: a part of the file that cannot be read comes as
         :class:`BadRecord` rows where the format can tell how many rows it had; otherwise (and
         with ``"raise"``) reading stops with :class:`InputError` after the rows read so far.
@@ -718,6 +929,21 @@ class FileFormat(Protocol):
     def count(self, path: str, limit: int | None) -> int:
         """How many rows :meth:`iter_records` yields (rejects included), cheaply; may stop
         once ``limit`` is reached (and then return any number >= ``limit``)."""
+        ...
+
+    def scan_ranges(self, path: str, unit_bytes: int) -> list[tuple[int, int]]:
+        """Byte ranges of the file whose :meth:`scan` :meth:`spans` needs (``[]``: none). The
+        read stage runs the scans as parallel tasks."""
+        ...
+
+    def scan(self, path: str, start: int, stop: int) -> dict:
+        """What :meth:`spans` needs to know of one of the :meth:`scan_ranges`."""
+        ...
+
+    def spans(self, path: str, scans: list[dict], unit_bytes: int, align: int) -> list[Span] | None:
+        """The file as consecutive spans of about ``unit_bytes`` each, cut at record ordinals
+        that are multiples of ``align`` (``scans``: the :meth:`scan` of each of the
+        :meth:`scan_ranges`, in order); None: the file is read whole, as one unit."""
         ...
 
     def original_rows(self, path: str, rows: list[int]) -> pa.Table:
@@ -744,6 +970,16 @@ class _Format:
         return any(low.endswith(suffix + comp) for suffix in self.suffixes
                    for comp in ("",) + self.compressions)
 
+    # by default a file is read whole, by one worker
+    def scan_ranges(self, path: str, unit_bytes: int) -> list[tuple[int, int]]:
+        return []
+
+    def scan(self, path: str, start: int, stop: int) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} files are read whole")
+
+    def spans(self, path: str, scans: list[dict], unit_bytes: int, align: int) -> list[Span] | None:
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -761,9 +997,39 @@ class JsonLines(_Format):
         return _sample_json_columns(path, flag, self._sniff)
 
     def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
-                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+                     batch_rows: int = 4096, on_corrupt: str = "raise",
+                     span: Span | None = None) -> Iterator[tuple[int, Any]]:
         # a read error always raises: the rest of a JSON file cannot be delimited
+        if span is not None:
+            return _iter_jsonl_span(path, span)
         return _iter_json_records(path, self._sniff, wanted)
+
+    def scan_ranges(self, path: str, unit_bytes: int) -> list[tuple[int, int]]:
+        """Uncompressed JSON Lines bigger than ``unit_bytes``: byte ranges of that size.
+        Compressed files and JSON arrays are read whole (a compressed stream cannot be entered
+        in the middle; an array element cannot be found without parsing all before it)."""
+        if not file_name(path).lower().endswith(self.suffixes):
+            return []
+        size = _file_size(path)
+        if size <= unit_bytes:
+            return []
+        if self._sniff and self._is_array(path):
+            return []
+        return [(a, min(a + unit_bytes, size)) for a in range(0, size, unit_bytes)]
+
+    def _is_array(self, path: str) -> bool:
+        fs, fs_path = filesystem(path)
+        try:
+            with fs.open_input_stream(fs_path) as stream:
+                return _sniff_array(_iter_chunks(stream))[0]
+        except (OSError, pa.ArrowException, EOFError) as exc:
+            raise InputError(f"{path}: cannot read: {exc}") from exc
+
+    def scan(self, path: str, start: int, stop: int) -> dict:
+        return _scan_jsonl(path, start, stop)
+
+    def spans(self, path: str, scans: list[dict], unit_bytes: int, align: int) -> list[Span] | None:
+        return _jsonl_spans(scans, align) if len(scans) > 1 else None
 
     def count(self, path: str, limit: int | None) -> int:
         return _count_json(path, limit, self._sniff)
@@ -800,8 +1066,25 @@ class Parquet(_Format):
             return list(pf.schema_arrow.names)
 
     def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
-                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+                     batch_rows: int = 4096, on_corrupt: str = "raise",
+                     span: Span | None = None) -> Iterator[tuple[int, Any]]:
+        if span is not None:
+            return _iter_parquet_records(path, names, batch_rows, on_corrupt, span.offset, span.offset + span.count)
         return _iter_parquet_records(path, names, batch_rows, on_corrupt)
+
+    def spans(self, path: str, scans: list[dict], unit_bytes: int, align: int) -> list[Span] | None:
+        """Row ranges of about ``unit_bytes`` (uncompressed, from the footer): whole row groups,
+        or parts of one larger than that (:func:`_parquet_cuts`)."""
+        handle, pf = _open_parquet(path)
+        with handle:
+            meta = pf.metadata
+            groups = [(meta.row_group(g).num_rows, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+        if sum(b for _, b in groups) <= unit_bytes or not meta.num_rows:
+            return None
+        cuts = _parquet_cuts(groups, unit_bytes, align)
+        if len(cuts) <= 2:
+            return None
+        return [Span(offset=a, row=a, skip=0, count=b - a, ordinal=a) for a, b in pairwise(cuts)]
 
     def count(self, path: str, limit: int | None) -> int:
         handle, pf = _open_parquet(path)
@@ -848,8 +1131,11 @@ class Csv(_Format):
         return None if empty else names
 
     def iter_records(self, path: str, names: Sequence[str], wanted: set[int] | None = None, *,
-                     batch_rows: int = 4096, on_corrupt: str = "raise") -> Iterator[tuple[int, Any]]:
+                     batch_rows: int = 4096, on_corrupt: str = "raise",
+                     span: Span | None = None) -> Iterator[tuple[int, Any]]:
         # malformed records are rejects; any other read error raises (rows makes it one reject)
+        if span is not None:  # a quoted field may hold newlines: a record start cannot be found mid-file
+            raise ValueError(f"{self.label} files are read whole (no spans)")
         return self._records(path, names)
 
     def count(self, path: str, limit: int | None) -> int:
