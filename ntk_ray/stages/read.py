@@ -1,19 +1,35 @@
 """Read and validate: input files -> token shards -> the usable rows of each side and the rejects.
 
-  read      files -> ReadAndTokenize (CPU workers) -> tokens/{domain,pool}/ Parquet shards
-            (``stages.workers.TOKENS_SCHEMA``: every row read, usable or with a reject reason)
+  read      files -> units (``plan_units``: a file, or a span of one) -> ReadAndTokenize (CPU
+            workers) -> tokens/{domain,pool}/ Parquet shards (``stages.workers.TOKENS_SCHEMA``:
+            every row read, usable or with a reject reason)
   validate  driver, Polars (``io.accounting.account_rows``): duplicate ids, pool ids also in the
             domain set, counts; nothing here holds token ids. Cheap: rerun, never saved.
+
+Units: one big file is read by many workers. An uncompressed JSONL file larger than
+``--read-unit-mb`` is cut into byte ranges of that size, a Parquet file into row ranges of
+about that many uncompressed bytes (whole row groups where they are smaller); compressed JSONL
+(``.gz``, ``.bz2``, ``.zst``: a stream cannot be entered in the middle), JSON arrays and
+CSV/TSV (a quoted field may hold newlines) are one unit per file. The numbering of a JSONL
+range that starts mid-file comes from a cheap pre-pass: a CPU task per range counts its lines
+and non-blank lines (bytes only, no parsing), and the driver adds them up. Units are cut at
+multiples of ``CHUNK_ROWS`` records from the start of the file, so the token shards (one per
+``CHUNK_ROWS`` records) are the same files with the same rows whatever the unit size or the
+number of readers: what the later stages see, and so the ranking, does not depend on them.
+Each unit leaves its own marker (``_done/<file>-<first chunk>-<end chunk>.json``, or
+``<file>.json`` for a file read whole), so a resumed read redoes only unfinished units.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import polars as pl
 
 from ntk_ray.io.accounting import UsageError, account_rows
 from ntk_ray.io.atomic import write_parquet_atomic
+from ntk_ray.io.formats import reader_for
 from ntk_ray.io.shards import read_shards
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
@@ -41,12 +57,54 @@ class Accounting:
     counts: dict
 
 
-def read_files(executor, files: list[str], spec: ReadSpec, target) -> None:
-    """Files -> ReadAndTokenize workers, which write token shards into ``target`` (files with
-    a unit marker there are skipped)."""
+#: records per token shard; units are cut at multiples of it (see the module docstring)
+CHUNK_ROWS = 2048
+
+
+def scan_task(item: tuple[str, int, int]) -> dict:
+    """The pre-pass over one byte range of a file (``FileFormat.scan``), as a CPU task."""
+    path, start, stop = item
+    return reader_for(path).scan(path, start, stop)
+
+
+def plan_units(executor, files: list[str], unit_bytes: int, align: int | None = None) -> list[dict]:
+    """The read units of ``files``: ``ReadAndTokenize`` items ``{"index", "path", "unit",
+    "span"}``, in file order, then span order. A file is split by its format (``spans``) after
+    the pre-pass over its ``scan_ranges`` (tasks on the executor, in parallel). ``align``:
+    records per token shard (default ``CHUNK_ROWS``)."""
+    align = align or CHUNK_ROWS
+    ranges = [(i, path, a, b) for i, path in enumerate(files) for a, b in reader_for(path).scan_ranges(path, unit_bytes)]
+    scans: list = [None] * len(ranges)
+    for k, result in executor.map_tasks(scan_task, [(path, a, b) for _, path, a, b in ranges]):
+        scans[k] = result
+    by_file: dict[int, list[dict]] = {}
+    for (i, *_), result in zip(ranges, scans):
+        by_file.setdefault(i, []).append(result)
+    items = []
+    for i, path in enumerate(files):
+        spans = reader_for(path).spans(path, by_file.get(i, []), unit_bytes, align)
+        if not spans:
+            items.append({"index": i, "path": path, "unit": f"{i:06d}", "span": ""})
+            continue
+        for span in spans:
+            first, end = span.ordinal // align, -(-(span.ordinal + span.count) // align)
+            items.append({"index": i, "path": path, "unit": f"{i:06d}-{first:06d}-{end:06d}",
+                          "span": json.dumps(asdict(span))})
+    return items
+
+
+def read_files(executor, files: list[str], spec: ReadSpec, target, unit_mb: float | None = None) -> list[dict]:
+    """Files -> units (``plan_units``, about ``unit_mb`` MiB each; default: ``--read-unit-mb``'s)
+    -> ReadAndTokenize workers, which write token shards into ``target`` (units with a marker
+    there are skipped); returns the units."""
+    if unit_mb is None:
+        from ntk_ray.config import SelectConfig
+
+        unit_mb = SelectConfig.read_unit_mb
     target.mkdir(parents=True, exist_ok=True)
-    executor.map_shards(ReadAndTokenize, (spec, str(target)), [{"index": i, "path": p} for i, p in enumerate(files)],
-                        model=False)
+    items = plan_units(executor, files, max(1, int(unit_mb * (1 << 20))))
+    executor.map_shards(ReadAndTokenize, (spec, str(target), CHUNK_ROWS), items, model=False)
+    return items
 
 
 class ReadStage(Stage):
@@ -64,7 +122,7 @@ class ReadStage(Stage):
                             max_length=cfg.max_length, on_too_long=cfg.on_too_long,
                             id_prefixes={p: prefixes[p] for p in inputs.paths[role]})
             target = ctx.work / "tokens" / role
-            read_files(ctx.executor, inputs.paths[role], spec, target)
+            read_files(ctx.executor, inputs.paths[role], spec, target, unit_mb=cfg.read_unit_mb)
             dirs[role] = str(target)
         return Tokens(**dirs)
 
