@@ -112,6 +112,29 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+#: a chat template WITHOUT a default system prompt for the tiny word-level tokenizer (it splits on
+#: whitespace, so ':' and the role names are [UNK] tokens: fine for a random model)
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+                      "{% if m['role'] == 'assistant' %} </s>{% endif %}{{ '\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama of ``tiny_model_dir`` with TINY_CHAT_TEMPLATE as its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chat-llama")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, d / f.name)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(str(d))
+    return d
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """domain.jsonl (6 rows of 6 words) and pool.jsonl (30 rows of 2-11 words), ids d*/p*."""

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_WORDS
+from conftest import TINY_CHAT_TEMPLATE, TINY_WORDS
 from ntk_ray.core.tokenize import fallback_chat_template, normalize_conversation, tokenize_batch
 from ntk_ray.io.paths import InputError
 from ntk_ray.io.rows import MODE_CHAT, Columns, check_columns, read_file_rows, read_original_rows
-
-#: a chat template WITHOUT a default system prompt, for the tiny word-level tokenizer (which
-#: splits on whitespace, so ':' and role names are [UNK] tokens: fine for a random model)
-TINY_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %} </s>{% endif %}{{ '\\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}assistant : {% endif %}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,22 +83,14 @@ def check_against_reference(tok, convs, template=None):
 
 
 @pytest.fixture(scope="module")
-def tiny_tok(tiny_model_dir):
+def tiny_tok(tiny_chat_model_dir):
+    """The tiny word-level tokenizer with a chat template WITHOUT a default system prompt
+    (conftest's TINY_CHAT_TEMPLATE)."""
     from transformers import AutoTokenizer
 
-    t = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    t.chat_template = TINY_TEMPLATE
+    t = AutoTokenizer.from_pretrained(str(tiny_chat_model_dir))
+    assert t.chat_template == TINY_CHAT_TEMPLATE
     return t
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tiny_model_dir, tmp_path_factory, tiny_tok):
-    """The tiny Llama of conftest with TINY_TEMPLATE as its chat template."""
-    d = tmp_path_factory.mktemp("tiny-chat")
-    for f in tiny_model_dir.iterdir():
-        shutil.copy(f, d / f.name)
-    tiny_tok.save_pretrained(str(d))
-    return d
 
 
 # SmolLM2's words: letters, digits, punctuation, newlines, non-ASCII
@@ -374,7 +359,7 @@ def chat_pool(tmp_path):
     return d, len(pool) + len(share)
 
 
-def test_select_on_chat_pools(chat_pool, chat_model_dir, tmp_path, capsys):
+def test_select_on_chat_pools(chat_pool, tiny_chat_model_dir, tmp_path, capsys):
     import polars as pl
 
     from ntk_ray.cli import main
@@ -382,7 +367,7 @@ def test_select_on_chat_pools(chat_pool, chat_model_dir, tmp_path, capsys):
     d, n_pool = chat_pool
     out = tmp_path / "out"
     rc = main(["select", "--domain", str(d / "domain.jsonl"), "--pool", str(d / "pool.jsonl"), str(d / "pool.parquet"),
-               "--budget", "8", "--out", str(out), "--model", str(chat_model_dir), "--executor", "local",
+               "--budget", "8", "--out", str(out), "--model", str(tiny_chat_model_dir), "--executor", "local",
                "--max-length", "48", "--proj-dim", "32", "--warmup-epochs", "0.5"])
     assert rc == 0, capsys.readouterr().err
     ranked = pl.read_parquet(out / "ranked.parquet")
@@ -408,11 +393,11 @@ def test_select_on_chat_pools(chat_pool, chat_model_dir, tmp_path, capsys):
         assert row[name] == originals[row["id"]][name]
 
     # finetune and evaluate read the same chat files
-    assert main(["evaluate", "--data", str(d / "pool.jsonl"), "--model", str(chat_model_dir), "--max-length", "48"]) == 0
+    assert main(["evaluate", "--data", str(d / "pool.jsonl"), "--model", str(tiny_chat_model_dir), "--max-length", "48"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["rows"] == 14 and result["rejected"] == 3 and result["loss"] > 0
     adapter = tmp_path / "adapter"
-    assert main(["finetune", "--train", str(d / "pool.parquet"), "--out", str(adapter), "--model", str(chat_model_dir),
+    assert main(["finetune", "--train", str(d / "pool.parquet"), "--out", str(adapter), "--model", str(tiny_chat_model_dir),
                  "--epochs", "1", "--assistant-turns", "last", "--max-length", "48"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["rows"] == 12 and trained["rejected"] == 1
