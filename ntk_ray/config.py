@@ -67,6 +67,11 @@ def _fusions():
     return FUSIONS
 
 
+def _centers():
+    from ntk_ray.core.selectors import CENTERS
+    return CENTERS
+
+
 def _lr_schedules():
     from ntk_ray.core.training import LR_SCHEDULES
     return LR_SCHEDULES
@@ -254,6 +259,9 @@ class SelectConfig:
                       "be skipped); none: the NTK ranking alone", choices=_fusions, group=N)
     fusion_k: int = opt(60, "k of --fusion rrf (60 in Cormack et al.; larger: flatter weights over ranks)", group=N,
                         min=0, max=1 << 20)
+    center: str = opt("none", "candidates: every kernel is taken between features minus the candidates' mean feature, "
+                      "<psi(x) - m, psi(a) - m>, removing the direction all gradients share (which makes every "
+                      "candidate look alike to the anchors); none: the raw features", choices=_centers, group=N)
     seed: int = opt(0, "seed of the warm-up and of the random projection", min=0, max=SEED_MAX)
     # execution
     batch_tokens: int = _batch_tokens(X)

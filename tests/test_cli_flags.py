@@ -281,7 +281,7 @@ def test_select_fresh_warmup_given_adapter_and_a_baseline(data, tiny_model_dir, 
     assert set(ranked["stage"]) == {"random"} and manifest(rnd)["selector"] == "random" and ranked.height == 30
 
 
-@covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k")
+@covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k", "--center")
 def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path, capsys):
     """The issue-16 options (reference tests in tests/test_improvements.py)."""
     from ntk_ray.core.scoring import stable_keys
@@ -305,12 +305,20 @@ def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path
     id_of = dict(zip(stable_keys(ids).tolist(), ids))
     ranked = pl.read_parquet(out / "ranked.parquet")
     assert ranked.filter(pl.col("selected"))["id"].to_list() == [id_of[k] for k in want]
-    # --fusion rrf --fusion-k 3: the candidates ordered by 1/(3 + NTK rank) + 1/(3 + embedding rank)
+    # --fusion rrf --fusion-k 3: the candidates ordered by 1/(3 + NTK rank) + 1/(3 + embedding rank);
+    # --center candidates: scores are mean cosines of features minus the candidates' mean feature
     out = tmp_path / "rrf"
-    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--fusion", "rrf", "--fusion-k", "3"))
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--fusion", "rrf", "--fusion-k", "3",
+                                          "--center", "candidates", "--keep-features"))
     assert rc == 0, err
     assert manifest(out)["config"]["fusion"] == "rrf" and manifest(out)["config"]["fusion_k"] == 3
     ntk = pl.read_parquet(out / "ranked.parquet").filter(pl.col("stage") == "ntk")
+    feats, anchors = features_of(out / "_work" / "features"), features_of(out / "_work" / "anchor_features")
+    m = np.mean(list(feats.values()), axis=0)
+    a = np.array([(f - m) / np.linalg.norm(f - m) for f in anchors.values()])
+    for row in ntk.iter_rows(named=True):
+        want = float((a @ ((feats[row["id"]] - m) / np.linalg.norm(feats[row["id"]] - m))).mean())
+        assert math.isclose(row["score"], want, rel_tol=1e-5, abs_tol=1e-7), (row, want)
     keys = stable_keys(ntk["id"].to_list())
     rows = list(zip(ntk["score"], ntk["coarse_votes"], ntk["coarse_sim"], keys))
     r1 = {r[3]: i + 1 for i, r in enumerate(sorted(rows, key=lambda r: (-r[0], r[3])))}

@@ -360,3 +360,38 @@ def test_select_with_checkpoints_scores_with_the_weighted_sum_of_checkpoint_kern
                        for c in ("key", "id")]))
     top = sorted(by_key, key=lambda k: -by_key[k])[:5]
     assert set(ranked.filter(pl.col("selected"))["id"].to_list()) == {id_of[k] for k in top}
+
+
+# ---- centred kernels ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scorer", ["mean", "cosine", "max", "max-cosine"])
+def test_centred_kernel_equals_the_kernel_of_shifted_vectors(scorer):
+    from ntk_ray.core.scoring import AnchorKernel
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(70, 12)).astype(np.float32) + 3.0  # a large shared component
+    anchors = rng.normal(size=(5, 12)).astype(np.float32) + 3.0
+    c = x.astype(np.float64).mean(axis=0)
+    got = AnchorKernel(anchors, center=c).score(x, scorer)
+    xs, as_ = x.astype(np.float64) - c, anchors.astype(np.float64) - c
+    k = as_ @ xs.T
+    if scorer in ("cosine", "max-cosine"):
+        k = k / np.linalg.norm(as_, axis=1)[:, None] / np.linalg.norm(xs, axis=1)[None, :]
+    want = k.mean(axis=0) if scorer in ("mean", "cosine") else k.max(axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    block = AnchorKernel(anchors, center=c).kernel_block(x, unit=True)
+    np.testing.assert_allclose(block, (as_ / np.linalg.norm(as_, axis=1)[:, None]) @ (xs / np.linalg.norm(xs, axis=1)[:, None]).T,
+                               rtol=1e-6, atol=1e-9)
+    # without a centre: the raw kernel (the shared component makes every cosine near 1)
+    assert AnchorKernel(anchors).score(x, "cosine").min() > 0.8 > np.abs(AnchorKernel(anchors, center=c).score(x, "cosine")).max()
+
+
+def test_select_with_center_scores_the_centred_cosine(tiny_data, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    _, ranked = _select(tiny_data, tiny_model_dir, out, center="candidates")
+    keys, x, anchors = _kept_features(out)
+    m = x.mean(axis=0)
+    want = (_unit(x - m) @ _unit(anchors - m).T).mean(axis=1)
+    ids = _ids_of_keys(out, keys.tolist())
+    got = dict(zip(ranked["id"].to_list(), ranked["score"].to_list()))
+    np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-5, atol=1e-7)

@@ -63,14 +63,22 @@ class AnchorKernel:
 
     row_block = 64  # 64 x 8192 float64 = 4 MiB: converted and reduced while in cache
 
-    def __init__(self, anchor_features: np.ndarray, anchor_block: int = 1024):
+    def __init__(self, anchor_features: np.ndarray, anchor_block: int = 1024, center: np.ndarray | None = None):
         a = np.asarray(anchor_features, dtype=np.float32)
         if a.ndim != 2 or a.shape[0] == 0:
             raise ValueError("need a non-empty (anchors x d) feature matrix")
         if not np.isfinite(a).all():
             raise ValueError("anchor features contain NaN or inf")
-        self.features = a
         a64 = a.astype(np.float64)
+        # ``center`` c (``select --center``): every row and anchor is shifted to x - c (in float64,
+        # as each block is converted) before any kernel: Theta_c(x, a) = <x - c, a - c>
+        self.center = None if center is None else np.asarray(center, dtype=np.float64)
+        if self.center is not None:
+            if self.center.shape != (a.shape[1],) or not np.isfinite(self.center).all():
+                raise ValueError(f"center of shape {self.center.shape} for anchors of width {a.shape[1]}")
+            a64 = a64 - self.center
+        self._anchors64 = a64 if self.center is not None else None
+        self.features = a
         self.mean = a64.mean(axis=0)
         self.unit_mean = _unit_rows(a64).mean(axis=0)
         self.anchor_block = anchor_block
@@ -87,7 +95,7 @@ class AnchorKernel:
 
         if name not in self._float64:
             if name in ("features", "unit"):
-                a64 = self.features.astype(np.float64)
+                a64 = self._anchors64 if self._anchors64 is not None else self.features.astype(np.float64)
                 value = _unit_rows(a64) if name == "unit" else a64
             else:
                 value = getattr(self, name)
@@ -112,9 +120,11 @@ class AnchorKernel:
         f64 (the fastest path) a ``row_block`` at a time, so the copy stays in cache."""
         import torch
 
+        center = None if self.center is None else torch.from_numpy(self.center)
         for start in range(lo, hi, self.row_block):
             stop = min(hi, start + self.row_block)
-            yield start, stop, xt[start:stop].to(torch.float32).to(torch.float64)
+            block = xt[start:stop].to(torch.float32).to(torch.float64)
+            yield start, stop, block if center is None else block - center
 
     def kernel_block(self, x: np.ndarray, unit: bool = False) -> np.ndarray:
         """(anchors x rows) Theta(a, x) (``unit``: cos(a, x)), float64 on the float32 grid: the

@@ -252,6 +252,14 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
 
 FUSIONS = ("none", "rrf")
 
+# ``select --center``: kernels of centred features (``scoring.AnchorKernel(center=...)``),
+#     Theta_c(x, a) = <psi(x) - m, psi(a) - m>,   m = mean of psi over the candidates,
+# so the cosine scorer becomes the mean over anchors of cos(psi(x) - m, psi(a) - m). Summed-logit
+# gradients of any text share a large common direction (raise every logit); centring removes it,
+# as centring embeddings does, so what is left is what makes x like the domain and not like the
+# pool in general. The allocations and round-robin use the same centred kernel.
+CENTERS = ("none", "candidates")
+
 
 def reciprocal_rank_fusion(ranks: list[np.ndarray], k: float) -> np.ndarray:
     """Reciprocal rank fusion (Cormack et al. 2009) of several rankings of the same rows:

@@ -20,6 +20,7 @@ import polars as pl
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.kernel import (
     allocation_order,
+    mean_vector,
     merge_topk,
     score_shards,
     scores_frame,
@@ -113,27 +114,34 @@ class AllRowsStage(Stage):
 
 
 def kernel_scores(ctx: Context, files: list[str], anchors: np.ndarray, scorer: str, budget: int,
-                  column: str = "feature", allocation: str = "score") -> Scores:
+                  column: str = "feature", allocation: str = "score", center: str = "none") -> Scores:
     """Scores of every row of the shards against ``anchors``; for round-robin (``scorer``
     "round-robin" on features) also the picking order from the exact per-anchor top-``budget``
     lists; for a greedy ``allocation`` (``core.selectors.ALLOCATIONS``) the greedy's pick order
-    on the kernel of ``scorer`` (cosine for ``cosine``, inner products for ``mean`` / ``max``)."""
+    on the kernel of ``scorer`` (cosine for ``cosine``, inner products for ``mean`` / ``max``).
+    ``center`` "candidates": every kernel is that of the vectors minus the rows' mean vector
+    (``--center``)."""
     from ntk_ray.core.scoring import round_robin_order
 
     anchors = np.asarray(anchors, dtype=np.float32)  # cosines: the kernel normalises both sides
     ref = ctx.executor.put(anchors)
+    c = None
+    if center == "candidates":
+        c = ctx.executor.put(mean_vector(ctx.executor, files, column))
+        ctx.progress.log("score: kernels of the features centred on the candidates' mean feature")
     row_scorer = "max-cosine" if scorer == "embedding-round-robin" else scorer
-    scores = score_shards(ctx.executor, files, ref, row_scorer, column=column)
+    scores = score_shards(ctx.executor, files, ref, row_scorer, column=column, center=c)
     if allocation != "score":
         if scorer not in ("cosine", "mean", "max"):
             raise ValueError(f"allocation {allocation!r} with scorer {scorer!r}: use cosine, mean or max")
-        order = allocation_order(ctx.executor, files, ref, len(anchors), allocation, scorer == "cosine", budget, column)
+        order = allocation_order(ctx.executor, files, ref, len(anchors), allocation, scorer == "cosine", budget, column,
+                                 center=c)
         ctx.progress.log(f"score: {len(order)} rows picked by greedy {allocation}")
         return Scores(scores, order_frame(order))
     if scorer not in ("round-robin", "embedding-round-robin"):
         return Scores(scores)
     k = max(1, min(budget, scores.height))
-    topk = merge_topk(ctx.executor, files, ref, k, column, n_anchors=len(anchors), unit=True)
+    topk = merge_topk(ctx.executor, files, ref, k, column, n_anchors=len(anchors), unit=True, center=c)
     return Scores(scores, order_frame(round_robin_order(topk, budget)))
 
 
@@ -148,7 +156,7 @@ class NtkScoreStage(Stage):
     def run(self, ctx: Context, warmup: Warm, features: Shards, coarse: Candidates) -> Scores:
         cfg = ctx.cfg
         scores = kernel_scores(ctx, features.files(), warmup.anchor_features, cfg.scorer, cfg.budget,
-                               allocation=getattr(cfg, "allocation", "score"))
+                               allocation=getattr(cfg, "allocation", "score"), center=getattr(cfg, "center", "none"))
         if getattr(cfg, "fusion", "none") == "none":
             return scores
         if coarse.skipped:
