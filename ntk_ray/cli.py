@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training epochs (default: %(default)s)")
     f.add_argument("--lr", type=float, default=SelectConfig.warmup_lr, help="learning rate (default: %(default)s)")
     add_config_flags(f, SelectConfig, only=("lora_r", "lora_alpha", "lora_targets"), from_config=False)
+    from ntk_ray.config import LocalModelOptions
+
+    add_config_flags(f, SelectConfig, only=("dtype",), from_config=False)
+    add_config_flags(f, LocalModelOptions, from_config=False)  # --accelerator, the LR schedule, accumulation
 
     e = sub.add_parser("evaluate", help="mean per-token loss and perplexity on response tokens (and multiple-choice "
                                         "accuracy), as one JSON object",
@@ -322,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(e, SelectConfig, only=MODEL_FIELDS, from_config=False)
     e.add_argument("--seed", type=int, default=SelectConfig.seed,
                    help="accepted like the other commands' --seed; the evaluation is deterministic (default: %(default)s)")
+    add_config_flags(e, SelectConfig, only=("dtype",), from_config=False)
+    add_config_flags(e, LocalModelOptions, only=("accelerator",), from_config=False)
 
     r = sub.add_parser("report", help="(re)build the selection report of a select output directory",
                        description="Writes OUT/report.html (self-contained: plots embedded, works offline), OUT/report.md "
@@ -389,10 +395,12 @@ def _tokenized(paths, args):
 def _validate_shared(args) -> None:
     """finetune / evaluate: the numbers they share with ``select`` in the same ranges (declared
     once, in ``config.py``), before any work; finetune's ``--out`` must not be a file."""
-    from ntk_ray.config import validate_values
+    from ntk_ray.config import LocalModelOptions, validate_values
 
     values = {"max_length": args.max_length, "seed": args.seed}
     if args.command == "finetune":
+        validate_values(LocalModelOptions, {"warmup_ratio": args.warmup_ratio, "grad_accum_steps": args.grad_accum_steps,
+                                            "train_batch_tokens": args.train_batch_tokens})
         import os
 
         from ntk_ray.io.accounting import UsageError
@@ -404,19 +412,36 @@ def _validate_shared(args) -> None:
     validate_values(SelectConfig, values, {"warmup_epochs": "--epochs", "warmup_lr": "--lr"})
 
 
+def _device_and_dtype(args) -> tuple[str, str]:
+    """finetune / evaluate: the device (``--accelerator``: this machine's GPU when it has one) and
+    the model's dtype (``--dtype auto``: bfloat16 on a GPU that supports it, else float32)."""
+    from ntk_ray.models import local_device, resolve_dtype
+
+    device = local_device(args.accelerator)
+    return device, resolve_dtype(args.dtype, device)
+
+
 def cmd_finetune(args) -> int:
     from ntk_ray.models import attach_lora, load_model
     from ntk_ray.core.training import TrainConfig, train_lora
 
     _validate_shared(args)
+    device, dtype = _device_and_dtype(args)
     seqs, masks, rejected = _tokenized(args.train, args)
-    model = attach_lora(load_model(args.model), r=args.lora_r, alpha=args.lora_alpha, targets=tuple(args.lora_targets),
-                        seed=args.seed)
-    history = train_lora(model, seqs, masks, TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed),
-                         log=lambda m: print(m, file=sys.stderr))
+    model = attach_lora(load_model(args.model, dtype=dtype, device=device), r=args.lora_r, alpha=args.lora_alpha,
+                        targets=tuple(args.lora_targets), seed=args.seed)
+    print(f"ntk-ray finetune: {len(seqs)} rows, the model on {device} in {dtype} (LoRA weights float32)", file=sys.stderr)
+    tc = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, batch_tokens=args.train_batch_tokens,
+                     lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio, grad_accum_steps=args.grad_accum_steps)
+    history = train_lora(model, seqs, masks, tc, device=device, log=lambda m: print(m, file=sys.stderr))
     model.save_pretrained(args.out)
-    (Path(args.out) / "ntk_ray_train.json").write_text(json.dumps({"rows": len(seqs), "rejected": rejected, **history}, indent=2))
-    print(json.dumps({"adapter": args.out, "rows": len(seqs), "rejected": rejected, "final_loss": history["epoch_loss"][-1]}))
+    setup = {"device": device, "dtype": dtype, "lr": args.lr, "lr_schedule": args.lr_schedule,
+             "warmup_ratio": args.warmup_ratio, "grad_accum_steps": args.grad_accum_steps,
+             "batch_tokens": args.train_batch_tokens}
+    (Path(args.out) / "ntk_ray_train.json").write_text(
+        json.dumps({"rows": len(seqs), "rejected": rejected, **setup, **history}, indent=2))
+    print(json.dumps({"adapter": args.out, "rows": len(seqs), "rejected": rejected, "final_loss": history["epoch_loss"][-1],
+                      "steps": history["steps"], "device": device, "dtype": dtype}))
     return 0
 
 
@@ -439,16 +464,17 @@ def cmd_evaluate(args) -> int:
             print(f"ntk-ray evaluate: {path}:{row}: {reason} (skipped)", file=sys.stderr)
     if not rows:
         raise UsageError(f"--data {' '.join(args.data)}: no readable rows")
-    model = load_model(args.model)
+    device, dtype = _device_and_dtype(args)
+    model = load_model(args.model, dtype=dtype, device=device)
     if args.adapter:
-        model = load_adapter(model, args.adapter)
-    result = evaluate_rows(model, load_tokenizer(args.model), rows, max_length=args.max_length,
+        model = load_adapter(model, args.adapter).to(device)
+    result = evaluate_rows(model, load_tokenizer(args.model), rows, max_length=args.max_length, device=device,
                            text_column=args.text_column, prompt_column=args.prompt_column,
                            response_column=args.response_column, choices_column=args.choices_column,
                            answer_column=args.answer_column, on_too_long=args.on_too_long,
                            messages_column=args.messages_column, assistant_turns=args.assistant_turns)
     result.pop("predictions", None)
-    print(json.dumps(result | {"unreadable": unreadable, "adapter": args.adapter}))
+    print(json.dumps(result | {"unreadable": unreadable, "adapter": args.adapter, "device": device, "dtype": dtype}))
     return 0
 
 

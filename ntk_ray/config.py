@@ -349,13 +349,14 @@ class LocalModelOptions:
     lr_schedule: str = opt("cosine", "learning rate per optimizer step after the warm-up steps: constant, linear (to 0 "
                            "at the end) or cosine (half a cosine to 0 at the end)", choices=_lr_schedules)
     warmup_ratio: float = opt(0.03, "share of the optimizer steps spent ramping the learning rate up linearly from "
-                              "lr/W to lr (W = ceil(ratio x steps); 0: none)", min=0, max=1)
+                              "lr/W to lr (W = ceil(ratio x steps); 0: none)", metavar="RATIO", min=0, max=1)
     grad_accum_steps: int = opt(1, "batches (of --batch-tokens padded tokens) whose gradients are summed into one "
                                 "optimizer step; the loss is the mean over all target tokens of the step's batches, "
-                                "so k batches of one row train exactly as one batch of k rows", min=1, max=1 << 20)
+                                "so k batches of one row train exactly as one batch of k rows", metavar="K", min=1,
+                                max=1 << 20)
     train_batch_tokens: int = opt(4096, "padded tokens per training batch (rows packed by length; the memory knob: "
                                   "with --grad-accum-steps k an optimizer step sees k such batches)",
-                                  flag="--batch-tokens", min=1)
+                                  flag="--batch-tokens", metavar="N", min=1)
 
 
 # ---- the one up-front check of a config's values -----------------------------------------------

@@ -283,10 +283,10 @@ def test_finetune_seed_reaches_the_lora_init_and_the_training(tmp_path, monkeypa
             Path(out).mkdir(parents=True, exist_ok=True)
 
     monkeypatch.setattr(cli, "_tokenized", lambda paths, args: ([[1, 2, 3]], [[0, 1, 1]], 0))
-    monkeypatch.setattr(models, "load_model", lambda name: object())
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: object())
     monkeypatch.setattr(models, "attach_lora", lambda model, **kw: seen.setdefault("lora", kw) and Model())
     monkeypatch.setattr(training, "train_lora",
-                        lambda model, seqs, masks, tc, log: seen.setdefault("train", tc) and {"epoch_loss": [1.0]})
+                        lambda model, seqs, masks, tc, **kw: seen.setdefault("train", tc) and {"epoch_loss": [1.0], "steps": 1})
     assert cli.main(["finetune", "--train", "t.jsonl", "--out", str(tmp_path / "a"), "--seed", "7", "--lora-r", "4"]) == 0
     assert seen["lora"]["seed"] == 7 and seen["lora"]["r"] == 4
     assert seen["train"].seed == 7

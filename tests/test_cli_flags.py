@@ -709,3 +709,70 @@ def test_demo_tiny(ray_session, tiny_model_dir, tmp_path, capsys):
     assert m["counts"]["selected"] == 2 and m["config"]["scorer"] == "max" and m["config"]["seed"] == 1
     assert m["config"]["max_length"] == 48 and m["config"]["warmup_epochs"] == 0.5 and m["model"]["path"] != str(tiny_model_dir)
     assert "noun.animal" in printed and "lift" in printed.lower()
+
+
+# ------------------------------------------------------------------------------------------------
+# precision (--dtype) and where finetune/evaluate run, finetune's schedule
+
+@covers("select", "--dtype")
+@covers("features", "--dtype")
+def test_select_and_features_in_bfloat16(data, tiny_model_dir, tmp_path, capsys):
+    d = data["text"]
+    runs = {}
+    for dtype in ("bfloat16", "auto"):
+        out = tmp_path / dtype
+        rc, _, err = run(capsys, *select_argv(d, out, tiny_model_dir, "--dtype", dtype))
+        assert rc == 0, err
+        runs[dtype] = manifest(out), pl.read_parquet(out / "ranked.parquet")
+    m, ranked = runs["bfloat16"]
+    assert m["config"]["dtype"] == "bfloat16" and m["model"]["dtype"] == "bfloat16"  # asked and resolved
+    assert m["counts"]["ranked"] == 30 and m["counts"]["selected"] == 3
+    assert ranked.filter(pl.col("stage") == "ntk")["score"].is_finite().all()
+    assert runs["auto"][0]["config"]["dtype"] == "auto" and runs["auto"][0]["model"]["dtype"] == "float32"  # CPU
+    feats = tmp_path / "feats"
+    rc, _, err = run(capsys, "features", "--data", d / "pool.jsonl", "--out", feats, "--model", tiny_model_dir,
+                     "--proj-dim", 32, "--executor", "local", "--dtype", "bfloat16")
+    assert rc == 0, err
+    summary = json.loads((feats / "_manifest.json").read_text())
+    assert summary["dtype"] == "bfloat16" and summary["config"]["dtype"] == "bfloat16"
+    assert len(features_of(feats)) == 30
+    assert pq.read_schema(next(feats.glob("0*.parquet"))).field("feature").type.value_type == "float"  # float32
+
+
+@covers("finetune", "--dtype", "--accelerator", "--lr-schedule", "--warmup-ratio", "--grad-accum-steps",
+        "--batch-tokens")
+@covers("evaluate", "--dtype", "--accelerator")
+def test_finetune_and_evaluate_dtype_device_and_schedule(data, tiny_model_dir, tmp_path, capsys):
+    train = data["text"] / "pool.jsonl"
+    base = ["finetune", "--train", train, "--model", tiny_model_dir, "--epochs", 1, "--lr", 0.01]
+    rc, printed, err = run(capsys, *base, "--out", tmp_path / "a", "--dtype", "bfloat16", "--accelerator", "cpu",
+                           "--lr-schedule", "linear", "--warmup-ratio", 0.5, "--grad-accum-steps", 2,
+                           "--batch-tokens", 24)
+    assert rc == 0, err
+    result = json.loads(printed.splitlines()[-1])
+    assert result["device"] == "cpu" and result["dtype"] == "bfloat16"  # --accelerator cpu, --dtype
+    history = json.loads((tmp_path / "a" / "ntk_ray_train.json").read_text())
+    assert (history["lr_schedule"], history["warmup_ratio"], history["grad_accum_steps"]) == ("linear", 0.5, 2)
+    assert history["batch_tokens"] == 24 and history["batches"] > 2  # --batch-tokens 24: several batches
+    assert history["steps"] == math.ceil(history["batches"] / 2)  # --grad-accum-steps 2
+    assert {t.dtype for t in adapter_weights(tmp_path / "a").values()} == {torch.float32}  # LoRA stays float32
+    rc, printed, err = run(capsys, *base, "--out", tmp_path / "default")
+    assert rc == 0, err
+    defaults = json.loads((tmp_path / "default" / "ntk_ray_train.json").read_text())
+    assert (defaults["lr_schedule"], defaults["warmup_ratio"], defaults["grad_accum_steps"]) == ("cosine", 0.03, 1)
+    assert defaults["dtype"] == "float32" and defaults["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert defaults["steps"] == defaults["batches"]
+    # evaluate the adapter in both precisions: the same loss to bfloat16's precision
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        rc, printed, err = run(capsys, "evaluate", "--data", train, "--model", tiny_model_dir, "--adapter",
+                               tmp_path / "a", "--dtype", dtype, "--accelerator", "cpu")
+        assert rc == 0, err
+        out = json.loads(printed)
+        assert out["dtype"] == dtype and out["device"] == "cpu"
+        losses[dtype] = out["loss"]
+    assert losses["bfloat16"] != losses["float32"] and math.isclose(losses["bfloat16"], losses["float32"], rel_tol=0.02)
+    if not torch.cuda.is_available():  # --accelerator gpu on a machine without one: one line, exit 2
+        for argv in ([*base, "--out", tmp_path / "gpu"], ["evaluate", "--data", train, "--model", tiny_model_dir]):
+            rc, _, err = run(capsys, *argv, "--accelerator", "gpu")
+            assert rc == 2 and err.count("\n") == 1 and "--accelerator gpu" in err, err

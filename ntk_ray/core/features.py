@@ -35,6 +35,24 @@ Options of ``FeatureComputer`` for LESS-style features (the LESS baseline select
 * ``gradient_transform(index, G) -> G'``: applied to each module's per-sample gradient
   G (B, out, in) before projection (LESS: Adam preconditioning). Every projector then takes the
   full-gradient route, and the norm is of the transformed gradient.
+
+Precision (``--dtype``). The model's forward and backward run in the dtype its weights were
+loaded in (bfloat16 on a GPU by default, float32 on CPU; ``models.loading``), without autocast
+(``autocast_dtype`` remains an option of ``FeatureComputer`` for a float32 model, unused by the
+stages). Everything that is summed stays float32 or wider, whatever that dtype:
+
+* the LoRA factors and the captured activations a_t and output gradients g_t are float32 (peft
+  runs the LoRA branch in its float32 weights' dtype; ``_mask_smaller_side`` casts anyway);
+* the objective: F from ``hidden.float() @ w_sum`` with w_sum the float32 column-sum of the
+  head, the loss from float32 logits, both reduced over positions in float32;
+* per-sample gradients sum_t g_t a_t^T, their projections (``projection.py``: float32
+  accumulators, one module at a time) and the squared norms are float32;
+* kernel values and scores are float64 (``scoring.py``), rounded to the float32 grid.
+
+So a bfloat16 model changes the features by what its activations and backward carry (about 3
+significant digits per element), not by any low-precision accumulation: on the tiny test
+model the cosine between bfloat16 and float32 features is above 0.999
+(``tests/test_dtype.py``).
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ g_t and inputs a_t of every token, from which the projector may avoid building G
 per-sample gradient G_W (``add_gradient``: after a gradient transform, or a zero gradient),
 and reads psi from ``result()``. ``project_full`` is the same map on a list of full per-sample
 gradients, ``spec`` what rebuilds it elsewhere, ``batch_cost_tokens`` what a batch costs it.
+
+Precision: whatever the model's dtype (``--dtype``), every projector takes its inputs as float32
+(``.float()`` on captures and gradients) and accumulates psi, per-sample gradients and squared
+norms in float32 tensors; nothing is summed in bfloat16 or float16.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Scorers, chosen by name:
 
 All of them accumulate in float64 and round to the float32 grid (``AnchorKernel``,
 ``round_scores``): reproducible scores at about 3x the cost of a float32 matrix-vector product.
+The features come in as float16 or float32 whatever dtype the model ran in (``--dtype``: see
+``features.py``), and every sum over d or over anchors is float64.
 
 ``AnchorTopK`` keeps, per anchor, the k best (score, key) pairs seen so far, ordered by score
 descending then key ascending, so merging partial results from any sharding of the pool gives

@@ -51,6 +51,7 @@ class DataRows:
 @dataclass
 class Adapter:
     dir: str
+    dtype: str = "float32"  # the model's dtype, resolved from --dtype on a model worker
 
 
 @dataclass
@@ -84,21 +85,31 @@ class DataRowsStage(Stage):
         return DataRows(meta, usable)
 
 
+def adapter_task(model_path: str | None, dtype: str, device: str, target: str | None, lora: dict, seed: int) -> str:
+    """On a model worker: ``--dtype`` resolved for its device (the Featurizers then all use that
+    one), and, when ``target`` is given, a fresh seeded adapter on the model in that dtype saved
+    there. Returns the resolved dtype."""
+    from ntk_ray.models import attach_lora, load_model, resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
+    if target is not None:
+        attach_lora(load_model(model_path, dtype=dtype, device=device), seed=seed, **lora).save_pretrained(target)
+    return dtype
+
+
 class AdapterStage(Stage):
-    """``--adapter``, or a fresh seeded adapter (B = 0), made once so every worker uses the same one."""
+    """``--adapter``, or a fresh seeded adapter (B = 0), made once so every worker uses the same
+    one; and the dtype every worker runs the model in (both on a model worker)."""
     name = "adapter"
     output = Adapter
 
     def run(self, ctx: Context) -> Adapter:
-        from ntk_ray.models import attach_lora, load_model
-
         cfg = ctx.cfg
-        if cfg.adapter:
-            return Adapter(cfg.adapter)
-        target = ctx.stage_dir(self.name) / "adapter"
+        target = None if cfg.adapter else str(ctx.stage_dir(self.name) / "adapter")
         lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.lora_targets)}
-        attach_lora(load_model(ctx.inputs.model_path), seed=cfg.seed, **lora).save_pretrained(str(target))
-        return Adapter(str(target))
+        dtype = ctx.executor.run_task(adapter_task, ctx.inputs.model_path, cfg.dtype, ctx.executor.plan.device, target,
+                                      lora, cfg.seed)
+        return Adapter(cfg.adapter or target, dtype)
 
 
 class DataFeaturesStage(Stage):
@@ -110,7 +121,8 @@ class DataFeaturesStage(Stage):
     def run(self, ctx: Context, tokens: DataTokens, rows: DataRows, adapter: Adapter) -> Shards:
         cfg = ctx.cfg
         map_tokens(ctx, tokens.dir, ctx.out, rows.usable, Featurizer,
-                   (cfg.model, adapter.dir, cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens, ctx.executor.plan.device))
+                   (cfg.model, adapter.dir, cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens, ctx.executor.plan.device,
+                    "summed-logits", None, adapter.dtype))
         return Shards(str(ctx.out))
 
 
@@ -134,7 +146,7 @@ class SummaryStage(Stage):
         write_parquet_atomic(redacted_sources(rejects.cast({"row": pl.Int64})), ctx.out / "_rejects.parquet")
         manifest = {"counts": {"rows": rows.meta.height, "featurised": int(feats.filter(pl.col("reject").is_null()).height),
                                "rejected": rejects.height},
-                    "projector": read_spec(shards[0]) if shards else None, "adapter": adapter.dir,
+                    "projector": read_spec(shards[0]) if shards else None, "adapter": adapter.dir, "dtype": adapter.dtype,
                     "config": asdict(ctx.cfg), "actors": asdict(ctx.executor.plan) if ctx.executor else None,
                     "stage_seconds": ctx.progress.seconds()}
         manifest = redact(manifest)  # no credential of an input URI in the summary

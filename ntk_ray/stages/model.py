@@ -37,6 +37,7 @@ class Warm:
     projector_spec: dict
     lora_parameters: int
     adam_moments: str | None = None
+    dtype: str = "float32"  # the model's dtype, resolved from --dtype on the warm-up's worker
     checkpoints: list = field(default_factory=list)  # --checkpoints K > 1: the K warm-up adapters, oldest first
 
 
@@ -109,14 +110,15 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
 
     from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings
     from ntk_ray.core.training import TrainConfig, save_adam_moments, train_lora
-    from ntk_ray.models import attach_lora, load_adapter, load_model
+    from ntk_ray.models import attach_lora, load_adapter, load_model, resolve_dtype
     from ntk_ray.stages.workers import set_threads_from_env
 
     set_threads_from_env()
     torch.manual_seed(cfg.seed)
     lines: list[str] = []
     n_checkpoints, saver = (1 if less else getattr(cfg, "checkpoints", 1)), None
-    base = load_model(cfg.model, device=device)
+    dtype = resolve_dtype(cfg.dtype, device)  # here, where the device is known; the later stages reuse it
+    base = load_model(cfg.model, dtype=dtype, device=device)
     moments = Path(stage_dir) / "adam_moments.pt"
     if cfg.adapter:
         model = load_adapter(base, cfg.adapter)
@@ -138,11 +140,10 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     adapter_dir = Path(stage_dir) / "adapter"
     model.save_pretrained(str(adapter_dir))
     model.eval()
-    autocast = torch.bfloat16 if device == "cuda" else None
     embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device).numpy()
     options = {"objective": "loss"} if less else {}  # LESS anchors: plain loss gradients
     computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device,
-                               autocast_dtype=autocast, **options)
+                               **options)
     feats = computer.features(seqs, loss_masks if less else score_masks, cfg.batch_tokens)
     spec, checkpoints = computer.projector.spec(), []
     if n_checkpoints > 1:  # anchors under every checkpoint, combined (core.selectors.combine_checkpoint_features)
@@ -159,7 +160,8 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
             "anchor_features": feats.feature.numpy(), "anchor_norms": feats.norm.numpy().tolist(),
             "projector": spec | {"modules": len(computer.shapes)},
             "projector_spec": spec, "lora_parameters": computer.projector.grad_dim, "checkpoints": checkpoints,
-            "adapter_dir": str(adapter_dir), "adam_moments": str(moments) if moments.exists() else None}
+            "adapter_dir": str(adapter_dir), "adam_moments": str(moments) if moments.exists() else None,
+            "dtype": dtype}
 
 
 class WarmupStage(Stage):
@@ -214,7 +216,7 @@ class EmbedStage(Stage):
             return Shards(str(target), skipped=True)
         cfg = ctx.cfg
         map_tokens(ctx, read.pool, target, pool, Embedder, (cfg.model, warmup.adapter_dir, cfg.batch_tokens,
-                                                            ctx.executor.plan.device))
+                                                            ctx.executor.plan.device, warmup.dtype))
         return Shards(str(target))
 
 
@@ -235,8 +237,8 @@ class FeaturesStage(Stage):
         rows = candidates[self.candidates_from].candidates if self.candidates_from else pool_rows(validate)
         args = (cfg.model, warmup.adapter_dir, cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens,
                 ctx.executor.plan.device)
-        if self.less:
-            args += ("loss", warmup.adam_moments)
+        args += ("loss", warmup.adam_moments) if self.less else ("summed-logits", None)
+        args += (warmup.dtype,)  # resolved by the warm-up: every worker runs the model in the same dtype
         target = ctx.stage_dir(self.name)
         if warmup.checkpoints:  # --checkpoints K: psi under each warm-up checkpoint, combined
             featurize_checkpoints(ctx, read.pool, target, rows, args, warmup)

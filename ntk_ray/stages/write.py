@@ -117,7 +117,9 @@ class WriteStage(Stage):
         manifest = {
             "counts": counts,
             "config": asdict(cfg),
-            "model": model_identity(cfg.model) | {"resolved": ctx.inputs.model_path},
+            # dtype: the one the model ran in (--dtype resolved on the warm-up's worker); null when no model ran
+            "model": model_identity(cfg.model) | {"resolved": ctx.inputs.model_path,
+                                                  "dtype": warmup.dtype if warmup else None},
             "selector": self.selector,
             "adapter": {"path": str(ctx.work / "warmup/adapter"), "warmup": warmup.history,
                         "lora_parameters": warmup.lora_parameters} if warmup else None,
