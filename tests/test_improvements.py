@@ -6,9 +6,11 @@
 * ``--fusion rrf``: reciprocal rank fusion against hand-computed numbers;
 * ``--checkpoints K``: the kernel of the concatenated weighted features against the weighted sum
   of the per-checkpoint kernels;
+* ``--center candidates``: the centred kernel against explicitly shifted vectors;
 
-and each end to end on the tiny model in-process (``--executor local``), its order recomputed
-from the kept feature files.
+and end to end on the tiny model in-process (``--executor local``), the picks and scores
+recomputed from the kept feature files: facility location on centred features and checkpoints
+here; kernel-mean-matching, fusion and centring in ``tests/test_cli_flags.py``'s case.
 """
 
 from __future__ import annotations
@@ -230,45 +232,29 @@ def _ids_of_keys(out, keys):
     return [by_key[k] for k in keys]
 
 
-@pytest.mark.parametrize("allocation", ["facility-location", "kernel-mean-matching"])
-def test_select_with_a_greedy_allocation_picks_the_reference_greedy(tiny_data, tiny_model_dir, tmp_path, allocation):
+def test_select_with_facility_location_on_centred_features_picks_the_reference_greedy(tiny_data, tiny_model_dir,
+                                                                                       tmp_path):
+    """End to end: --allocation facility-location --center candidates picks what the literal
+    greedy picks on the centred cosine kernel of the kept features; the scores are the centred
+    mean cosines. (kernel-mean-matching, --fusion and --checkpoints run end to end in
+    tests/test_cli_flags.py's case too.)"""
+    from ntk_ray.core.scoring import round_scores
+
     out = tmp_path / "out"
-    _, ranked = _select(tiny_data, tiny_model_dir, out, allocation=allocation)
+    _, ranked = _select(tiny_data, tiny_model_dir, out, allocation="facility-location", center="candidates")
     keys, x, anchors = _kept_features(out)
     order = np.argsort(keys)
-    keys, u = keys[order], _unit(x[order])
-    ua = _unit(anchors)
-    if allocation == "facility-location":
-        from ntk_ray.core.scoring import round_scores
-
-        # the job's cosines are on the float32 grid
-        want = facility_location_reference(round_scores(ua @ u.T), keys, 5)
-    else:
-        want = kernel_mean_matching_reference(u, ua.mean(axis=0), keys, 5)
+    keys, x = keys[order], x[order]
+    m = x.mean(axis=0)
+    u, ua = _unit(x - m), _unit(anchors - m)
+    want = facility_location_reference(round_scores(ua @ u.T), keys, 5)  # the job's cosines are on the float32 grid
     assert ranked.filter(pl.col("selected"))["id"].to_list() == _ids_of_keys(out, want)
-    # the rows after the picks keep the cosine score order
+    got = dict(zip(ranked["id"].to_list(), ranked["score"].to_list()))
+    np.testing.assert_allclose([got[i] for i in _ids_of_keys(out, keys.tolist())], (u @ ua.T).mean(axis=1),
+                               rtol=1e-5, atol=1e-7)
+    # the rows after the picks keep the score order
     rest = ranked.filter(~pl.col("selected") & (pl.col("stage") == "ntk"))["score"].to_list()
     assert rest == sorted(rest, reverse=True)
-
-
-def test_select_with_rrf_fuses_the_ntk_and_embedding_rankings(tiny_data, tiny_model_dir, tmp_path):
-    out = tmp_path / "out"
-    _, ranked = _select(tiny_data, tiny_model_dir, out, fusion="rrf", fusion_k=2)
-    ntk = ranked.filter(pl.col("stage") == "ntk")
-    ids = ntk["id"].to_list()
-    # recompute from the ranked table's own columns: NTK rank by score (then id's key), embedding
-    # rank by (votes, sim)
-    from ntk_ray.core.scoring import stable_keys
-
-    keys = stable_keys(ids)
-    score, votes, sim = ntk["score"].to_numpy(), ntk["coarse_votes"].to_numpy(), ntk["coarse_sim"].to_numpy()
-    r1 = np.array([sorted(range(len(ids)), key=lambda j: (-score[j], keys[j])).index(i) + 1 for i in range(len(ids))])
-    r2 = np.array([sorted(range(len(ids)), key=lambda j: (-votes[j], -sim[j], keys[j])).index(i) + 1
-                   for i in range(len(ids))])
-    fused = 1 / (2 + r1) + 1 / (2 + r2)
-    want = sorted(range(len(ids)), key=lambda i: (-fused[i], r1[i], keys[i]))
-    assert ids == [ids[i] for i in want]
-    assert ntk.height == 20 and ranked.filter(pl.col("stage") == "coarse").height == 10
 
 
 def test_allocation_with_round_robin_is_a_usage_error(tiny_data, tiny_model_dir, tmp_path):
@@ -385,13 +371,3 @@ def test_centred_kernel_equals_the_kernel_of_shifted_vectors(scorer):
     # without a centre: the raw kernel (the shared component makes every cosine near 1)
     assert AnchorKernel(anchors).score(x, "cosine").min() > 0.8 > np.abs(AnchorKernel(anchors, center=c).score(x, "cosine")).max()
 
-
-def test_select_with_center_scores_the_centred_cosine(tiny_data, tiny_model_dir, tmp_path):
-    out = tmp_path / "out"
-    _, ranked = _select(tiny_data, tiny_model_dir, out, center="candidates")
-    keys, x, anchors = _kept_features(out)
-    m = x.mean(axis=0)
-    want = (_unit(x - m) @ _unit(anchors - m).T).mean(axis=1)
-    ids = _ids_of_keys(out, keys.tolist())
-    got = dict(zip(ranked["id"].to_list(), ranked["score"].to_list()))
-    np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-5, atol=1e-7)
