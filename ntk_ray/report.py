@@ -113,9 +113,9 @@ def _token_shards(out: Path, role: str) -> list[str]:
     return sorted(str(p) for p in d.glob("*.parquet")) if d.is_dir() else []
 
 
-def _usable_tokens(files: list[str]) -> pl.LazyFrame:
-    """id, row, n_tokens of the rows the tokenizer accepted (first of a repeated id)."""
-    return (pl.scan_parquet(files).select("id", "row", "n_tokens", "reject")
+def _usable_tokens(files: list[str], columns: tuple[str, ...] = ("id",)) -> pl.LazyFrame:
+    """``columns``, row and n_tokens of the rows the tokenizer accepted."""
+    return (pl.scan_parquet(files).select(*columns, "row", "n_tokens", "reject")
             .filter(pl.col("reject").is_null()).drop("reject"))
 
 
@@ -148,15 +148,16 @@ def funnel(manifest: dict, ranked: pl.LazyFrame, rejects: pl.LazyFrame) -> dict:
             "reasons": [(k, int(n)) for k, n in reasons.iter_rows()]}
 
 
-def cut(ranked: pl.LazyFrame, budget: int) -> dict:
-    """Scores in rank order, the cut at rank ``budget`` and its margin (see the module doc)."""
-    df = ranked.select("rank", "score", "selected").sort("rank").collect()
+def cut(ranked: pl.LazyFrame, budget: int, n_ranked: int) -> dict:
+    """Scores in rank order, the cut at rank ``budget`` and its margin (see the module doc).
+    Reads the scored rows only (rank, score, selected): a row below the cut without a score
+    was cut by the coarse stage."""
+    df = ranked.select("rank", "score", "selected").filter(pl.col("score").is_not_null()).collect()
+    if not df["rank"].is_sorted():
+        df = df.sort("rank")
     rank = df["rank"].to_numpy()
-    score = df["score"].to_numpy().astype(np.float64)  # null -> nan
-    selected = df["selected"].to_numpy()
-    has = ~np.isnan(score)
-    scores = score[has]
-    res = {"budget": budget, "n_scored": int(has.sum()), "scores": scores, "selected_mask": selected[has]}
+    scores = df["score"].to_numpy().astype(np.float64)
+    res = {"budget": budget, "n_scored": int(scores.size), "scores": scores, "selected_mask": df["selected"].to_numpy()}
     if not scores.size:
         return res | {"note": "no row has a score"}
     p5, p25, p50, p75, p95 = np.percentile(scores, [5, 25, 50, 75, 95])
@@ -166,10 +167,10 @@ def cut(ranked: pl.LazyFrame, budget: int) -> dict:
 
     def at(r):
         i = np.searchsorted(rank, r)
-        return float(score[i]) if i < rank.size and rank[i] == r else None
+        return float(scores[i]) if i < rank.size and rank[i] == r else None
 
     s_n, s_next = at(budget), at(budget + 1)
-    res |= {"score_at_n": s_n, "score_after_n": s_next, "has_next": budget < rank.size}
+    res |= {"score_at_n": s_n, "score_after_n": s_next, "has_next": budget < n_ranked}
     if s_n is not None and s_next is not None:
         margin = s_n - s_next
         spread = res["p95"] - res["p5"]
@@ -202,9 +203,20 @@ def by_length(ranked: pl.LazyFrame, token_files: list[str]) -> dict | None:
     without token shards."""
     if not token_files:
         return None
-    tokens = _usable_tokens(token_files).unique(["id", "row"], keep="first")
-    df = (ranked.select("id", "row", "selected").join(tokens, on=["id", "row"], how="inner")
-          .select("n_tokens", "selected").collect())
+    from ntk_ray.io.fs import redact
+
+    # joined on (input file, row): a file is read once, so the pair is unique, and the files
+    # become small integers first (no million-string join); ranked.parquet names the files
+    # redacted, the token shards by their real address
+    files = ranked.select(pl.col("source").unique()).collect()["source"].to_list()
+    code = {f: i for i, f in enumerate(files)}
+    tokens = _usable_tokens(token_files, ("source",))
+    token_files_seen = tokens.select(pl.col("source").unique()).collect()["source"].to_list()
+    token_code = {f: code.get(redact(f), -1) for f in token_files_seen}
+    left = ranked.select(pl.col("source").replace_strict(code, return_dtype=pl.Int32).alias("f"), "row", "selected")
+    right = tokens.select(pl.col("source").replace_strict(token_code, return_dtype=pl.Int32).alias("f"), "row",
+                          "n_tokens")
+    df = left.join(right, on=["f", "row"], how="inner").select("n_tokens", "selected").collect()
     if df.height == 0:
         return None
     n = df["n_tokens"].to_numpy()
@@ -312,7 +324,7 @@ def minhash_params(n: int = MINHASH_PERMUTATIONS, seed: int = 0) -> tuple[np.nda
 
 
 def minhash_signatures(shingles: list[np.ndarray], n: int = MINHASH_PERMUTATIONS, seed: int = 0,
-                       chunk: int = 1 << 16) -> np.ndarray:
+                       chunk: int = 1 << 14) -> np.ndarray:
     """(rows, n) uint64: sig[i, j] = min over the shingles x of row i of (a_j * x + b_j) mod p.
     Vectorised over chunks of about ``chunk`` shingles (a (chunk, n) block at a time)."""
     a, b = minhash_params(n, seed)
@@ -325,7 +337,9 @@ def minhash_signatures(shingles: list[np.ndarray], n: int = MINHASH_PERMUTATIONS
             stop += 1
         block = np.concatenate(shingles[start:stop])
         lengths = np.array([s.size for s in shingles[start:stop]])
-        values = (block[:, None] * a[None, :] + b[None, :]) % np.uint64(MINHASH_PRIME)
+        values = block[:, None] * a[None, :]  # < 2^63: a < 2^31, x < 2^32
+        values += b[None, :]
+        values %= np.uint64(MINHASH_PRIME)
         sig[start:stop] = np.minimum.reduceat(values, np.concatenate([[0], np.cumsum(lengths)[:-1]]), axis=0)
         start = stop
     return sig
@@ -620,7 +634,9 @@ def _num(x, digits: int = 4) -> str:
 
 
 def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.2g}%" if 0 < abs(x) < 0.01 else f"{100 * x:.1f}%"
 
 
 def margin_line(ct: dict) -> str:
@@ -820,12 +836,12 @@ def build_report(out: str | Path, log=None) -> Report:
     rejects = pl.scan_parquet(rejects_path) if rejects_path.is_file() else \
         pl.LazyFrame(schema={"role": pl.String, "reason": pl.String})
     fun = funnel(manifest, ranked, rejects)
-    ct = cut(ranked, budget)
+    ct = cut(ranked, budget, fun["ranked"])
     src = by_source(ranked)
     length = by_length(ranked, _token_shards(out, "pool"))
     domain_files = _token_shards(out, "domain")
     domain_tokens = int(_usable_tokens(domain_files).unique("id", keep="first").select(pl.col("n_tokens").sum())
-                        .collect().item() or 0) if domain_files else None
+                        .collect().item() or 0) if domain_files else None  # the usable domain rows: first of an id
     ex = examples(out, ranked, config, budget, fun["ranked"])
     dup = duplicates_of_selection(out, config)
     cs = cost(manifest, fun, length, domain_tokens)

@@ -81,7 +81,7 @@ def synthetic_out(root: Path) -> dict:
                   "row": [file_row[i] for i in rej_rows] + [0], "role": ["pool"] * len(rej_rows) + ["domain"],
                   "reason": reasons + ["empty text"]}).write_parquet(out / "rejects.parquet")
     n_tokens = rng.integers(5, 200, POOL)
-    tokens = pl.DataFrame({"id": ids, "row": file_row, "n_tokens": n_tokens,
+    tokens = pl.DataFrame({"id": ids, "source": sources, "row": file_row, "n_tokens": n_tokens,
                            "input_ids": [[1] * 3 for _ in range(POOL)],
                            "reject": [("empty text" if i in set(read_rej[:5]) else None) for i in range(POOL)]})
     tokens.head(120).write_parquet(out / "_work/tokens/pool/00000.parquet")
