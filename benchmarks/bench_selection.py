@@ -1,66 +1,57 @@
-"""Does the selection help fine-tuning? The paper's comparison in miniature (GitHub issue 4).
+"""Does ntk-ray's selection beat the cheap baselines, at a size that can tell? (GitHub issues 4, 16)
 
-    .venv/bin/python benchmarks/bench_selection.py                  # the full run (2-core CPU: hours)
+    .venv/bin/python benchmarks/bench_selection.py                  # the full run (2-core CPU: days; resumes)
     .venv/bin/python benchmarks/bench_selection.py --smoke --out /tmp/sel    # one tiny cell (CI)
     .venv/bin/python benchmarks/bench_selection.py --executor ray   # the jobs on Ray instead of in-process
 
-It measures the product: every selection is an ``ntk-ray select`` job (``runner.run_select``, the
-same stages, outputs and resume as the CLI), on the in-process ``runtime.local.LocalExecutor`` by
-default or on Ray (``--executor ray``); the selected ids are read back from the job's
-``ranked.parquet`` / ``selected.parquet``. Only what comes after selection (fine-tune and
-evaluation) is a plain-torch harness in this process (``core.training``, ``core.evaluation``).
-On the bundled WordNet corpus with the bundled demo model (SmolLM2-135M-Instruct). For every
-target domain and seed (a "cell"):
+It measures the product: every selection is an ``ntk-ray select`` job (``runner.run_select``) or
+an ``ntk-ray score`` job on a select job's kept features (``runner.run_score``), on the
+in-process ``runtime.local.LocalExecutor`` by default or on Ray (``--executor ray``); the
+selected ids are read back from the job's ``ranked.parquet`` / ``selected.parquet``. Only the
+fine-tune and the evaluation after selection are a plain-torch harness in this process
+(``core.training``). Bundled WordNet corpus, bundled demo model (SmolLM2-135M-Instruct).
 
-1. ``demo.make_demo_split`` into ``<work>/<settings>/<domain>-seed<seed>/data``: a domain set
-   (``--n-domain`` rows, domain.jsonl), a held-out eval set (``--n-eval`` rows of the same label,
-   never seen by any selector or any setting) and a pool (``--n-pool`` rows, pool.parquet,
-   ``--pool-share`` of them from the domain label).
-2. Each selector picks N = ``--budget`` pool rows, one job per selector, each into its own OUT
-   (``<cell>/<selector>``), with the job's defaults except: ``--max-length``, ``--warmup-epochs``,
-   ``--warmup-lr``, ``--proj-dim``, ``--seed`` = the cell's seed, LoRA r=16, alpha=32, q/k/v/o:
-   - ``random``: ``select --selector random``.
-   - ``bm25``: ``select --selector bm25`` (BM25 on the chat-template token ids, as the job does).
-   - ``embedding``: ``select --selector embedding`` (RDS+; its own warm-up).
-   - ``less``: ``select --selector less --projector sketch`` (its own warm-up, keeping the Adam
-     moments).
-   - ``ntk``: ``select --keep-features --projector <--ntk-projector>`` (the ``select`` defaults:
-     warm-up, coarse kNN votes, NTK features of the candidates, the default scorer).
-   - ``ntk-mean``: ``ntk-ray score --scorer mean`` (``runner.run_score``) on the ntk job's kept
-     features (``OUT/_work/features``, ``OUT/_work/anchor_features``): the paper's scorer, no
-     extra model work.
-   Each model selector warms up in its own job, as a user running ``select`` would (the warm-ups
-   are identical in settings; sharing one through ``--adapter`` would be a different config).
-   A rerun of a finished job reuses it (the runner's resume): nothing is recomputed.
-3. Per condition (domain-only and domain + each selector's N rows): a fresh LoRA on the base model,
-   ``train_lora`` with the settings fixed below (the same for every condition and seed, chosen
-   before any evaluation) on the rows tokenized with the project's chat-template tokenization
-   (``tokenize.tokenize_batch``) at ``--max-length``, then on the eval rows:
-   ``training.mean_token_loss`` (response tokens) and multiple-choice accuracy
-   (``evaluation.choice_accuracy``: each eval question with its true definition and 3 definitions
-   of other eval rows, positions and distractors drawn from a fixed rng per (domain, seed)). The
-   base model (no fine-tune) is evaluated once per cell.
+A **cell** is (domain, seed): ``demo.make_demo_split`` writes a domain set (``--n-domain`` rows),
+a held-out eval set (``--n-eval`` rows of the domain, never seen by a selector) and a pool
+(``--n-pool`` rows, ``--pool-share`` of them from the domain). Each **condition** is one entry
+of :data:`CONDITIONS`: a name, a group and the ``select`` (or ``score``) settings that differ
+from the select defaults. Adding a condition (e.g. a new select flag) is one line there.
 
-Costs: wall seconds of each selector's whole job (input checks, read + tokenize, warm-up where it
-has one, model passes, scoring, writing; the per-stage split from the job's manifest is in the
-cost-breakdown table; ntk-mean: the ntk job plus its score job) and of each fine-tune.
+- main conditions (every cell, ``--domains`` x ``--seeds``): domain-only, random, bm25,
+  embedding, less, ntk (``select``'s defaults), ntk-mean (the paper's scorer).
+- ablations and improvement options (``--ablation-domains`` x ``--seeds``): each a row of the
+  same kind, compared with ntk and embedding in the same cells.
 
-Sizes (the defaults): 8 domain rows, 8 eval rows, a 100-row pool (5 domain rows), N = 8, at most
-64 tokens, fine-tunes of 1 epoch at 2 rows per step (4 steps domain-only, 8 with N rows added).
-Chosen from one measured cell of 16 / 16 / 200 / N = 16 on the shared 2-core machine (load
-average 4, one torch thread): about 1,000 s, from roughly 0.9 s per row per fine-tune epoch,
-2.4 s per eval row and condition (one loss row + 4 multiple-choice rows), 0.34 s per row for the
-embedding pass, 0.8 s per row for LESS features, 0.65 s per row for NTK features, i.e. a cell
-costs about 16 D + 13 N + 1.2 P + 19 E seconds (D domain, N budget, P pool, E eval rows) with
-2 epochs, 9 D + 7 N + 1.2 P + 19 E with 1 (measured when the selections ran in memory with one
-shared warm-up; the jobs add three warm-ups, model loads and shard I/O per cell: re-measure).
+Reuse, so that a cell's model work is done once:
+- conditions that differ from ntk only in the scorer are ``ntk-ray score`` jobs on the ntk job's
+  kept features (``--keep-features``): no model pass at all;
+- select jobs whose warm-up settings equal ntk's (embedding, and every ntk variant that does not
+  change the warm-up or the LoRA) take the ntk job's warmed-up adapter through ``select
+  --adapter`` (a documented option: the warm-up is loaded instead of retrained, the same weights).
+  LESS needs its own warm-up (the Adam moments); warm-up and LoRA variants warm up themselves;
+- a condition whose settings resolve to another's (e.g. ``warmup-2`` when 2 is the default) is
+  that condition: it is shown as ``= ntk`` and not run twice;
+- a finished job is never rerun (the runner's resume); every finished piece (a selection, a
+  fine-tune result) is appended to a JSON-lines cache (``--cache``) with the fingerprint of
+  everything it depends on (the split, the job's whole ``SelectConfig.identity()`` with the
+  product's defaults, the fine-tune and eval settings), so a changed default recomputes just the
+  conditions it changes, and the same command resumes where a killed run stopped.
 
-Every finished piece (a selection, a fine-tune result) is appended to a JSON-lines cache
-(``--cache``) keyed by (kind, domain, seed, condition) and the settings' fingerprint (version 2:
-records of the earlier in-memory selections, version 1, are not reused), and the
-table and plot are rewritten after every cell: a killed run leaves its results so far, and the same
-command resumes where it stopped. Output: ``<out>/selection.md`` (the command that regenerates it
-is at its top) and ``<out>/selection.png``.
+After selection, per condition: a fresh LoRA (r=16, alpha=32, q/k/v/o) on the base model,
+``train_lora`` with the fine-tune settings below (fixed before any evaluation, the same for every
+condition, seed = the cell's seed) on the domain rows plus the selected rows, then the mean
+per-token loss of the held-out eval rows' responses (``training.mean_token_loss``, batched).
+Multiple-choice accuracy is off by default (``--mc``): it never moved at toy size and costs
+several times the loss evaluation (measured: see ``decide.md``).
+
+Statistics (``decide.md``): per condition mean ± std over cells; for ntk minus each baseline
+(and each variant minus ntk / minus embedding) the paired difference of held-out loss over the
+cells that have both, with a 95% percentile bootstrap interval (cells resampled, 10,000
+resamples, fixed seed); a difference is called only where the interval excludes zero (and at
+least :data:`MIN_CELLS_TO_CALL` cells). Label lift = the domain label's share among the picks /
+its share of the pool. Cost = the job's ``manifest.json`` stage seconds per 1,000 pool rows
+(a borrowed warm-up counted as its lender's). The results file and plot are rewritten after
+every finished cell: ``<out>/decide.md``, ``<out>/decide.png``.
 """
 
 from __future__ import annotations
@@ -73,31 +64,109 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per process (shared machine)
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-CONDITIONS = ["domain-only", "random", "bm25", "embedding", "less", "ntk", "ntk-mean"]
-SELECTORS = CONDITIONS[1:]
+VERSION = 3  # 3: condition table, shared warm-ups and features, decide.md (2: product jobs; 1: in memory)
+LORA = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}  # the fine-tune's LoRA
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_CHOICES = 4
-MC_MAX_LENGTH = 256  # token limit of a multiple-choice item (prompt + one whole choice)
-LORA = {"r": 16, "alpha": 32, "targets": ("q_proj", "k_proj", "v_proj", "o_proj")}
+MC_MAX_LENGTH = 256
+EVAL_BATCH_TOKENS = 2048  # padded tokens per eval batch (memory: the logits of 2,048 tokens are 0.4 GB)
+BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
+MIN_CELLS_TO_CALL = 4  # a bootstrap over fewer cells is too coarse to call anything
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-DEFAULT_CACHE = ROOT / "runs" / "bench_selection" / "cache.jsonl"
-DEFAULT_WORK = ROOT / "runs" / "bench_selection" / "work"
+DEFAULT_CACHE = ROOT / "runs" / "bench_decide" / "cache.jsonl"
+DEFAULT_WORK = ROOT / "runs" / "bench_decide" / "work"
 # the smallest cell where every check of tests/test_bench_selection.py still means something:
-# 4 eval rows is the least that gives each multiple-choice item 3 distractors; 12 pool rows keep
-# one domain-label row (round(12 * 0.05) = 1, so the lift is defined) and more rows than the
-# ntk coarse cut M = 4 * budget = 8 (the kNN-vote stage runs); 48 tokens keep every prompt
-SMOKE = {"domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 4, "n_pool": 12, "budget": 2,
-         "max_length": 48, "epochs": 1.0, "warmup_epochs": 1.0, "proj_dim": 256}
+# 12 pool rows keep one domain-label row and more rows than the coarse cut M = 4 x budget = 8;
+# 48 tokens keep every prompt; one ablation (a scorer on ntk's kept features; embedding already
+# borrows ntk's warm-up)
+SMOKE = {"domains": ["noun.food"], "ablation_domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 4,
+         "n_pool": 12, "budget": 2, "max_length": 48, "epochs": 1.0, "proj_dim": 256,
+         "ablations": ["ntk-max"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the conditions
+@dataclass(frozen=True)
+class Condition:
+    """One row of the results. ``select``: the ``SelectConfig`` fields that differ from the select
+    defaults (a value may be a function of the args, for sizes); ``score``: an ``ntk-ray score``
+    job with these ``ScoreConfig`` fields on the kept features of condition ``base``. Neither:
+    domain-only (no pool rows)."""
+    name: str
+    group: str  # "main" | "ablation" | "improvement"
+    what: str
+    select: dict | None = None
+    score: dict | None = None
+    base: str = "ntk"
+
+
+def _no_prefilter(a) -> int:
+    return -(-a.n_pool // a.budget)  # M = factor x N >= the pool: the coarse stage (and its embedding pass) is skipped
+
+
+CONDITIONS: list[Condition] = [
+    Condition("domain-only", "main", "the domain rows alone"),
+    Condition("random", "main", "a seeded uniform pick", {"selector": "random"}),
+    Condition("bm25", "main", "BM25 on token ids", {"selector": "bm25"}),
+    Condition("embedding", "main", "RDS+: warmed-model mean-pooled embeddings, round-robin", {"selector": "embedding"}),
+    Condition("less", "main", "LESS: Adam-preconditioned loss gradients, sketch", {"selector": "less", "projector": "sketch"}),
+    Condition("ntk", "main", "`select` defaults", {}),
+    Condition("ntk-mean", "main", "the paper's scorer on ntk's features", score={"scorer": "mean"}),
+    # ablations (issue 16 item 2): each changes one thing of ntk
+    Condition("ntk-cosine", "ablation", "scorer cosine", score={"scorer": "cosine"}),
+    Condition("ntk-max", "ablation", "scorer max", score={"scorer": "max"}),
+    Condition("ntk-round-robin", "ablation", "scorer round-robin", score={"scorer": "round-robin"}),
+    Condition("no-prefilter", "ablation", "no coarse stage: NTK features of the whole pool", {"coarse_factor": _no_prefilter}),
+    Condition("M=2N", "ablation", "coarse cut M = 2N", {"coarse_factor": 2}),
+    Condition("M=4N", "ablation", "coarse cut M = 4N", {"coarse_factor": 4}),
+    Condition("M=8N", "ablation", "coarse cut M = 8N", {"coarse_factor": 8}),
+    Condition("K=N/4", "ablation", "K = N/4 neighbours per domain row", {"coarse_k": lambda a: max(1, a.budget // 4)}),
+    Condition("K=N", "ablation", "K = N neighbours per domain row (None: the budget)", {"coarse_k": None}),
+    Condition("K=4N", "ablation", "K = 4N neighbours per domain row", {"coarse_k": lambda a: 4 * a.budget}),
+    Condition("warmup-0", "ablation", "no warm-up (0 epochs: B = 0)", {"warmup_epochs": 0.0}),
+    Condition("warmup-1", "ablation", "warm-up 1 epoch", {"warmup_epochs": 1.0}),
+    Condition("warmup-2", "ablation", "warm-up 2 epochs", {"warmup_epochs": 2.0}),
+    Condition("warmup-4", "ablation", "warm-up 4 epochs", {"warmup_epochs": 4.0}),
+    Condition("objective-logits", "ablation", "F = summed logits (the paper)", {"objective": "summed-logits"}),
+    Condition("objective-loss", "ablation", "F = per-sample loss (as LESS)", {"objective": "loss"}),
+    Condition("proj-sketch", "ablation", "CountSketch projection", {"projector": "sketch"}),
+    Condition("proj-dense", "ablation", "dense Rademacher projection", {"projector": "dense"}),
+    Condition("proj-exact", "ablation", "no projection (exact LoRA gradients)", {"projector": "none"}),
+    Condition("lora-qv", "ablation", "warm-up/feature LoRA on q, v", {"lora_targets": ["q_proj", "v_proj"]}),
+    Condition("lora-qkvo", "ablation", "warm-up/feature LoRA on q, k, v, o", {"lora_targets": list(LORA["targets"])}),
+    Condition("lora-all", "ablation", "warm-up/feature LoRA on every linear", {"lora_targets": ALL_LINEAR}),
+    # improvement options (issue 16 item 3): one line each (a flag that has not landed shows as pending)
+    Condition("ntk-facility", "improvement", "facility-location greedy allocation over psi", {"allocation": "facility-location"}),
+    Condition("ntk-kmm", "improvement", "kernel-mean-matching greedy allocation over psi",
+              {"allocation": "kernel-mean-matching"}),
+    Condition("ntk-rrf", "improvement", "reciprocal rank fusion of the NTK and embedding rankings", {"fusion": "rrf"}),
+    Condition("ntk-ckpt4", "improvement", "features over 4 warm-up checkpoints (LESS/TRAK-style)", {"checkpoints": 4}),
+    Condition("ntk-center", "improvement", "kernels of candidate-centred features", {"center": "candidates"}),
+]
+BY_NAME = {c.name: c for c in CONDITIONS}
+MAIN = [c.name for c in CONDITIONS if c.group == "main"]
+BASELINES = ["domain-only", "random", "bm25", "embedding", "less", "ntk-mean"]
+# the fields that act after the warm-up (which rows, which features, how scored): a select job that
+# differs from ntk only in these borrows ntk's warmed-up adapter; any other difference (a new
+# field included) warms up itself
+AFTER_WARMUP = {"selector", "budget", "coarse_factor", "coarse_k", "scorer", "projector", "proj_dim", "allocation",
+                "fusion", "fusion_k", "center"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,86 +175,96 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ntk_ray.demo import DEMO_DOMAINS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--domains", nargs="+", default=DEMO_DOMAINS[:4])
+    ap.add_argument("--domains", nargs="+", default=DEMO_DOMAINS[:4], help="domains of the main cells")
+    ap.add_argument("--ablation-domains", nargs="+", default=None, help="domains of the ablation cells "
+                    "(default: the first two of --domains)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--n-domain", type=int, default=8, help="domain rows per cell (the warm-up and training set)")
-    ap.add_argument("--n-eval", type=int, default=8, help="held-out eval rows per cell")
-    ap.add_argument("--n-pool", type=int, default=100)
+    ap.add_argument("--ablations", nargs="*", default=None, help="the ablation/improvement conditions to run "
+                    "(default: every one in the table)")
+    ap.add_argument("--n-domain", type=int, default=48, help="domain rows per cell (warm-up and fine-tune set)")
+    ap.add_argument("--n-eval", type=int, default=128, help="held-out eval rows per cell")
+    ap.add_argument("--n-pool", type=int, default=1000)
     ap.add_argument("--pool-share", type=float, default=0.05, help="share of the domain label in the pool")
-    ap.add_argument("--budget", type=int, default=8, help="N: pool rows each selector adds")
+    ap.add_argument("--budget", type=int, default=48, help="N: pool rows each selector adds")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--epochs", type=float, default=1.0, help="fine-tune epochs of every condition")
     ap.add_argument("--lr", type=float, default=1e-4, help="fine-tune learning rate of every condition")
     ap.add_argument("--batch-rows", type=int, default=2, help="at most this many rows per fine-tune step")
-    ap.add_argument("--warmup-epochs", type=float, default=2.0, help="warm-up epochs (method.md: 2)")
-    ap.add_argument("--warmup-lr", type=float, default=1e-4, help="warm-up learning rate (method.md: 1e-4)")
-    ap.add_argument("--proj-dim", type=int, default=8192, help="d of the NTK and LESS projections")
-    ap.add_argument("--ntk-projector", default=None, help="projector of the ntk selector's features (default: "
-                    "ntk-ray select's default, SelectConfig.projector)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine "
-                    "two threads that wait for each other are several times slower than one); 0 = chosen per cell, "
-                    "every core when the machine is idle at the cell's start (risky when other work starts later)")
+    ap.add_argument("--proj-dim", type=int, default=None, help="d of every projection (default: select's)")
+    ap.add_argument("--mc", action="store_true", help="also multiple-choice accuracy (4 choices per eval row; "
+                    "several times the cost of the loss)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared 2-core machine)")
     ap.add_argument("--out", default=None, help=f"results directory (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                    "with --smoke runs/bench_selection/smoke)")
+                    "with --smoke runs/bench_decide/smoke)")
     ap.add_argument("--cache", default=None, help=f"JSON-lines cache (default {DEFAULT_CACHE.relative_to(ROOT)}; "
                     "with --smoke <out>/cache.jsonl)")
-    ap.add_argument("--work", default=None, help=f"where the select/score jobs write (their OUT directories; a rerun "
-                    f"reuses finished jobs) and the cells' data (default {DEFAULT_WORK.relative_to(ROOT)}; with --smoke "
-                    "<out>/work)")
-    ap.add_argument("--executor", choices=("local", "ray"), default="local", help="where the jobs run: local = "
-                    "runtime.local.LocalExecutor (in this process, no Ray), ray = the runner's default RayExecutor "
-                    "(starts or joins Ray, RAY_ADDRESS); the same stages either way")
-    ap.add_argument("--smoke", action="store_true", help="one domain, one seed, tiny sizes (CI): "
+    ap.add_argument("--work", default=None, help=f"where the jobs write their OUT directories and the cells' data "
+                    f"(default {DEFAULT_WORK.relative_to(ROOT)}; with --smoke <out>/work)")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local", help="local = in this process (no "
+                    "Ray), ray = the runner's RayExecutor (starts or joins Ray); the same stages either way")
+    ap.add_argument("--report-only", action="store_true", help="rewrite decide.md/png from the cache; run nothing")
+    ap.add_argument("--smoke", action="store_true", help="one tiny cell (CI): "
                     + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = ap.parse_args(argv)
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
-        args.out = args.out or str(ROOT / "runs" / "bench_selection" / "smoke")
+        args.out = args.out or str(ROOT / "runs" / "bench_decide" / "smoke")
         args.cache = args.cache or str(Path(args.out) / "cache.jsonl")
         args.work = args.work or str(Path(args.out) / "work")
-    if args.ntk_projector is None:
+    if args.proj_dim is None:
         from ntk_ray.config import SelectConfig
 
-        args.ntk_projector = SelectConfig().projector
+        args.proj_dim = SelectConfig().proj_dim
+    args.ablation_domains = args.ablation_domains or args.domains[:2]
+    if args.ablations is None:
+        args.ablations = [c.name for c in CONDITIONS if c.group != "main"]
     args.out = Path(args.out or DEFAULT_OUT)
     args.cache = Path(args.cache or DEFAULT_CACHE)
     args.work = Path(args.work or DEFAULT_WORK)
-    unknown = [d for d in args.domains if d not in DEMO_DOMAINS]
+    for flag, values in (("--domains", args.domains), ("--ablation-domains", args.ablation_domains)):
+        unknown = [d for d in values if d not in DEMO_DOMAINS]
+        if unknown:
+            ap.error(f"{flag}: {unknown} are not demo domains ({', '.join(DEMO_DOMAINS)})")
+    unknown = [a for a in args.ablations if a not in BY_NAME or BY_NAME[a].group == "main"]
     if unknown:
-        ap.error(f"--domains: {unknown} are not demo domains ({', '.join(DEMO_DOMAINS)})")
+        ap.error(f"--ablations: {unknown} are not ablation conditions "
+                 f"({', '.join(c.name for c in CONDITIONS if c.group != 'main')})")
     return args
 
 
-def settings(args) -> dict:
-    """Everything that determines a result (the cache fingerprint), including the library
-    defaults the ntk selector takes from ``SelectConfig``."""
-    from ntk_ray.config import SelectConfig
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-    sc = SelectConfig()
+
+def split_settings(args) -> dict:
     return {"n_domain": args.n_domain, "n_eval": args.n_eval, "n_pool": args.n_pool, "pool_share": args.pool_share,
-            "budget": args.budget, "max_length": args.max_length, "epochs": args.epochs, "lr": args.lr,
-            "batch_rows": args.batch_rows, "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr,
-            "proj_dim": args.proj_dim, "lora": [LORA["r"], LORA["alpha"], list(LORA["targets"])],
-            "ntk": {"projector": args.ntk_projector, "scorer": sc.scorer, "coarse_factor": sc.coarse_factor,
-                    "coarse_k": sc.coarse_k}, "choices": N_CHOICES, "mc_max_length": MC_MAX_LENGTH,
-            "version": 2}  # 2: selections by the product's jobs (runner.run_select / run_score)
+            "max_length": args.max_length, "version": VERSION}
 
 
-FINETUNE_SETTINGS = ("epochs", "lr", "batch_rows", "choices", "mc_max_length")  # do not change a selection
-SELECTION_KINDS = ("warmup", "selection")
-NTK_CONDITIONS = ("ntk", "ntk-mean")
+def finetune_settings(args) -> dict:
+    """Fixed before any evaluation, identical for every condition (the results file's header and
+    every result's fingerprint)."""
+    return {"epochs": args.epochs, "lr": args.lr, "batch_rows": args.batch_rows, "weight_decay": 0.0,
+            "lora": [LORA["r"], LORA["alpha"], list(LORA["targets"])], "max_length": args.max_length,
+            "seed": "the cell's seed"}
 
 
-def fingerprint(s: dict, kind: str = "result", condition: str | None = None) -> str:
-    """Of the settings a record depends on: a selection not on the fine-tune settings, and only
-    the ntk conditions on the ntk settings (so a different fine-tune setting reuses the cached
-    selections, and a different ntk projector recomputes only the ntk conditions)."""
-    if kind in SELECTION_KINDS:
-        s = {k: v for k, v in s.items() if k not in FINETUNE_SETTINGS}
-    if condition not in NTK_CONDITIONS:
-        s = {k: v for k, v in s.items() if k != "ntk"}
-    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
+def eval_settings(args) -> dict:
+    return {"loss": "mean per-token response loss", "batch_tokens": EVAL_BATCH_TOKENS,
+            "mc": {"choices": N_CHOICES, "max_length": MC_MAX_LENGTH} if args.mc else None}
+
+
+def conditions_for(args, phase: str) -> list[str]:
+    return MAIN if phase == "main" else list(args.ablations)
+
+
+def cells(args) -> list[tuple[str, str, int]]:
+    """(phase, domain, seed) in run order: every main cell first (seed-major, so each seed's
+    domains finish together), then the ablation cells."""
+    out = [("main", d, s) for s in args.seeds for d in args.domains]
+    out += [("ablation", d, s) for s in args.seeds for d in args.ablation_domains]
+    return out
 
 
 def _rel(path) -> str:
@@ -201,10 +280,15 @@ def command_line(args) -> str:
     if args.smoke:
         parts.append("--smoke")
     else:
-        parts += ["--domains", *args.domains, "--seeds", *map(str, args.seeds)]
+        parts += ["--domains", *args.domains, "--ablation-domains", *args.ablation_domains,
+                  "--seeds", *map(str, args.seeds)]
         for flag in ("n_domain", "n_eval", "n_pool", "pool_share", "budget", "max_length", "epochs", "lr",
-                     "batch_rows", "warmup_epochs", "warmup_lr", "proj_dim", "ntk_projector"):
+                     "batch_rows", "proj_dim"):
             parts += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+        if args.ablations != [c.name for c in CONDITIONS if c.group != "main"]:
+            parts += ["--ablations", *args.ablations]
+        if args.mc:
+            parts.append("--mc")
     for flag in ("out", "cache", "work"):
         parts += ["--" + flag, _rel(getattr(args, flag))]
     if args.executor != "local":
@@ -213,13 +297,141 @@ def command_line(args) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# what each condition runs
+@dataclass
+class Plan:
+    """The resolved job of a condition in a cell: ``kind`` "none" | "select" | "score" | "alias"
+    (of ``alias``) | "pending" (``why``); ``cfg``: the SelectConfig or ScoreConfig fields; ``fp``
+    the fingerprint of everything its selection depends on; ``borrows``: the condition whose
+    warm-up it takes (``--adapter``) or whose features it scores."""
+    name: str
+    kind: str
+    fp: str = ""
+    cfg: dict = field(default_factory=dict)
+    borrows: str | None = None
+    alias: str | None = None
+    why: str = ""
+
+
+def _resolve(value, args):
+    return value(args) if callable(value) else value
+
+
+def _select_fields(overrides: dict, args, seed: int) -> dict:
+    """The SelectConfig fields of a select job of the benchmark (paths filled in later)."""
+    base = {"budget": args.budget, "max_length": args.max_length, "seed": seed, "proj_dim": args.proj_dim,
+            "executor": "local"}
+    return {**base, **{k: _resolve(v, args) for k, v in overrides.items()}}
+
+
+def _identity(fields: dict) -> dict:
+    """``SelectConfig.identity()`` of the fields (the product's defaults included), paths out."""
+    from ntk_ray.config import SelectConfig
+
+    return SelectConfig(**{"domain": ["<domain>"], "pool": ["<pool>"], "out": "<out>", **fields}).identity()
+
+
+def _unavailable(cond: Condition, args) -> str:
+    """Why the product cannot run ``cond`` (a flag that has not landed, a value it does not know),
+    or ''."""
+    import dataclasses
+
+    from ntk_ray.config import ScoreConfig, SelectConfig
+
+    if cond.select is not None:
+        names = {f.name for f in dataclasses.fields(SelectConfig)}
+        missing = [k for k in cond.select if k not in names]
+        if missing:
+            return f"select has no {', '.join('--' + m.replace('_', '-') for m in missing)} yet"
+        for k, v in cond.select.items():
+            choices = _choices(SelectConfig, k)
+            if choices is not None and _resolve(v, args) not in choices:
+                return f"select --{k.replace('_', '-')} has no value {_resolve(v, args)!r} yet"
+    if cond.score is not None:
+        names = {f.name for f in dataclasses.fields(ScoreConfig)}
+        missing = [k for k in cond.score if k not in names]
+        if missing:
+            return f"score has no {', '.join('--' + m.replace('_', '-') for m in missing)} yet"
+        for k, v in cond.score.items():
+            choices = _choices(ScoreConfig, k)
+            if choices is not None and v not in choices:
+                return f"score --{k.replace('_', '-')} has no value {v!r} yet"
+    return ""
+
+
+def _choices(cls, name: str):
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def plan_condition(name: str, args, seed: int) -> Plan:
+    """What ``name`` runs in a cell of ``seed`` (the same for every domain: the domain enters the
+    fingerprint through the cell)."""
+    cond = BY_NAME[name]
+    why = _unavailable(cond, args)
+    if why:
+        return Plan(name, "pending", why=why)
+    if cond.select is None and cond.score is None:
+        return Plan(name, "none", fp=_hash({"split": split_settings(args), "kind": "none"}))
+    if cond.score is not None:
+        base = plan_condition(cond.base, args, seed)
+        if base.kind != "select":
+            return Plan(name, "pending", why=f"its base {cond.base} is {base.kind}")
+        from ntk_ray.config import ScoreConfig
+
+        if cond.score.get("scorer", ScoreConfig().scorer) == base.cfg.get("scorer") and len(cond.score) == 1:
+            return Plan(name, "alias", fp=base.fp, alias=base.alias or cond.base)
+        score = {"budget": args.budget, **cond.score}
+        return Plan(name, "score", fp=_hash({"base": base.fp, "score": score}), cfg=score, borrows=cond.base)
+    fields = _select_fields(cond.select, args, seed)
+    ident = _identity(fields)
+    plan = Plan(name, "select", cfg={k: v for k, v in ident.items() if k not in ("domain", "pool", "adapter")})
+    if name != "ntk":
+        ntk = plan_condition("ntk", args, seed)
+        if ntk.kind == "select" and ident == _identity(_select_fields(BY_NAME["ntk"].select, args, seed)):
+            return Plan(name, "alias", fp=ntk.fp, alias="ntk")
+        ntk_ident = _identity(_select_fields(BY_NAME["ntk"].select, args, seed))
+        if _warms_up(ident["selector"]) and ident["warmup"] == "train" and not ident["adapter"] \
+                and {k for k in ident if ident[k] != ntk_ident.get(k)} <= AFTER_WARMUP:
+            plan.borrows = "ntk"
+    plan.fp = _hash({"split": split_settings(args), "identity": ident, "warmup_from": plan.borrows})
+    return plan
+
+
+def _warms_up(selector: str) -> bool:
+    """Whether the selector's plan has a plain warm-up (one an ``--adapter`` can replace; LESS's
+    keeps Adam moments and refuses one)."""
+    from ntk_ray.config import SelectConfig
+    from ntk_ray.stages.model import WarmupStage
+    from ntk_ray.stages.registry import get_selector
+
+    plan = get_selector(selector).plan(SelectConfig(selector=selector))
+    return any(isinstance(s, WarmupStage) and not s.less for s in plan)
+
+
+def plans_for(args, seed: int) -> dict[str, Plan]:
+    return {c.name: plan_condition(c.name, args, seed) for c in CONDITIONS}
+
+
+def result_fp(plan: Plan, args) -> str:
+    return _hash({"selection": plan.fp, "finetune": finetune_settings(args), "eval": eval_settings(args)})
+
+
+def base_fp(args) -> str:
+    return _hash({"split": split_settings(args), "eval": eval_settings(args)})
+
+
+# ---------------------------------------------------------------------------------------------
 # the cache
 class Cache:
-    """Append-only JSON lines; a record counts when its fingerprint is the current one."""
+    """Append-only JSON lines; a record counts when its fingerprint is the one the current
+    settings give it (the caller passes it)."""
 
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path):
         self.path = Path(path)
-        self.settings = settings
         self.records: dict[tuple, dict] = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -227,21 +439,16 @@ class Cache:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill
                     continue
-                if rec.get("fp") == self.fp_of(rec.get("kind"), rec.get("condition")):
-                    self.records[self.key(rec)] = rec
-
-    def fp_of(self, kind, condition) -> str:
-        return fingerprint(self.settings, kind, condition)
+                self.records[self.key(rec)] = rec
 
     @staticmethod
     def key(rec: dict) -> tuple:
-        return (rec["kind"], rec["domain"], int(rec["seed"]), rec["condition"])
+        return (rec["kind"], rec["domain"], int(rec["seed"]), rec["condition"], rec.get("fp"))
 
-    def get(self, kind, domain, seed, condition):
-        return self.records.get((kind, domain, int(seed), condition))
+    def get(self, kind, domain, seed, condition, fp):
+        return self.records.get((kind, domain, int(seed), condition, fp))
 
     def add(self, rec: dict) -> dict:
-        rec = {"fp": self.fp_of(rec["kind"], rec["condition"]), **rec}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -250,22 +457,20 @@ class Cache:
         self.records[self.key(rec)] = rec
         return rec
 
-    def of_kind(self, kind: str) -> list[dict]:
-        return [r for k, r in self.records.items() if k[0] == kind]
-
 
 # ---------------------------------------------------------------------------------------------
-# one cell
+# the work of a cell
 class Clock:
     def __init__(self):
         self.start = time.time()
 
     def log(self, msg: str) -> None:
-        print(f"[{time.time() - self.start:7.0f}s, load {os.getloadavg()[0]:4.1f}] {msg}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')} {time.time() - self.start:7.0f}s, load {os.getloadavg()[0]:4.1f}] {msg}",
+              flush=True)
 
 
 def tokenized_rows(tokenizer, df, max_length: int) -> dict:
-    """ids, input_ids, loss/score masks, labels, prompts, responses of the usable rows."""
+    """ids, input_ids, loss masks, labels, prompts, responses of the usable rows."""
     from ntk_ray.core.tokenize import tokenize_batch
 
     tok = tokenize_batch(tokenizer, prompts=df["prompt"].to_list(), responses=df["response"].to_list(), max_length=max_length)
@@ -273,14 +478,14 @@ def tokenized_rows(tokenizer, df, max_length: int) -> dict:
     cols = {c: df[c].to_list() for c in ("id", "label", "prompt", "response")}
     out = {c: [v[i] for i in keep] for c, v in cols.items()}
     out.update(input_ids=[tok.input_ids[i] for i in keep], loss_mask=[tok.loss_mask[i] for i in keep],
-               score_mask=[tok.score_mask[i] for i in keep], rejected=len(df) - len(keep))
+               rejected=len(df) - len(keep))
     return out
 
 
 class Adapter:
     """One LoRA-wrapped copy of the base model per cell. ``fresh()`` puts the LoRA factors back to
-    their initial values (``attach_lora(seed=seed)``: A Kaiming-uniform from the seed, B = 0), which is
-    exactly a freshly attached adapter, without copying the model for every fine-tune."""
+    their initial values (``attach_lora(seed=seed)``: A from the seed, B = 0): exactly a freshly
+    attached adapter, without copying the model for every fine-tune."""
 
     def __init__(self, base, seed: int):
         from ntk_ray.models import attach_lora
@@ -298,14 +503,14 @@ class Adapter:
         return self.model.eval()
 
 
-def train(model, seqs, masks, epochs, lr, batch_rows, seed, keep_state=False) -> dict:
+def train(model, seqs, masks, epochs, lr, batch_rows, seed) -> dict:
     import torch
 
     from ntk_ray.core.training import TrainConfig, train_lora
 
     torch.manual_seed(seed)
-    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, **({"max_batch_rows": batch_rows} if batch_rows else {}))
-    return train_lora(model, seqs, masks, cfg, log=lambda *_: None, keep_optimizer_state=keep_state)
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, max_batch_rows=batch_rows)
+    return train_lora(model, seqs, masks, cfg, log=lambda *_: None)
 
 
 def mc_items(eval_rows: dict, domain: str, seed: int) -> tuple[list, list, list]:
@@ -328,40 +533,30 @@ def mc_items(eval_rows: dict, domain: str, seed: int) -> tuple[list, list, list]
     return prompts, choices, answers
 
 
-def evaluate(model, tokenizer, eval_rows, mc, max_length) -> dict:
-    from ntk_ray.core.evaluation import choice_accuracy
+def evaluate(model, tokenizer, eval_rows, mc, args) -> dict:
     from ntk_ray.core.training import mean_token_loss
 
-    loss = mean_token_loss(model, eval_rows["input_ids"], eval_rows["loss_mask"])
-    # choices are never truncated (choice_accuracy skips a row that does not fit): a longer limit
-    # than training's, so that every definition is compared whole
-    acc = choice_accuracy(model, tokenizer, mc[0], mc[1], mc[2], max(max_length, MC_MAX_LENGTH))
-    return {"loss": float(loss["loss"]), "accuracy": float("nan") if acc["accuracy"] is None else float(acc["accuracy"]),
-            "eval_tokens": int(loss["tokens"]), "mc_items": int(acc["rows"]), "mc_skipped": int(acc["skipped"])}
+    t0 = time.time()
+    loss = mean_token_loss(model, eval_rows["input_ids"], eval_rows["loss_mask"], batch_tokens=EVAL_BATCH_TOKENS)
+    out = {"loss": float(loss["loss"]), "eval_tokens": int(loss["tokens"]), "loss_seconds": time.time() - t0}
+    if mc is not None:
+        from ntk_ray.core.evaluation import choice_accuracy
+
+        t0 = time.time()
+        acc = choice_accuracy(model, tokenizer, mc[0], mc[1], mc[2], max(args.max_length, MC_MAX_LENGTH),
+                              batch_tokens=EVAL_BATCH_TOKENS)
+        out.update(accuracy=float("nan") if acc["accuracy"] is None else float(acc["accuracy"]),
+                   mc_items=int(acc["rows"]), mc_seconds=time.time() - t0)
+    return out
 
 
 def make_executor(kind: str):
-    """The executor every job of the benchmark runs on: the in-process ``LocalExecutor`` (one
-    process, no Ray; the default), or None for ``ray``: the runner's default ``RayExecutor``
-    (starts or joins Ray as ``ntk-ray select`` does)."""
+    """The in-process ``LocalExecutor`` (the default), or None for ``ray``: the runner's default."""
     if kind == "local":
         from ntk_ray.runtime.local import LocalExecutor
 
-        return LocalExecutor()
+        return LocalExecutor(device="cpu")
     return None
-
-
-def select_config(selector: str, args, seed: int, data: dict, out: Path):
-    """The ``ntk-ray select`` config of one selector: the library defaults except the sizes and
-    the warm-up settings of the benchmark (the same for every selector)."""
-    from ntk_ray.config import SelectConfig
-
-    options = {"ntk": {"projector": args.ntk_projector, "keep_features": True},
-               "less": {"projector": "sketch"}}.get(selector, {})
-    return SelectConfig(domain=[data["domain"]], pool=[data["pool"]], budget=args.budget, out=str(out),
-                        selector=selector, max_length=args.max_length, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-                        lora_targets=list(LORA["targets"]), warmup_epochs=args.warmup_epochs,
-                        warmup_lr=args.warmup_lr, proj_dim=args.proj_dim, seed=seed, **options)
 
 
 def picked_ids(out: Path) -> list[str]:
@@ -377,48 +572,40 @@ def picked_ids(out: Path) -> list[str]:
     return ids
 
 
-def run_selectors(needed: list[str], args, seed: int, data: dict, cell_dir: Path, clock, label) -> dict:
-    """Every selector in ``needed`` as the product runs it: ``runner.run_select`` into
-    ``cell_dir/<selector>`` (a rerun of a finished job reuses it: nothing is recomputed), and
-    ntk-mean as ``runner.run_score`` on the ntk job's kept features. Returns
-    {name: {"ids", "seconds", "parts", "run"}}."""
-    from ntk_ray.config import ScoreConfig
+def job_dir(cell_dir: Path, plan: Plan) -> Path:
+    """A job's OUT: one per (condition, fingerprint), so a job never meets another config's files."""
+    return cell_dir / f"{plan.name}-{plan.fp[:8]}"
+
+
+def run_job(plan: Plan, plans: dict, args, data: dict, cell_dir: Path, keep: bool, executor) -> dict:
+    """One select or score job as the product runs it; returns ids, seconds, stage seconds."""
+    from ntk_ray.config import ScoreConfig, SelectConfig
     from ntk_ray.progress import Progress
     from ntk_ray.runner import run_score, run_select
 
-    out: dict = {}
-    executor = make_executor(args.executor)
-    jobs = [c for c in ("random", "bm25", "embedding", "less", "ntk") if c in needed or (c == "ntk" and "ntk-mean" in needed)]
-    for name in jobs:
-        run = cell_dir / name
-        t0 = time.time()
-        manifest = run_select(select_config(name, args, seed, data, run), progress=Progress(), executor=executor)
-        seconds = time.time() - t0
-        out[name] = {"ids": picked_ids(run), "seconds": seconds, "run": _rel(run),
-                     "parts": {k: float(v) for k, v in manifest.get("stage_seconds", {}).items()}}
-        clock.log(f"{label}: {name} picked {len(out[name]['ids'])} in {seconds:.1f}s (select job)")
-    if "ntk-mean" in needed:
-        ntk_run, run = cell_dir / "ntk", cell_dir / "ntk-mean"
-        cfg = ScoreConfig(features=str(ntk_run / "_work" / "features"), anchors=str(ntk_run / "_work" / "anchor_features"),
-                          budget=args.budget, scorer="mean", out=str(run))
-        t0 = time.time()
+    out = job_dir(cell_dir, plan)
+    t0 = time.time()
+    if plan.kind == "select":
+        fields = dict(plan.cfg, domain=[data["domain"]], pool=[data["pool"]], out=str(out), keep_features=keep,
+                      executor=args.executor, batch_tokens=2048)
+        if plan.borrows:
+            fields["adapter"] = str(job_dir(cell_dir, plans[plan.borrows]) / "_work" / "warmup" / "adapter")
+        manifest = run_select(SelectConfig(**fields), progress=Progress(), executor=executor)
+    else:
+        base = job_dir(cell_dir, plans[plan.borrows])
+        cfg = ScoreConfig(features=str(base / "_work" / "features"), anchors=str(base / "_work" / "anchor_features"),
+                          out=str(out), executor=args.executor, **plan.cfg)
         manifest = run_score(cfg, progress=Progress(), executor=executor)
-        seconds = time.time() - t0
-        parts = {f"ntk {k}": v for k, v in out["ntk"]["parts"].items()}
-        parts.update({k: float(v) for k, v in manifest.get("stage_seconds", {}).items()})
-        # its features are the ntk job's: its cost is that job plus the score job
-        out["ntk-mean"] = {"ids": picked_ids(run), "seconds": out["ntk"]["seconds"] + seconds, "run": _rel(run),
-                           "parts": parts, "score_seconds": seconds}
-        clock.log(f"{label}: ntk-mean picked {len(out['ntk-mean']['ids'])} in {seconds:.1f}s (score job)")
-    return {k: v for k, v in out.items() if k in needed}
+    return {"ids": picked_ids(out), "seconds": time.time() - t0, "run": _rel(out),
+            "parts": {k: float(v) for k, v in manifest.get("stage_seconds", {}).items()}}
 
 
-def write_split(domain: str, seed: int, args, cell_dir: Path) -> dict:
-    """The cell's demo split under ``cell_dir/data`` (written once; ``make_demo_split`` is a
-    pure function of its arguments) and its paths and counts."""
+def write_split(domain: str, seed: int, args) -> dict:
+    """The cell's demo split (written once; ``make_demo_split`` is a pure function of its
+    arguments) and its paths and counts."""
     from ntk_ray.demo import make_demo_split
 
-    data = cell_dir / "data"
+    data = args.work / _hash(split_settings(args)) / f"{domain}-seed{seed}" / "data"
     info = data / "split.json"
     if info.exists():
         return json.loads(info.read_text())
@@ -432,54 +619,96 @@ def write_split(domain: str, seed: int, args, cell_dir: Path) -> dict:
     return split
 
 
-def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def todo(phase: str, domain: str, seed: int, args, cache: Cache) -> list[str]:
+    """The runnable conditions of a cell that have no current result yet (aliases and pending
+    conditions excluded; the base-model record too)."""
+    plans = plans_for(args, seed)
+    out = [n for n in conditions_for(args, phase) if plans[n].kind in ("none", "select", "score")
+           and cache.get("result", domain, seed, n, result_fp(plans[n], args)) is None]
+    if phase == "main" and cache.get("base", domain, seed, "base", base_fp(args)) is None:
+        out.append("base")
+    return out
+
+
+def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
     import polars as pl
     import torch
 
-    label = f"{domain} seed {seed}"
-    missing = [c for c in CONDITIONS if cache.get("result", domain, seed, c) is None]
-    if not missing and cache.get("base", domain, seed, "base") is not None:
+    label = f"{phase} {domain} seed {seed}"
+    missing = todo(phase, domain, seed, args, cache)
+    if not missing:
         clock.log(f"{label}: cached")
         return
     t_cell = time.time()
-    # one directory per selection settings (ntk's included): a job's OUT never holds another config
-    cell_dir = args.work / fingerprint(settings(args), "selection", "ntk") / f"{domain}-seed{seed}"
-    data = write_split(domain, seed, args, cell_dir)
+    plans = plans_for(args, seed)
+    data = write_split(domain, seed, args)
+    cell_dir = Path(data["domain"]).parent.parent
     dom = tokenized_rows(tokenizer, pl.read_ndjson(data["domain"]), args.max_length)
     ev = tokenized_rows(tokenizer, pl.read_ndjson(data["eval"]), args.max_length)
     pool_df = pl.read_parquet(data["pool"])
     pool = tokenized_rows(tokenizer, pool_df, args.max_length)
     label_of = dict(zip(pool_df["id"].to_list(), pool_df["label"].to_list()))
     pool_share = data["n_pool_domain"] / data["n_pool"]
-    mc = mc_items(ev, domain, seed)
-    clock.log(f"{label}: {len(dom['id'])} domain, {len(ev['id'])} eval ({len(mc[0])} choice items), "
-              f"{len(pool['id'])} pool rows ({dom['rejected'] + ev['rejected'] + pool['rejected']} rejected); "
-              f"to do: {', '.join(missing)}")
+    mc = mc_items(ev, domain, seed) if args.mc else None
+    clock.log(f"{label}: {len(dom['id'])} domain, {len(ev['id'])} eval, {len(pool['id'])} pool rows "
+              f"({dom['rejected'] + ev['rejected'] + pool['rejected']} rejected); to do: {', '.join(missing)}")
 
-    # selections (cached by id, so a resumed cell runs no job when all are done)
-    need_sel = [c for c in missing if c != "domain-only" and cache.get("selection", domain, seed, c) is None]
-    if need_sel:
-        got = run_selectors(need_sel, args, seed, data, cell_dir, clock, label)
-        for name, sel in got.items():
-            labels = [label_of[i] for i in sel["ids"]]
-            share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
-            cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "ids": sel["ids"],
-                       "seconds": sel["seconds"], "parts": sel["parts"], "run": sel["run"], "label_share": share,
-                       "pool_share": pool_share, "lift": share / pool_share if pool_share else float("nan")})
+    # selections: the jobs each missing condition needs, lenders first (ntk before its borrowers)
+    needed: list[str] = []
+
+    def need(name):
+        p = plans[name]
+        if p.kind == "alias":
+            return need(p.alias)
+        if p.kind in ("select", "score") and name not in needed:
+            if p.borrows:
+                need(p.borrows)
+            needed.append(name)
+
+    for name in missing:
+        if name != "base":
+            need(name)
+    keepers = {p.borrows for p in plans.values() if p.kind == "score"}
+    executor = make_executor(args.executor)
+    for name in needed:
+        p = plans[name]
+        if cache.get("selection", domain, seed, name, p.fp) is not None:
+            continue
+        sel = run_job(p, plans, args, data, cell_dir, name in keepers, executor)
+        labels = [label_of[i] for i in sel["ids"]]
+        share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
+        cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp,
+                   "ids": sel["ids"], "seconds": sel["seconds"], "parts": sel["parts"], "run": sel["run"],
+                   "borrows": p.borrows, "label_share": share, "pool_share": pool_share,
+                   "lift": share / pool_share if pool_share else float("nan"), "commit": git_commit()})
+        clock.log(f"{label}: {name} picked {len(sel['ids'])} in {sel['seconds']:.0f}s ({p.kind} job; lift "
+                  f"{share / pool_share if pool_share else float('nan'):.1f})")
     id_index = {v: i for i, v in enumerate(pool["id"])}
 
     adapter = Adapter(base, seed)
-    if cache.get("base", domain, seed, "base") is None:
+    if "base" in missing:
         t0 = time.time()
         with adapter.fresh().disable_adapter():
-            m = evaluate(adapter.model, tokenizer, ev, mc, args.max_length)
-        cache.add({"kind": "base", "domain": domain, "seed": seed, "condition": "base", **m, "eval_seconds": time.time() - t0})
-        clock.log(f"{label}: base model: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f}")
-    for cond in missing:
-        ids = [] if cond == "domain-only" else cache.get("selection", domain, seed, cond)["ids"]
+            m = evaluate(adapter.model, tokenizer, ev, mc, args)
+        cache.add({"kind": "base", "domain": domain, "seed": seed, "condition": "base", "fp": base_fp(args), **m,
+                   "eval_seconds": time.time() - t0})
+        clock.log(f"{label}: base model: loss {m['loss']:.4f} ({time.time() - t0:.0f}s)")
+    for name in missing:
+        if name == "base":
+            continue
+        p = plans[name]
+        ids = [] if p.kind == "none" else cache.get("selection", domain, seed, name, p.fp)["ids"]
         lost = [i for i in ids if i not in id_index]
         if lost:
-            raise RuntimeError(f"{label}: {cond} selected {lost[:3]}, which the harness's tokenization rejected")
+            raise RuntimeError(f"{label}: {name} selected {lost[:3]}, which the harness's tokenization rejected")
         rows = [id_index[i] for i in ids]
         seqs = dom["input_ids"] + [pool["input_ids"][i] for i in rows]
         masks = dom["loss_mask"] + [pool["loss_mask"][i] for i in rows]
@@ -488,217 +717,340 @@ def run_cell(domain: str, seed: int, args, base, tokenizer, cache: Cache, clock:
         history = train(model, seqs, masks, args.epochs, args.lr, args.batch_rows, seed)
         train_s = time.time() - t0
         t0 = time.time()
-        m = evaluate(model, tokenizer, ev, mc, args.max_length)
-        cache.add({"kind": "result", "domain": domain, "seed": seed, "condition": cond, **m, "train_rows": len(seqs),
-                   "train_seconds": train_s, "eval_seconds": time.time() - t0, "train_loss": history.get("epoch_loss"),
-                   "steps": history.get("steps")})
-        clock.log(f"{label}: {cond:<11} {len(seqs)} rows: loss {m['loss']:.4f}, accuracy {m['accuracy']:.3f} "
-                  f"(train {train_s:.1f}s)")
+        m = evaluate(model, tokenizer, ev, mc, args)
+        cache.add({"kind": "result", "domain": domain, "seed": seed, "condition": name, "fp": result_fp(p, args), **m,
+                   "train_rows": len(seqs), "train_seconds": train_s, "eval_seconds": time.time() - t0,
+                   "train_loss": history.get("epoch_loss"), "steps": history.get("steps"), "commit": git_commit()})
+        clock.log(f"{label}: {name:<16} {len(seqs)} rows: loss {m['loss']:.4f} (train {train_s:.0f}s, "
+                  f"eval {time.time() - t0:.0f}s)")
     del adapter
-    cache.add({"kind": "cell", "domain": domain, "seed": seed, "condition": "cell", "seconds": time.time() - t_cell,
-               "load": os.getloadavg()[0], "threads": torch.get_num_threads()})
+    cache.add({"kind": "cell", "domain": domain, "seed": seed, "condition": phase, "fp": _hash([phase, missing]),
+               "seconds": time.time() - t_cell, "load": os.getloadavg()[0], "threads": torch.get_num_threads()})
     clock.log(f"{label}: cell done in {time.time() - t_cell:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------------
-# summary
-def _mean_std(values) -> tuple[float, float]:
+# statistics
+def bootstrap_ci(diffs, resamples: int = BOOTSTRAP["resamples"], seed: int = BOOTSTRAP["seed"],
+                 level: float = BOOTSTRAP["level"]) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of ``diffs`` and its percentile bootstrap interval: resample the
+    n values with replacement ``resamples`` times (``numpy.random.default_rng(seed)``), take each
+    resample's mean, and the (1 - level)/2 and (1 + level)/2 quantiles of those means."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def call(lo: float, hi: float, n: int, lower_is_better: bool = True) -> str:
+    """The verdict of a difference A - B of a loss: 'A better' when the interval is below zero,
+    'A worse' above, 'no call' when it includes zero or fewer than MIN_CELLS_TO_CALL cells."""
+    if n < MIN_CELLS_TO_CALL or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no call (too few cells)"
+    if hi < 0:
+        return "lower" if lower_is_better else "higher"
+    if lo > 0:
+        return "higher" if lower_is_better else "lower"
+    return "no call (interval includes 0)"
+
+
+def losses(records: list[dict]) -> dict[tuple, float]:
+    """(domain, seed, condition) -> held-out loss of the result records."""
+    return {(r["domain"], int(r["seed"]), r["condition"]): float(r["loss"]) for r in records}
+
+
+def paired(loss: dict[tuple, float], a: str, b: str, cells_: list[tuple[str, int]]) -> dict:
+    """A - B of the held-out loss over the cells that have both: n, mean, 95% interval, call,
+    and in how many cells A is lower."""
+    diffs = [loss[(d, s, a)] - loss[(d, s, b)] for d, s in cells_ if (d, s, a) in loss and (d, s, b) in loss]
+    mean, lo, hi = bootstrap_ci(diffs)
+    return {"a": a, "b": b, "n": len(diffs), "mean": mean, "lo": lo, "hi": hi, "call": call(lo, hi, len(diffs)),
+            "wins": int(sum(x < 0 for x in diffs)), "diffs": diffs}
+
+
+def mean_std(values) -> tuple[float, float, int]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
-def _pm(mean: float, std: float, fmt: str) -> str:
-    if not np.isfinite(mean):
-        return "-"
-    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
+def _pm(m: float, s: float, fmt: str = ".4f") -> str:
+    return "-" if not np.isfinite(m) else f"{m:{fmt}} ± {s:{fmt.lstrip('+')}}"
 
 
-def summarize(cache: Cache, args) -> dict:
-    """Per (domain | "all", condition): lists over seeds of loss, accuracy, delta loss/accuracy
-    vs domain-only, lift, selector seconds, train seconds. "all" averages the domains per seed
-    (a seed counts when every listed domain has it), so its spread is over seeds too."""
-    res = {(r["domain"], r["seed"], r["condition"]): r for r in cache.of_kind("result")}
-    res.update({(r["domain"], r["seed"], "base"): r for r in cache.of_kind("base")})
-    sel = {(r["domain"], r["seed"], r["condition"]): r for r in cache.of_kind("selection")}
-    conds = ["base"] + CONDITIONS
-    per: dict = {}
-    for d in args.domains:
-        for c in conds:
-            cell = {"loss": {}, "accuracy": {}, "dloss": {}, "dacc": {}, "lift": {}, "sel_s": {}, "train_s": {}}
-            for s in args.seeds:
-                r, ref = res.get((d, s, c)), res.get((d, s, "domain-only"))
-                if r is None:
-                    continue
-                cell["loss"][s], cell["accuracy"][s] = r["loss"], r["accuracy"]
-                if ref is not None:
-                    cell["dloss"][s], cell["dacc"][s] = r["loss"] - ref["loss"], r["accuracy"] - ref["accuracy"]
-                if "train_seconds" in r:
-                    cell["train_s"][s] = r["train_seconds"]
-                if (d, s, c) in sel:
-                    cell["lift"][s], cell["sel_s"][s] = sel[(d, s, c)]["lift"], sel[(d, s, c)]["seconds"]
-            per[(d, c)] = cell
-    for c in conds:
-        cell = {}
-        for metric in ("loss", "accuracy", "dloss", "dacc", "lift", "sel_s", "train_s"):
-            cell[metric] = {}
-            for s in args.seeds:
-                vals = [per[(d, c)][metric].get(s) for d in args.domains]
-                if all(v is not None for v in vals):
-                    cell[metric][s] = float(np.mean(vals))
-        per[("all", c)] = cell
-    return per
+def _num(ms: tuple, fmt: str) -> str:
+    return f"{ms[0]:{fmt}}" if ms[2] else "-"
 
 
-def wins(cache: Cache, args, cond: str, other: str) -> tuple[int, int]:
-    """(cells where ``cond`` has lower eval loss than ``other``, cells with both)."""
-    res = {(r["domain"], r["seed"], r["condition"]): r["loss"] for r in cache.of_kind("result")}
-    pairs = [(res[(d, s, cond)], res[(d, s, other)]) for d in args.domains for s in args.seeds
-             if (d, s, cond) in res and (d, s, other) in res]
-    return sum(a < b for a, b in pairs), len(pairs)
+def _ci(p: dict, fmt: str = "+.4f") -> str:
+    return "-" if not p["n"] else f"{p['mean']:{fmt}} [{p['lo']:{fmt}}, {p['hi']:{fmt}}]"
 
 
-def projector_note(args) -> str:
-    from ntk_ray.config import SelectConfig
+# ---------------------------------------------------------------------------------------------
+# the report
+class Report:
+    """Everything the results file says, gathered once from the cache under the current
+    settings: the records whose fingerprints are current, aliases resolved."""
 
-    default = SelectConfig().projector
-    return "" if args.ntk_projector == default else f" (not the current `select` default `{default}`)"
+    def __init__(self, cache: Cache, args):
+        self.args = args
+        self.plans = {s: plans_for(args, s) for s in args.seeds}
+        self.results, self.selections, self.base = [], [], []
+        for s in args.seeds:
+            for d in sorted(set(args.domains) | set(args.ablation_domains)):
+                b = cache.get("base", d, s, "base", base_fp(args))
+                if b:
+                    self.base.append(b)
+                for name, p in self.plans[s].items():
+                    src = p.alias if p.kind == "alias" else name
+                    sp = self.plans[s][src]
+                    if sp.kind not in ("none", "select", "score"):
+                        continue
+                    r = cache.get("result", d, s, src, result_fp(sp, args))
+                    if r:
+                        self.results.append({**r, "condition": name})
+                    sel = cache.get("selection", d, s, src, sp.fp)
+                    if sel:
+                        self.selections.append({**sel, "condition": name})
+        self.loss = losses(self.results)
+        self.sel = {(r["domain"], int(r["seed"]), r["condition"]): r for r in self.selections}
+        self.cell_records = [r for r in cache.records.values() if r["kind"] == "cell"]
+
+    def cells_of(self, phase: str) -> list[tuple[str, int]]:
+        return [(d, s) for ph, d, s in cells(self.args) if ph == phase]
+
+    def done(self, phase: str, d: str, s: int) -> bool:
+        runnable = [n for n in conditions_for(self.args, phase) if self.plans[s][n].kind != "pending"]
+        return all((d, s, n) in self.loss for n in runnable)
+
+    def status(self) -> tuple[int, int, str]:
+        all_cells = cells(self.args)
+        done = [c for c in all_cells if self.done(*c)]
+        main = sum(c[0] == "main" for c in done)
+        abl = sum(c[0] == "ablation" for c in done)
+        n_main = sum(c[0] == "main" for c in all_cells)
+        return len(done), len(all_cells), f"main {main} of {n_main}, ablation {abl} of {len(all_cells) - n_main}"
+
+    def cost(self, name: str, d: str, s: int) -> float | None:
+        """Seconds of the selection per 1,000 pool rows: the job's stage seconds (a score job:
+        plus its base's; a borrowed warm-up: the lender's warm-up instead of the loading)."""
+        r = self.sel.get((d, s, name))
+        if r is None:
+            return None
+        sec = sum(r["parts"].values())
+        lender = self.sel.get((d, s, r.get("borrows"))) if r.get("borrows") else None
+        plan = self.plans[s][name]
+        src = self.plans[s][plan.alias] if plan.kind == "alias" else plan
+        if lender is not None:
+            if src.kind == "score":
+                sec += sum(lender["parts"].values())
+            else:
+                sec += max(0.0, lender["parts"].get("warmup", 0.0) - r["parts"].get("warmup", 0.0))
+        n_pool = self.args.n_pool
+        return 1000.0 * sec / n_pool
+
+    def condition_row(self, name: str, cells_: list[tuple[str, int]]) -> dict:
+        loss = mean_std([self.loss.get((d, s, name)) for d, s in cells_])
+        dloss = mean_std([self.loss[(d, s, name)] - self.loss[(d, s, "domain-only")] for d, s in cells_
+                          if (d, s, name) in self.loss and (d, s, "domain-only") in self.loss])
+        lift = mean_std([self.sel[(d, s, name)]["lift"] for d, s in cells_ if (d, s, name) in self.sel])
+        cost = mean_std([self.cost(name, d, s) for d, s in cells_ if (d, s, name) in self.sel])
+        return {"loss": loss, "dloss": dloss, "lift": lift, "cost": cost}
 
 
-def write_markdown(cache: Cache, args, s: dict, path: Path, elapsed: float) -> str:
-    per = summarize(cache, args)
-    done_cells = sum(all(cache.get("result", d, sd, c) for c in CONDITIONS) for d in args.domains for sd in args.seeds)
-    total_cells = len(args.domains) * len(args.seeds)
-    warm = [r["parts"]["warmup"] for r in cache.of_kind("selection") if r["condition"] == "ntk" and "warmup" in r.get("parts", {})]
-    cells = [r["seconds"] for r in cache.of_kind("cell")]
-    loads = [r["load"] for r in cache.of_kind("cell")]
-    ref_lift = args.pool_share
+def write_results(cache: Cache, args, elapsed: float) -> str:
+    rep = Report(cache, args)
+    k, n, split = rep.status()
+    main_cells, abl_cells = rep.cells_of("main"), rep.cells_of("ablation")
+    plans0 = rep.plans[args.seeds[0]]
+    ft = finetune_settings(args)
+    cell_s = [r["seconds"] for r in rep.cell_records if r["condition"] == "main"]
+    base_loss = mean_std([b["loss"] for b in rep.base if (b["domain"], int(b["seed"])) in main_cells])
     lines = [
-        "# Does the selection help fine-tuning? (`benchmarks/bench_selection.py`)",
+        "# Does ntk-ray's selection beat the cheap baselines? (`benchmarks/bench_selection.py`, issue 16)",
         "",
-        "Regenerate (resumes from the cache; delete it to start over):",
+        "Regenerate or resume (the cache keeps every finished piece; the same command continues):",
         "",
         "```",
         command_line(args),
         "```",
         "",
-        f"- status: {done_cells} of {total_cells} cells (domain x seed) complete"
-        + ("" if done_cells == total_cells else " (partial results: the run is in progress or was stopped)"),
-        f"- data: bundled WordNet corpus; per cell `make_demo_split(domain, n_domain={args.n_domain}, n_eval={args.n_eval}, "
-        f"n_pool={args.n_pool}, pool_domain_share={args.pool_share}, seed)`; chat template, max_length {args.max_length}",
-        f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores, "
-        f"torch threads per cell: {sorted({r.get('threads') for r in cache.of_kind('cell')}) or args.threads or 'auto'}); LoRA r={LORA['r']}, alpha={LORA['alpha']}, q/k/v/o"
-        + (f"; {np.mean(cells):.0f} s per cell (mean of {len(cells)}; 1-minute load average at the cell's end "
-           f"{np.mean(loads):.1f}: the machine is shared, so seconds are comparable within a cell, not across runs)"
-           if cells else ""),
-        f"- every selection is the product's job: `runner.run_select` (`ntk-ray select --selector NAME`) on the "
-        f"`{args.executor}` executor with the cell's domain.jsonl and pool.parquet; ntk-mean = `runner.run_score` "
-        "(`ntk-ray score --scorer mean`) on the ntk job's kept features (`--keep-features`)",
-        f"- warm-up (in each of the embedding, less and ntk jobs, as `select` runs it): {args.warmup_epochs:g} epoch(s), "
-        f"lr {args.warmup_lr:g} on the domain rows"
-        + (f"; {np.mean(warm):.1f} s per ntk job on average (included in the selector seconds)" if warm else ""),
-        f"- selectors pick N = {args.budget} pool rows; ntk = ntk-ray's `select` defaults (coarse kNN votes, "
-        f"M = {s['ntk']['coarse_factor']}N, K = N; `{s['ntk']['projector']}` projection{projector_note(args)}, d = {args.proj_dim}; scorer "
-        f"`{s['ntk']['scorer']}`); ntk-mean = the paper's `mean` scorer on the same features; less = Adam-preconditioned "
-        f"loss gradients, `sketch` projection, d = {args.proj_dim}; embedding = mean-pooled warmed hidden states; "
-        "bm25 = token ids; random = seeded",
-        f"- fine-tune of every condition (fixed before any evaluation, identical for all): fresh LoRA, {args.epochs:g} epoch(s), "
-        f"lr {args.lr:g}, at most {args.batch_rows} rows per step, seed = the cell's seed",
-        f"- eval: {args.n_eval} held-out rows of the domain (never seen by a selector or a setting): mean per-token loss "
-        f"on the response tokens (as trained: at most {args.max_length} tokens per row), and {N_CHOICES}-way "
-        "multiple-choice accuracy (the question with its true definition and 3 other eval rows' definitions, whole, "
-        "scored by mean log-likelihood per choice token; `evaluation.choice_accuracy`)",
-        f"- mean ± std over seeds {args.seeds}; the `all` rows average the domains per seed first. "
-        "Δ = condition minus domain-only in the same cell (negative Δ loss = better). "
-        f"Lift = the domain label's share among the N picks / its share of the pool ({ref_lift:.0%}; 1 = random). "
-        "Selector s = wall seconds of the selector's whole `select` job per cell (input checks, read + tokenize, "
-        "warm-up where the selector has one, its model passes, scoring, writing; ntk-mean: the ntk job plus its "
-        "`score` job); train s = the fine-tune.",
+        "(in the background on a shared machine: `nohup nice -n 15 <that command> > run.log 2>&1 &`)",
         "",
-        "| domain | condition | eval loss | Δ loss | accuracy | Δ accuracy | lift | selector s | train s | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"- **status: {k} of {n} cells done** ({split}); "
+        + ("complete." if k == n else "partial results: the run is in progress or stopped; "
+           "every number below is over the cells done so far."),
+        (f"- data: bundled WordNet corpus; per cell (domain, seed) `make_demo_split(domain, n_domain={args.n_domain}, "
+        f"n_eval={args.n_eval}, n_pool={args.n_pool}, pool_domain_share={args.pool_share}, seed)`; chat template, "
+        f"at most {args.max_length} tokens; main cells {args.domains} x seeds {args.seeds}, ablation cells "
+        f"{args.ablation_domains} x seeds {args.seeds}"),
+        f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores shared "
+        f"with other work, {args.threads} torch thread); executor `{args.executor}`"
+        + (f"; a main cell took {np.mean(cell_s) / 60:.0f} min on average ({len(cell_s)} cells)" if cell_s else ""),
+        (f"- **fine-tune of every condition** (fixed before any evaluation, identical for all; in every result's "
+        f"fingerprint): fresh LoRA r={LORA['r']}, alpha={LORA['alpha']}, {', '.join(LORA['targets'])}; "
+        f"`train_lora` {ft['epochs']:g} epoch(s), lr {ft['lr']:g}, AdamW without weight decay, at most "
+        f"{ft['batch_rows']} rows per step, seed = the cell's seed; on the domain rows + the N selected rows"),
+        f"- eval: {args.n_eval} held-out domain rows per cell, mean per-token loss of the responses "
+        f"(`training.mean_token_loss`, batched at {EVAL_BATCH_TOKENS} tokens)"
+        + (f"; {N_CHOICES}-way multiple-choice accuracy too (`--mc`)" if args.mc else
+           "; multiple-choice accuracy off (see *Evaluation cost*)")
+        + (f"; base model without fine-tune: {_pm(*base_loss[:2])}" if base_loss[2] else ""),
+        (f"- selections: N = {args.budget} pool rows, each the product's job (`runner.run_select` / `run_score`); "
+        "ntk = `select` with its defaults (every field below); the ablations change one field of ntk"),
+        (f"- statistics: mean ± std over cells; paired differences over cells with a {BOOTSTRAP['level']:.0%} "
+        f"percentile bootstrap interval (cells resampled, {BOOTSTRAP['resamples']:,} resamples, seed "
+        f"{BOOTSTRAP['seed']}); a difference is called only where the interval excludes 0 and at least "
+        f"{MIN_CELLS_TO_CALL} cells have both; lift = the domain label's share among the picks / its share of the "
+        f"pool ({args.pool_share:.0%}); cost = the job's stage seconds (`manifest.json`) per 1,000 pool rows, "
+        "a borrowed warm-up counted at the lender's warm-up seconds, a score job plus its features job "
+        "(seconds on a shared machine: compare within this file only)"),
     ]
-    for d in [*args.domains, "all"]:
-        for c in ["base"] + CONDITIONS:
-            cell = per[(d, c)]
-            n_seeds = len(cell["loss"])
-            if n_seeds == 0:
-                continue
-            loss, dloss = _mean_std(cell["loss"].values()), _mean_std(cell["dloss"].values())
-            acc, dacc = _mean_std(cell["accuracy"].values()), _mean_std(cell["dacc"].values())
-            lift = _mean_std(cell["lift"].values())
-            sel_s = _mean_std(cell["sel_s"].values())
-            train_s = _mean_std(cell["train_s"].values())
-            name = "base model (no fine-tune)" if c == "base" else c
-            row = [f"**{d}**" if d == "all" else d, name, _pm(*loss, ".4f"),
-                   "-" if c == "domain-only" else _pm(*dloss, "+.4f"), _pm(*acc, ".3f"),
-                   "-" if c == "domain-only" else _pm(*dacc, "+.3f"),
-                   _pm(*lift, ".1f") if c in SELECTORS else "-",
-                   f"{sel_s[0]:.1f}" if c in SELECTORS and np.isfinite(sel_s[0]) else "-",
-                   f"{train_s[0]:.1f}" if np.isfinite(train_s[0]) else "-", str(n_seeds)]
-            lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Head to head (eval loss, cells where the first is lower)", ""]
-    lines += [f"- ntk vs {o}: {w} of {n}" for o in ["domain-only", "random", "bm25", "embedding", "less", "ntk-mean"]
-              for w, n in [wins(cache, args, "ntk", o)] if n]
-    lines += [f"- {o} vs domain-only: {w} of {n}" for o in ["random", "bm25", "embedding", "less", "ntk-mean"]
-              for w, n in [wins(cache, args, o, "domain-only")] if n]
-    parts = {}
-    for r in cache.of_kind("selection"):
-        for k, v in r.get("parts", {}).items():
-            parts.setdefault((r["condition"], k), []).append(v)
+    ntk_ident = plans0["ntk"].cfg if plans0["ntk"].kind == "select" else {}
+    if ntk_ident:
+        lines.append("- ntk's `select` settings: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(ntk_ident.items()) if k not in ("budget", "max_length", "proj_dim", "seed")))
+
+    # 1. main table
+    lines += ["", f"## Main conditions ({len(main_cells)} cells: {len(args.domains)} domains x {len(args.seeds)} seeds)",
+              "", "| condition | what | held-out loss | Δ vs domain-only | label lift | cost s / 1,000 pool rows | cells |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for name in MAIN:
+        row = rep.condition_row(name, main_cells)
+        lines.append(f"| {name} | {BY_NAME[name].what} | {_pm(*row['loss'][:2])} | "
+                     f"{'-' if name == 'domain-only' else _pm(*row['dloss'][:2], '+.4f')} | "
+                     f"{_pm(*row['lift'][:2], '.1f') if name != 'domain-only' else '-'} | "
+                     f"{_num(row['cost'], '.0f')} | "
+                     f"{row['loss'][2]} |")
+    # 2. ntk minus each baseline
+    pairs = [paired(rep.loss, "ntk", b, main_cells) for b in BASELINES]
+    lines += ["", "## ntk minus each baseline: paired difference of held-out loss (negative = ntk better)", "",
+              "| ntk − | mean [95% CI] | cells | ntk lower in | call |", "|---|---:|---:|---:|---|"]
+    for p in pairs:
+        lines.append(f"| {p['b']} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | {p['call']} |")
+    emb = [paired(rep.loss, "embedding", b, main_cells) for b in ("random", "domain-only")]
+    lines += ["", "Embedding for reference: " + "; ".join(
+        f"embedding − {p['b']}: {_ci(p)} over {p['n']} cells, {p['call']}" for p in emb) + "."]
+    # 3. lift per domain
+    lines += ["", ("## Label lift per domain (mean over seeds; 1 = random, "
+              f"{1 / args.pool_share:.0f} = only domain rows)"), "",
+              "| condition | " + " | ".join(args.domains) + " |", "|---|" + "---:|" * len(args.domains)]
+    for name in MAIN[1:]:
+        vals = []
+        for d in args.domains:
+            m = mean_std([rep.sel[(d, s, name)]["lift"] for s in args.seeds if (d, s, name) in rep.sel])
+            vals.append(f"{m[0]:.1f}" if m[2] else "-")
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    # 4. ablations
+    lines += ["", (f"## Ablations and options ({len(abl_cells)} cells: {len(args.ablation_domains)} domains x "
+              f"{len(args.seeds)} seeds): each changes one thing of ntk"), "",
+              ("| condition | what | held-out loss | variant − ntk [95% CI] | call | variant − embedding [95% CI] | "
+              "call | lift | cost s / 1,000 | cells |"), "|---|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    abl_pairs = []
+    for name in ["ntk", "embedding", *args.ablations]:
+        plan = plans0[name]
+        what = BY_NAME[name].what
+        if plan.kind == "pending":
+            lines.append(f"| {name} | {what} | pending: {plan.why} | | | | | | | |")
+            continue
+        if plan.kind == "alias":
+            what += f" (= {plan.alias}: the same job)"
+        row = rep.condition_row(name, abl_cells)
+        vs_ntk = paired(rep.loss, name, "ntk", abl_cells)
+        vs_emb = paired(rep.loss, name, "embedding", abl_cells)
+        if name not in ("ntk", "embedding") and plan.kind != "alias":
+            abl_pairs.append(vs_ntk)
+        own = name in ("ntk",) or plan.alias == "ntk"
+        lines.append(f"| {name} | {what} | {_pm(*row['loss'][:2])} | {'-' if own else _ci(vs_ntk)} | "
+                     f"{'-' if own else vs_ntk['call']} | {'-' if name == 'embedding' else _ci(vs_emb)} | "
+                     f"{'-' if name == 'embedding' else vs_emb['call']} | "
+                     f"{_pm(*row['lift'][:2], '.1f')} | {_num(row['cost'], '.0f')} | {row['loss'][2]} |")
+    # 5. costs
+    parts: dict = {}
+    for r in rep.selections:
+        if (r["domain"], int(r["seed"])) in main_cells:
+            for stage, v in r["parts"].items():
+                parts.setdefault((r["condition"], stage), []).append(v)
     if parts:
         stages = ["setup", "read", "validate", "warmup", "embed", "coarse", "features", "score", "write"]
-        lines += ["", "## Selector cost breakdown (mean wall seconds per cell, the jobs' `manifest.json` stage_seconds; "
-                  "setup = input checks and executor start; ntk-mean: its score job only)", "",
-                  "| selector | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
-        for c in SELECTORS:
-            if any(k[0] == c for k in parts):
-                cols = [f"{np.mean(parts[(c, k)]):.1f}" if (c, k) in parts else "-" for k in stages]
-                lines.append(f"| {c} | " + " | ".join(cols) + " |")
-    lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.0f} min into this invocation. "
-              f"Cache: `{_rel(args.cache)}` (settings fingerprints: results {cache.fp_of('result', 'random')}, ntk results {cache.fp_of('result', 'ntk')}, "
-              f"selections {cache.fp_of('selection', 'random')}, ntk selections {cache.fp_of('selection', 'ntk')}).", ""]
+        lines += ["", ("## Selection cost breakdown (main cells; mean wall seconds per job, the jobs' `manifest.json` "
+                  "stage_seconds; a borrowing job's warm-up is the loading of the lender's adapter)"), "",
+                  "| condition | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+        for name in MAIN[1:]:
+            if any(k[0] == name for k in parts):
+                cols = [f"{np.mean(parts[(name, st)]):.0f}" if (name, st) in parts else "-" for st in stages]
+                lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    # 6. evaluation cost
+    res_main = [r for r in rep.results if (r["domain"], int(r["seed"])) in main_cells]
+    if res_main:
+        tr = mean_std([r["train_seconds"] for r in res_main if r["condition"] != "domain-only"])
+        ev = mean_std([r["loss_seconds"] for r in res_main])
+        lines += ["", "## Evaluation cost", "",
+                  (f"Per condition and cell: fine-tune {tr[0]:.0f} s (domain + N rows), held-out loss {ev[0]:.0f} s "
+                  f"({args.n_eval} rows). {MC_NOTE}")]
+    # verdict
+    lines += ["", "## Verdict so far", ""]
+    for p in pairs:
+        lines.append(f"- ntk vs {p['b']}: " + (
+            f"ntk's held-out loss is {'lower' if p['call'] == 'lower' else 'higher'} by {abs(p['mean']):.4f} nats "
+            f"(95% CI of ntk − {p['b']} [{p['lo']:+.4f}, {p['hi']:+.4f}], {p['n']} cells)"
+            if p["call"] in ("lower", "higher") else "no difference called ("
+            + (f"{p['call'].removeprefix('no call (').rstrip(')')}; 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}] over "
+               f"{p['n']} cells)" if p["n"] else "no cells yet)")))
+    moved = [p for p in abl_pairs if p["call"] in ("lower", "higher")]
+    lines.append("- ablations that move held-out loss against ntk: " + (", ".join(
+        f"{p['a']} ({p['call']}, {_ci(p)})" for p in moved) if moved else "none called so far"))
+    fps = {name: plans0[name].fp for name in MAIN if plans0[name].fp}
+    lines += ["", f"Written {time.strftime('%Y-%m-%d %H:%M')} ({elapsed / 60:.0f} min into this invocation, commit "
+              f"{git_commit() or '?'}). Cache `{_rel(args.cache)}`; selection fingerprints (seed "
+              f"{args.seeds[0]}): " + ", ".join(f"{k} {v}" for k, v in fps.items()) + ".", ""]
     text = "\n".join(lines)
+    path = args.out / "decide.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+    write_plot(pairs, abl_pairs, args, args.out / "decide.png", k, n)
     return text
 
 
-def write_plot(cache: Cache, args, path: Path) -> None:
+#: measured once (see the module docstring of the results): why multiple-choice accuracy is off
+MC_NOTE = ("Multiple-choice accuracy is off: at the toy size it never moved between fine-tuned conditions, and "
+           "measured on 128 eval rows of one cell (base model, one thread, load ~7) the loss took 104 s and "
+           "the 4-way multiple choice (all 128 items) 242 s, 2.3 times as long; `--mc` turns it on.")
+
+
+def write_plot(pairs: list[dict], abl_pairs: list[dict], args, path: Path, k: int, n: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per = summarize(cache, args)
-    groups = [*args.domains, "all"]
-    conds = SELECTORS
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    width = 0.8 / len(conds)
-    colors = plt.get_cmap("tab10")
-    for ax, metric, title in ((axes[0], "dloss", "eval loss − domain-only (lower is better)"),
-                              (axes[1], "dacc", "accuracy − domain-only (higher is better)")):
-        for j, c in enumerate(conds):
-            means, stds = [], []
-            for g in groups:
-                m, sd = _mean_std(per[(g, c)][metric].values())
-                means.append(m)
-                stds.append(sd)
-            xs = np.arange(len(groups)) + (j - (len(conds) - 1) / 2) * width
-            ax.bar(xs, np.nan_to_num(means), width, yerr=np.nan_to_num(stds), capsize=2, label=c, color=colors(j))
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(np.arange(len(groups)))
-        ax.set_xticklabels(groups, rotation=15)
-        ax.set_title(title, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8, ncol=2)
-    fig.suptitle(f"domain + N={args.budget} selected vs domain-only (n_domain={args.n_domain}, pool {args.n_pool}); "
-                 f"mean ± std over seeds {args.seeds}", fontsize=10)
+    groups = [("ntk − baseline (main cells)", pairs), ("variant − ntk (ablation cells)", abl_pairs)]
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.38 * max(len(pairs), len(abl_pairs), 1) + 1.4)))
+    for ax, (title, ps) in zip(axes, groups):
+        ps = [p for p in ps if p["n"]]
+        ys = np.arange(len(ps))[::-1]
+        for y, p in zip(ys, ps):
+            color = "tab:green" if p["call"] == "lower" else "tab:red" if p["call"] == "higher" else "tab:gray"
+            ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]], fmt="o", color=color,
+                        capsize=3)
+            ax.plot(p["diffs"], [y + 0.2] * len(p["diffs"]), ".", color=color, alpha=0.35, markersize=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([f"{p['a'] if 'ntk −' not in title else p['b']} (n={p['n']})" for p in ps], fontsize=8)
+        ax.set_title(title + ": held-out loss difference, 95% CI", fontsize=9)
+        ax.set_xlabel("nats (negative = the first is better)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"paired differences over cells ({k} of {n} cells done; green/red = interval excludes 0); "
+                 f"n_domain={args.n_domain}, pool {args.n_pool}, N={args.budget}, eval {args.n_eval}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
 
@@ -706,71 +1058,43 @@ def write_plot(cache: Cache, args, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
-    s = settings(args)
-    cache = Cache(args.cache, s)
-    args.out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(args.cache)
     clock = Clock()
     print(f"command: {command_line(args)}", flush=True)
+    if args.report_only:
+        print(write_results(cache, args, 0.0), flush=True)
+        return 0
     import torch
 
     threads_before = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
     try:
-        return _run(args, s, cache, clock)
+        return _run(args, cache, clock)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def idle_share(seconds: float = 2.0) -> float:
-    """Share of the machine's CPU time spent idle over the next ``seconds`` (Linux /proc/stat;
-    elsewhere from the 1-minute load average)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return v[3] + v[4], sum(v)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-        return (idle1 - idle0) / max(total1 - total0, 1)
-    except OSError:
-        cores = os.cpu_count() or 1
-        return max(0.0, 1.0 - os.getloadavg()[0] / cores)
-
-
-def pick_threads(requested: int) -> int:
-    """``requested``, or for 0: every core when the machine is otherwise idle (measured while this
-    process waits between cells), else 1."""
-    if requested > 0:
-        return requested
-    return (os.cpu_count() or 1) if idle_share() > 0.85 else 1
-
-
-def _run(args, s, cache, clock) -> int:
-    import torch
-
+def _run(args, cache: Cache, clock: Clock) -> int:
     from ntk_ray.models import load_model, load_tokenizer
 
+    for seed in args.seeds:
+        for name, p in plans_for(args, seed).items():
+            if p.kind == "pending" and (name in MAIN or name in args.ablations) and seed == args.seeds[0]:
+                clock.log(f"{name}: pending ({p.why})")
     base, tokenizer = None, None
-    for domain in args.domains:
-        for seed in args.seeds:
-            if all(cache.get("result", domain, seed, c) for c in CONDITIONS) and cache.get("base", domain, seed, "base"):
-                clock.log(f"{domain} seed {seed}: cached")
-                continue
-            if base is None:
-                base = load_model(None)
-                for p in base.parameters():
-                    p.requires_grad_(False)
-                tokenizer = load_tokenizer(None)
-                clock.log("demo model loaded")
-            threads = pick_threads(args.threads)
-            torch.set_num_threads(threads)
-            clock.log(f"{domain} seed {seed}: {threads} torch thread(s)")
-            run_cell(domain, seed, args, base, tokenizer, cache, clock)
-            write_markdown(cache, args, s, args.out / "selection.md", time.time() - clock.start)
-            write_plot(cache, args, args.out / "selection.png")
-    text = write_markdown(cache, args, s, args.out / "selection.md", time.time() - clock.start)
-    write_plot(cache, args, args.out / "selection.png")
+    for phase, domain, seed in cells(args):
+        if not todo(phase, domain, seed, args, cache):
+            clock.log(f"{phase} {domain} seed {seed}: cached")
+            continue
+        if base is None:
+            base = load_model(None)
+            for p in base.parameters():
+                p.requires_grad_(False)
+            tokenizer = load_tokenizer(None)
+            clock.log("demo model loaded")
+        run_cell(phase, domain, seed, args, base, tokenizer, cache, clock)
+        write_results(cache, args, time.time() - clock.start)
+    text = write_results(cache, args, time.time() - clock.start)
     print(text, flush=True)
     return 0
 

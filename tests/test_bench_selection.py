@@ -1,7 +1,9 @@
-"""The selection benchmark (benchmarks/bench_selection.py) end to end at smoke size: one domain,
-one seed, tiny sizes, the real demo model. Checks that every condition gets a table row with
-finite numbers, that the selections are the product's jobs (each selector's run directory, its
-ranked.parquet), that the plot is a PNG, and that a rerun resumes from the cache."""
+"""The decision benchmark (benchmarks/bench_selection.py) end to end at smoke size: one domain,
+one seed, tiny sizes, the real demo model. Checks that every main condition and the smoke's
+ablations get a table row with finite numbers, that the selections are the product's jobs (each
+condition's run directory and ranked.parquet), that the reuse is real (scorer variants score the
+ntk job's kept features; variants with ntk's warm-up settings take its adapter), that the plot is
+a PNG, and that a rerun resumes from the cache. The statistics are tested in test_bench_decide.py."""
 
 from __future__ import annotations
 
@@ -27,21 +29,20 @@ def _load_bench():
 
 
 def _number(cell: str) -> float:
-    """The leading number of a table cell like '2.3456 ± 0.0000' or '+0.012 ± 0.000'."""
+    """The leading number of a table cell like '2.3456 ± 0.0000' or '+0.012 [...]'."""
     m = re.match(r"\s*([+-]?\d+(?:\.\d+)?)", cell)
     assert m, f"no number in table cell {cell!r}"
     return float(m.group(1))
 
 
-def _rows(md: str) -> dict[str, list[str]]:
-    """condition -> cells of its row in the main table (first domain only; the smoke run has one)."""
+def _table(md: str, heading: str) -> dict[str, list[str]]:
+    """condition -> cells of its row in the table under the heading that starts with ``heading``."""
+    section = md.split("## " + heading, 1)[1].split("\n## ", 1)[0]
     out = {}
-    for line in md.splitlines():
-        if not line.startswith("| ") or line.startswith("| domain") or line.startswith("|---"):
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 10 and not cells[0].startswith("**"):
-            out[cells[1]] = cells
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith("| condition") and not line.startswith("| ntk − |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[cells[0]] = cells
     return out
 
 
@@ -50,63 +51,69 @@ def test_smoke_run_writes_a_complete_table_and_plot(tmp_path, capsys):
     bench = _load_bench()
     out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
     # the suite runs one test at a time, so the benchmark may use two cores (its default of one
-    # thread is for a machine shared with other work); --threads is not part of the results' fingerprint
+    # thread is for a machine shared with other work); --threads is not part of the fingerprints
     threads = ["--threads", str(min(2, os.cpu_count() or 1))]
     assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), *threads]) == 0
     assert (out / "work").is_dir(), "--smoke puts the jobs under <out>/work"
 
-    md = (out / "selection.md").read_text()
+    md = (out / "decide.md").read_text()
     assert "bench_selection.py --smoke" in md.split("```")[1], "the regenerating command is at the top"
-    rows = _rows(md)
-    for cond in bench.CONDITIONS + ["base model (no fine-tune)"]:
-        assert cond in rows, f"no table row for {cond}"
-        cells = rows[cond]
-        loss, acc = _number(cells[2]), _number(cells[4])
+    assert "**status: 2 of 2 cells done** (main 1 of 1, ablation 1 of 1)" in md
+    main = _table(md, "Main conditions")
+    for cond in bench.MAIN:
+        cells = main[cond]
+        loss = _number(cells[2])
         assert math.isfinite(loss) and 0 < loss < 20, (cond, cells)
-        assert 0 <= acc <= 1, (cond, cells)
-        if cond in bench.SELECTORS:
-            assert math.isfinite(_number(cells[3])) and math.isfinite(_number(cells[5])), (cond, cells)
-            assert _number(cells[6]) >= 0 and _number(cells[7]) >= 0, (cond, cells)
-    assert "1 of 1 cells" in md
-
-    png = (out / "selection.png").read_bytes()
+        if cond != "domain-only":
+            assert math.isfinite(_number(cells[3])) and _number(cells[4]) >= 0 and _number(cells[5]) > 0, (cond, cells)
+    ablation = _table(md, "Ablations")
+    for cond in bench.SMOKE["ablations"]:
+        assert math.isfinite(_number(ablation[cond][2])) and math.isfinite(_number(ablation[cond][3])), ablation[cond]
+    pairs = _table(md, "ntk minus each baseline")
+    assert set(pairs) == set(bench.BASELINES) and all(p[4].startswith("no call") for p in pairs.values()), \
+        "one cell calls nothing"
+    png = (out / "decide.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-    # every selector picked exactly N distinct pool rows; every condition trained on domain + N rows
+    # every selection picked exactly N distinct pool rows; every condition trained on domain + N rows
     records = [json.loads(line) for line in cache.read_text().splitlines()]
     n, n_domain = bench.SMOKE["budget"], bench.SMOKE["n_domain"]
     sel = {r["condition"]: r for r in records if r["kind"] == "selection"}
-    assert set(sel) == set(bench.SELECTORS)
+    selectors = [c for c in bench.MAIN if c != "domain-only"]
+    assert set(sel) == set(selectors) | set(bench.SMOKE["ablations"])
     for name, r in sel.items():
         assert len(r["ids"]) == len(set(r["ids"])) == n, name
         assert 0 <= r["label_share"] <= 1
     res = {r["condition"]: r for r in records if r["kind"] == "result"}
-    assert set(res) == set(bench.CONDITIONS)
+    assert set(res) == set(bench.MAIN) | set(bench.SMOKE["ablations"])
     assert res["domain-only"]["train_rows"] == n_domain
-    assert all(res[c]["train_rows"] == n_domain + n for c in bench.SELECTORS)
-    assert all(r["mc_skipped"] == 0 and r["mc_items"] > 0 for r in res.values())
-    # the fine-tunes differ by their data only, and the data must reach them
+    assert all(r["train_rows"] == n_domain + n for c, r in res.items() if c != "domain-only")
     assert len({round(r["loss"], 6) for r in res.values()}) > 1, "every condition gave the same loss"
 
-    # the selections are the product's: each one is a select (ntk-mean: score) job whose
-    # ranked.parquet holds exactly the ids the fine-tune used
+    # the selections are the product's jobs, and the reuse is real
     import polars as pl
 
+    ntk_run = (ROOT / sel["ntk"]["run"]).resolve()
     for name, r in sel.items():
         run = ROOT / r["run"]  # relative to the repository, or absolute
         manifest = json.loads((run / "manifest.json").read_text())
         ranked = pl.read_parquet(run / "ranked.parquet")
         assert ranked.filter(pl.col("selected")).sort("rank")["id"].to_list() == r["ids"], name
-        if name == "ntk-mean":
-            assert manifest["config"]["scorer"] == "mean" and Path(manifest["config"]["features"]).resolve().parents[1] == (ROOT / sel["ntk"]["run"]).resolve()
+        if name in ("ntk-mean", "ntk-max"):  # score jobs on the ntk job's kept features
+            assert manifest["config"]["scorer"] == name.removeprefix("ntk-")
+            assert Path(manifest["config"]["features"]).resolve().parents[1] == ntk_run
         else:
-            assert manifest["selector"] == name and set(ranked["stage"].unique()) <= {name, "coarse"}, name
-    assert "coarse" in set(pl.read_parquet(ROOT / sel["ntk"]["run"] / "ranked.parquet")["stage"])  # the kNN stage ran
+            assert manifest["selector"] == bench.BY_NAME[name].select.get("selector", "ntk"), name
+        if name == "embedding":  # ntk's warm-up settings: its adapter, not a second warm-up
+            assert r["borrows"] == "ntk" and Path(manifest["config"]["adapter"]).resolve() == \
+                ntk_run / "_work" / "warmup" / "adapter"
+    assert "coarse" in set(pl.read_parquet(ntk_run / "ranked.parquet")["stage"])  # the kNN stage ran
     assert {"warmup", "embed", "coarse", "features", "score"} <= set(sel["ntk"]["parts"])
 
     # a rerun resumes from the cache: no model is loaded, nothing is recomputed
     capsys.readouterr()
     lines_before = len(cache.read_text().splitlines())
     assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), *threads]) == 0
-    assert "cached" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cached" in printed and "demo model loaded" not in printed
     assert len(cache.read_text().splitlines()) == lines_before

@@ -1,0 +1,171 @@
+"""The statistics of the decision benchmark (benchmarks/bench_selection.py): the bootstrap
+interval on cases with a known answer, the call rule, the paired-difference table and the
+results file from a fake cache (no model, no job: fast)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_selection", ROOT / "benchmarks" / "bench_selection.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_selection"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bootstrap_ci_of_a_constant_is_that_constant(bench):
+    mean, lo, hi = bench.bootstrap_ci([-0.03] * 7)
+    assert mean == pytest.approx(-0.03) and lo == pytest.approx(-0.03) and hi == pytest.approx(-0.03)
+
+
+def test_bootstrap_ci_matches_the_normal_interval_of_the_mean(bench):
+    """n = 400 draws: the percentile interval of the resampled means is mean ± 1.96 s / sqrt(n)
+    (s with ddof = 0, as the bootstrap's plug-in estimate) to within Monte-Carlo noise."""
+    x = np.random.default_rng(1).normal(0.5, 2.0, size=400)
+    mean, lo, hi = bench.bootstrap_ci(x)
+    half = 1.959964 * x.std() / np.sqrt(x.size)
+    assert mean == pytest.approx(x.mean())
+    assert lo == pytest.approx(x.mean() - half, abs=0.06 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.06 * half)
+
+
+def test_bootstrap_ci_by_brute_force_on_three_values(bench):
+    """Three values: the resample mean takes 10 values with multinomial probabilities; the
+    quantiles of 10,000 resamples sit where the exact distribution's do."""
+    from itertools import product
+
+    x = np.array([0.0, 1.0, 5.0])
+    means = np.array([x[list(i)].mean() for i in product(range(3), repeat=3)])  # 27 equally likely resamples
+    exact_lo, exact_hi = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
+    _, lo, hi = bench.bootstrap_ci(x)
+    assert exact_lo - 1e-9 <= lo <= np.sort(means)[2] + 1e-9  # the 2.5% point lies in the lowest few
+    assert np.sort(means)[-3] - 1e-9 <= hi <= exact_hi + 1e-9
+    assert (lo, hi) == bench.bootstrap_ci(x)[1:], "a fixed seed gives the same interval"
+
+
+def test_call_only_when_the_interval_excludes_zero(bench):
+    n = bench.MIN_CELLS_TO_CALL
+    assert bench.call(-0.05, -0.01, n) == "lower"
+    assert bench.call(0.01, 0.05, n) == "higher"
+    assert bench.call(-0.05, 0.01, n).startswith("no call")
+    assert bench.call(-0.05, -0.01, n - 1).startswith("no call"), "too few cells"
+
+
+def _fake_cache(bench, args, path: Path, loss_of):
+    """A cache holding results of every main condition in every main cell with loss_of(domain,
+    seed, condition), selections with a lift, and base-model records."""
+    cache = bench.Cache(path)
+    for seed in args.seeds:
+        plans = bench.plans_for(args, seed)
+        for d in args.domains:
+            cache.add({"kind": "base", "domain": d, "seed": seed, "condition": "base", "fp": bench.base_fp(args),
+                       "loss": 9.0})
+            for name in bench.MAIN:
+                p = plans[name]
+                cache.add({"kind": "result", "domain": d, "seed": seed, "condition": name,
+                           "fp": bench.result_fp(p, args), "loss": loss_of(d, seed, name), "train_seconds": 1.0,
+                           "loss_seconds": 1.0})
+                if p.kind != "none":
+                    cache.add({"kind": "selection", "domain": d, "seed": seed, "condition": name, "fp": p.fp,
+                               "ids": [], "parts": {"warmup": 2.0, "score": 1.0}, "borrows": p.borrows,
+                               "lift": 3.0 if name == "ntk" else 1.0})
+    return cache
+
+
+def _args(bench, tmp_path):
+    return bench.parse_args(["--domains", "noun.food", "noun.animal", "noun.body", "noun.plant", "--seeds", "0", "1",
+                             "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.jsonl"),
+                             "--work", str(tmp_path / "work"), "--ablations", "ntk-max"])
+
+
+def test_paired_differences_from_a_fake_cache(bench, tmp_path):
+    args = _args(bench, tmp_path)
+    rng = np.random.default_rng(0)
+    noise = {(d, s): rng.normal(0, 0.01) for d in args.domains for s in args.seeds}
+    # ntk 0.05 below random in every cell; embedding equal to ntk up to +-0.001 noise
+    offsets = {"domain-only": 0.2, "random": 0.05, "bm25": 0.05, "less": 0.05, "ntk-mean": 0.05, "ntk": 0.0}
+
+    def loss_of(d, s, name):
+        if name == "embedding":
+            return 3.0 + noise[(d, s)] + (0.001 if (args.domains.index(d) + s) % 2 else -0.001)
+        return 3.0 + noise[(d, s)] + offsets[name]
+
+    cache = _fake_cache(bench, args, tmp_path / "cache.jsonl", loss_of)
+    rep = bench.Report(bench.Cache(tmp_path / "cache.jsonl"), args)  # read back from the file
+    cells = rep.cells_of("main")
+    assert len(cells) == 8 and rep.status()[:2] == (8, 8 + 4)  # 8 main cells done, 4 ablation cells not
+    p = bench.paired(rep.loss, "ntk", "random", cells)
+    assert p["n"] == 8 and p["mean"] == pytest.approx(-0.05) and p["lo"] == pytest.approx(-0.05)
+    assert p["call"] == "lower" and p["wins"] == 8
+    p = bench.paired(rep.loss, "ntk", "embedding", cells)
+    assert p["n"] == 8 and p["lo"] < 0 < p["hi"] and p["call"].startswith("no call")
+    # the results file says both, and the status line counts cells
+    text = bench.write_results(cache, args, 0.0)
+    assert "**status: 8 of 12 cells done** (main 8 of 8, ablation 0 of 4)" in text
+    table = text.split("## ntk minus each baseline")[1].split("\n## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| random | "))
+    assert row.startswith("| random | -0.0500 [-0.0500, -0.0500] | 8 | 8 of 8 | lower |")
+    row = next(line for line in table.splitlines() if line.startswith("| embedding | "))
+    assert "no call (interval includes 0)" in row
+    assert (args.out / "decide.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # lift per domain and cost per 1,000 pool rows (stage seconds 3 / 1,000 rows; ntk-mean adds ntk's)
+    lift = next(line for line in text.splitlines() if line.startswith("| ntk | ") and line.count("|") == 6)
+    assert lift == "| ntk | 3.0 | 3.0 | 3.0 | 3.0 |"
+    main_ntk = next(line for line in text.splitlines() if line.startswith("| ntk | `select` defaults"))
+    assert "| 3.0 ± 0.0 | 3 | 8 |" in main_ntk
+    main_mean = next(line for line in text.splitlines() if line.startswith("| ntk-mean | "))
+    assert "| 6 | 8 |" in main_mean
+
+
+def test_stale_records_do_not_count(bench, tmp_path):
+    """A record under another fingerprint (other fine-tune settings) is not a result of this run."""
+    args = _args(bench, tmp_path)
+    _fake_cache(bench, args, tmp_path / "cache.jsonl", lambda d, s, n: 3.0)
+    other = bench.parse_args(["--domains", *args.domains, "--seeds", "0", "1", "--lr", "0.001",
+                              "--cache", str(tmp_path / "cache.jsonl"), "--out", str(tmp_path / "o2"),
+                              "--ablations", "ntk-max"])
+    rep = bench.Report(bench.Cache(tmp_path / "cache.jsonl"), other)
+    assert rep.loss == {} and rep.status()[0] == 0
+    assert set(bench.todo("main", "noun.food", 0, other, bench.Cache(tmp_path / "cache.jsonl"))) == set(bench.MAIN)
+    # ... while the selections and the base model's loss (which do not depend on the fine-tune) are still found
+    rep = bench.Report(bench.Cache(tmp_path / "cache.jsonl"), other)
+    assert ("noun.food", 0, "ntk") in rep.sel
+
+
+def test_condition_table_resolution(bench, tmp_path):
+    """Scorer variants score ntk's features, settings equal to ntk's are ntk, variants that keep
+    the warm-up borrow ntk's adapter, LESS and warm-up/LoRA variants warm up themselves, and a
+    flag the product does not have yet is pending."""
+    args = _args(bench, tmp_path)
+    plans = bench.plans_for(args, 0)
+    assert plans["ntk-mean"].kind == "score" and plans["ntk-mean"].borrows == "ntk"
+    assert plans["warmup-2"].kind == "alias" and plans["warmup-2"].alias == "ntk"
+    assert plans["M=4N"].kind == "alias" and plans["K=N"].kind == "alias"
+    assert plans["M=2N"].borrows == "ntk" and plans["embedding"].borrows == "ntk"
+    assert plans["less"].borrows is None and plans["warmup-1"].borrows is None and plans["lora-qv"].borrows is None
+    assert plans["random"].borrows is None
+    assert plans["no-prefilter"].cfg["coarse_factor"] * args.budget >= args.n_pool
+    assert len({p.fp for p in plans.values() if p.kind in ("select", "score")}) == \
+        sum(p.kind in ("select", "score") for p in plans.values()), "every job its own fingerprint"
+    bench.CONDITIONS.append(bench.Condition("future", "improvement", "x", {"no_such_flag": 1}))
+    bench.BY_NAME["future"] = bench.CONDITIONS[-1]
+    try:
+        p = bench.plan_condition("future", args, 0)
+        assert p.kind == "pending" and "--no-such-flag" in p.why
+    finally:
+        bench.CONDITIONS.pop()
+        del bench.BY_NAME["future"]
+    # a different seed is a different job
+    assert bench.plans_for(args, 1)["ntk"].fp != plans["ntk"].fp
+    assert json.dumps(plans["ntk"].cfg)  # serialisable (written to the cache's fingerprint)
