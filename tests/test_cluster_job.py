@@ -108,7 +108,9 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
+def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The tiny random Llama of conftest (a directory both nodes of this machine can read): the
+    cluster path is what is tested here; the demo model's runs are in test_select_e2e."""
     from ntk_ray.demo import make_demo_split
 
     t0 = time.time()
@@ -154,7 +156,8 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path) -> None:
         _run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", f"--submission-id={job_id}",
               "--no-wait", "--", "python", "jobs/ntk_ray_select.py",
               "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.parquet"), "--budget", "5",
-              "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5", "--proj-dim", "256"], env, 120)
+              "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5", "--proj-dim", "256",
+              "--model", str(tiny_model_dir)], env, 120)
         status = None
         deadline = time.time() + 600
         while time.time() < deadline:

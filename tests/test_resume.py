@@ -1,13 +1,14 @@
 """Faults: a SIGKILLed driver resumes to the same ranking, a killed actor is retried by Ray, and
 another token budget per batch does not change the ranking.
 
-The three are checked on one run (a full select run costs over a minute on a 2-core machine):
-the driver is killed in the coarse stage, and the resumed run gets a model actor killed in its
-first stage that uses actors. The whole run, killed part and resumed part, uses
-``--batch-tokens 300`` instead of the default 8192, an execution setting that is not part of the
-run's identity (``SelectConfig.identity``; checked in test_actor_plan.py). So other batch
-composition and padding are compared with the uninterrupted default-batching reference run
-(``first_run``) on every model pass: warm-up anchors, coarse embeddings and NTK features."""
+The three are checked on one run, with the tiny random Llama of conftest on Ray (the stages and
+their resume are what is tested; the demo model's runs are in test_select_e2e): the driver is
+killed in the coarse stage, and the resumed run gets a model actor killed in its first stage
+that uses actors. The whole run, killed part and resumed part, uses ``--batch-tokens 64``
+instead of the default 8192, an execution setting that is not part of the run's identity
+(``SelectConfig.identity``; checked in test_actor_plan.py). So other batch composition and
+padding are compared with an uninterrupted default-batching reference run on every model pass:
+warm-up anchors, coarse embeddings and NTK features."""
 
 import json
 import os
@@ -19,12 +20,17 @@ import time
 import polars as pl
 import pytest
 
-from conftest import select_args
 from ntk_ray.cli import main
 
-pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-BATCHING = ("--batch-tokens", "300")  # the reference run uses the default, 8192
+BATCHING = ("--batch-tokens", "64")  # the reference run uses the default, 8192
+
+
+def select_args(data, model, out, *extra) -> list[str]:
+    return ["select", "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.jsonl"), "--budget", "5",
+            "--out", str(out), "--model", str(model), "--max-length", "32", "--warmup-epochs", "1", "--proj-dim", "64",
+            "--coarse-factor", "2", *extra]
 
 
 def _with_actor_fault(monkeypatch, marker) -> None:
@@ -35,9 +41,9 @@ def _with_actor_fault(monkeypatch, marker) -> None:
     from ntk_ray.runtime.ray_executor import RayExecutor
 
     class FaultOnceExecutor(RayExecutor):
-        def map_shards(self, worker, args, items, *, model=True):
+        def map_shards(self, worker, args, items, *, model=True, **options):
             if not model:
-                return super().map_shards(worker, args, items, model=model)
+                return super().map_shards(worker, args, items, model=model, **options)
             path = str(marker)
 
             class DiesOnce(worker):  # defined here, so Ray ships it by value
@@ -50,7 +56,7 @@ def _with_actor_fault(monkeypatch, marker) -> None:
                         os._exit(1)
                     return super().__call__(batch)
 
-            return super().map_shards(DiesOnce, args, items, model=model)
+            return super().map_shards(DiesOnce, args, items, model=model, **options)
 
     def factory(cfg):
         return lambda progress: FaultOnceExecutor(address=cfg.ray_address, actors=cfg.actors, accelerator=cfg.accelerator,
@@ -60,13 +66,15 @@ def _with_actor_fault(monkeypatch, marker) -> None:
 
 
 def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_batching(
-        first_run, demo_data, tmp_path, monkeypatch, capsys):
-    d, _ = demo_data
-    out = d / "killed"
+        ray_session, tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    d, model = tiny_data, tiny_model_dir
+    reference_out = tmp_path / "reference"
+    assert main(select_args(d, model, reference_out)) == 0
+    out = tmp_path / "killed"
     # 1. the driver, in its own process with its own embedded Ray (which dies with it), is
     #    SIGKILLed with its whole process group as soon as the coarse stage has written its first shard
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen([sys.executable, "-m", "ntk_ray", *select_args(d, out, *BATCHING)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "ntk_ray", *select_args(d, model, out, *BATCHING)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -83,19 +91,19 @@ def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_ba
     marker = tmp_path / "fault-fired"
     _with_actor_fault(monkeypatch, marker)
     capsys.readouterr()
-    assert main(select_args(d, out, *BATCHING)) == 0
+    assert main(select_args(d, model, out, *BATCHING)) == 0
     err = capsys.readouterr().err
     assert marker.exists(), "killed actor: the fault was never injected"
     assert "reusing the finished warm-up" in err, "killed driver: the resumed run did not reuse the finished warm-up"
 
     # 3. the uninterrupted reference ranking, with the same scores (other batching: float noise only)
     resumed = pl.read_parquet(out / "ranked.parquet")
-    reference = pl.read_parquet(first_run / "ranked.parquet")
+    reference = pl.read_parquet(reference_out / "ranked.parquet")
     assert resumed["id"].to_list() == reference["id"].to_list(), \
-        "the resumed run (killed driver, killed actor, --batch-tokens 300) ranks differently from the reference run"
+        "the resumed run (killed driver, killed actor, --batch-tokens 64) ranks differently from the reference run"
     a, b = reference["score"].drop_nulls().to_numpy(), resumed["score"].drop_nulls().to_numpy()
     assert len(a) == len(b), f"{len(b)} scored rows after the resume, {len(a)} in the reference run"
     assert abs(a - b).max() <= 1e-4 * abs(a).max(), \
-        f"--batch-tokens 300 changed the scores by up to {abs(a - b).max():.3g} (reference max |score| {abs(a).max():.3g})"
+        f"--batch-tokens 64 changed the scores by up to {abs(a - b).max():.3g} (reference max |score| {abs(a).max():.3g})"
     counts = json.loads((out / "manifest.json").read_text())["counts"]
-    assert counts["pool_rows"] == counts["ranked"] + counts["rejected"] == 64, f"row accounting after the resume: {counts}"
+    assert counts["pool_rows"] == counts["ranked"] + counts["rejected"] == 30, f"row accounting after the resume: {counts}"
