@@ -16,6 +16,10 @@ every choice, is not counted). The prediction is argmax_c ll(c) (the first on ti
 accuracy = fraction of rows where it is the answer. A row one of whose choices does not fit in
 ``max_length`` tokens is not truncated (a cut choice cannot be compared fairly): it is counted in
 ``skipped`` and left out of the accuracy.
+
+Precision: the model may run in bfloat16/float16 (``--dtype``); its logits are cast to float32
+before the log-softmax, per-sequence sums are float64 (``sequence_log_likelihoods``) and the
+loss totals Python floats (``training.mean_token_loss``).
 """
 
 from __future__ import annotations
