@@ -18,8 +18,9 @@ accuracy = fraction of rows where it is the answer. A row one of whose choices d
 ``skipped`` and left out of the accuracy.
 
 Precision: the model may run in bfloat16/float16 (``--dtype``); its logits are cast to float32
-before the log-softmax, per-sequence sums are float64 (``sequence_log_likelihoods``) and the
-loss totals Python floats (``training.mean_token_loss``).
+before the log-softmax, a sequence's log-likelihoods are summed in float32 and kept as float64
+(``sequence_log_likelihoods``), and the loss totals over batches are Python floats
+(``training.mean_token_loss``).
 """
 
 from __future__ import annotations
