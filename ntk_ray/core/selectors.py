@@ -210,7 +210,12 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
     row similar to what is already picked (<s, x_i> large) is pushed back, and rows that cover
     what the picks so far miss are pulled forward. c_i = <s, x_i> is kept up to date with one
     matrix-vector product per pick: O(budget x rows x d) time, rows x d floats of memory (the
-    candidates' features, float32 on ``x``'s device), in row blocks of ``block_rows``.
+    candidates' features, float32 on ``x``'s device), in row blocks of ``block_rows``. <mu, x_i>
+    is computed in float64 once; the per-pick products in float32 (summed into c in float64):
+    they read the whole matrix once per pick, so their cost is memory bandwidth (measured on the
+    2-core CPU of development: 2,000 rows x d = 8192, 500 picks, 3.2 s of CPU time; with the
+    per-pick products in float64 it was 65 s). The job runs it on a model worker (the GPU where
+    there is one).
 
     ``x``: (rows x d) torch tensor or array (already unit-normalised for the cosine kernel),
     ``target``: mu (d,). Returns the keys in pick order (``budget`` of them, or every row)."""
@@ -221,12 +226,13 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
     keys = np.asarray(keys, dtype=np.int64)
     n = xt.shape[0]
 
-    def matvec(v) -> np.ndarray:  # (X v) in float64, a block of rows at a time
+    def matvec(v) -> np.ndarray:  # (X v) as float64, a block of rows at a time
         out = np.empty(n)
         with torch.inference_mode():
             for start in range(0, n, block_rows):
-                blk = xt[start:start + block_rows].to(torch.float64)
-                out[start:start + block_rows] = (blk @ v).cpu().numpy()
+                blk = xt[start:start + block_rows]
+                blk = blk.to(torch.float64) if v.dtype == torch.float64 else blk
+                out[start:start + block_rows] = (blk @ v).to(torch.float64).cpu().numpy()
         return out
 
     with torch.inference_mode():
@@ -242,8 +248,8 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
             break
         taken[i] = True
         order.append(int(keys[i]))
-        if t < min(budget, n):
-            c += matvec(xt[i].to(torch.float64))
+        if t < min(budget, n):  # the per-pick product in the rows' own precision (memory-bound: no float64 copy)
+            c += matvec(xt[i])
     return order
 
 
