@@ -24,7 +24,7 @@ REQUIRED = {
     "score": ["--features", "f", "--anchors", "a", "--budget", "3", "--out", "o"],
 }
 # flags of the config commands that are not config fields
-RUN_FLAGS = {"--help", "--config", "--print-config", "--overwrite"}
+RUN_FLAGS = {"--help", "--config", "--print-config", "--overwrite", "--verbose", "--quiet"}
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

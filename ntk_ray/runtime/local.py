@@ -8,16 +8,19 @@ order. Results are those of the Ray executor (the stage code is the same).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import torch
 
+from ntk_ray.progress import quiet_libraries
 from ntk_ray.stages.base import ActorPlan
 
 
 class LocalExecutor:
-    def __init__(self, device: str | None = None, threads: int | None = None):
+    def __init__(self, device: str | None = None, threads: int | None = None, verbosity: str = "normal"):
+        quiet_libraries(verbosity)  # the workers run here: no "Loading weights" bars unless verbose
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cpus = os.cpu_count() or 1
         self.plan = ActorPlan(size=1, num_gpus=int(device == "cuda"), num_cpus=1, device=device, threads=threads)
@@ -26,13 +29,17 @@ class LocalExecutor:
     def describe(self) -> str:
         return f"in-process executor ({self.plan.device})"
 
-    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True) -> list[dict]:
+    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True,
+                   on_result: Callable[[dict], None] | None = None) -> list[dict]:
         if not items:
             return []
         fn = worker(*args)
         rows: list[dict] = []
         for item in items:
-            rows.extend(fn(pa.Table.from_pylist([item])).to_pylist())
+            done = fn(pa.Table.from_pylist([item])).to_pylist()
+            rows.extend(done)
+            for row in done if on_result is not None else ():
+                on_result(row)
         return rows
 
     def run_task(self, fn: Callable, *args, gpu: bool = True) -> Any:

@@ -9,48 +9,169 @@
 * ``map_tasks``: Ray tasks, at most twice the cluster's CPUs in flight, yielded as they finish.
 * ``put``: the object store; handles among a worker's constructor arguments are resolved before
   the worker is built (Ray Data does not resolve them), so workers never see Ray.
+
+Output: workers' stdout and stderr reach the driver (``log_to_driver``), so actor errors and the
+warm-up's progress lines show in ``ray job logs``. Unless ``--verbose``, what Ray prints about
+expected conditions is held back (``quiet_ray``): its info logs, Ray Data's progress bars and
+info lines, and the one error-level line of Ray's C++ core that every Ray Data actor pool with
+restarts triggers (``NOISE``).
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import sys
+import threading
 import time
-from typing import Any, Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 
 from ntk_ray.io.accounting import UsageError
+from ntk_ray.progress import library_env
 from ntk_ray.runtime import actor_plan
 from ntk_ray.stages.base import ActorPlan
 
 
-def connect(address: str | None, log, wait_s: float = 600) -> dict:
+def connect(address: str | None, log, wait_s: float = 600, verbosity: str = "normal") -> dict:
     """Join a cluster or start an embedded local Ray; returns the cluster's resources.
 
     ``wait_s`` (``--wait-for-resources``): how long a stage may wait for its actors to start
     (``DataContext.wait_for_min_actors_s``) and for any progress at all
     (``execution_no_progress_timeout_s``, at least Ray's default 1800 s) before failing with
-    a timeout instead of hanging; raise it when an autoscaling cluster must first add GPU nodes."""
+    a timeout instead of hanging; raise it when an autoscaling cluster must first add GPU nodes.
+    ``verbosity``: ``verbose`` lets Ray's info logs and Ray Data's progress bars through."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    verbose = verbosity == "verbose"
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in the forwarded workers' lines of a log
+    level = logging.INFO if verbose else logging.WARNING
     if ray.is_initialized():
         pass
     elif address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, log_to_driver=False)
+        ray.init(address=address or None, log_to_driver=True, logging_level=level)
     else:
         import torch
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         total = _memory_bytes()
         ray.init(num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(), include_dashboard=False,
-                 object_store_memory=int(min(2 << 30, max(256 << 20, total * 0.15))), log_to_driver=False)
+                 object_store_memory=int(min(2 << 30, max(256 << 20, total * 0.15))), log_to_driver=True,
+                 logging_level=level)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.enable_progress_bars = verbose
     ctx.wait_for_min_actors_s = int(wait_s)
     ctx.execution_no_progress_timeout_s = max(1800.0, float(wait_s))
+    if not verbose:
+        quiet_ray()
     resources = ray.cluster_resources()
     log(f"ray: {resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs")
     return resources
+
+
+#: what Ray prints about expected conditions, dropped unless --verbose: the C++ core's error
+#: line for every actor created with restarts and arguments in the object store (Ray Data passes
+#: its context and transform that way to every pool actor; ray-project/ray#53727, #57733: the
+#: restarts still work while the driver holds those objects, as it does for the whole stage),
+#: and Ray Data's note that its progress bars are off (ours are on)
+NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+         "Progress bars disabled. To enable, set")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in NOISE)
+
+
+def quiet_ray() -> None:
+    """Hold back Ray's output about expected conditions in this process (the driver): Ray Data's
+    console lines below WARNING and those of ``NOISE`` (its log file under the session's
+    ``logs/ray-data`` keeps them all), and the ``NOISE`` lines Ray's C++ core writes on stderr."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":  # the console, not the log file
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
+    _StderrFilter.install()
+
+
+class _StderrFilter:
+    """File descriptor ``fd`` (2: this process's stderr) through a pipe: a thread passes every
+    byte on to where ``fd`` pointed at once, except whole lines that hold a ``NOISE`` text
+    (written by Ray's C++ core, which no Python logger reaches). A partial line is passed on
+    immediately unless it starts with ``[`` (how the C++ lines start), so live bars still draw.
+    ``close`` (also at exit) puts the original back and drains the pipe."""
+
+    _installed: _StderrFilter | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed is None:
+            try:
+                cls._installed = cls()
+            except OSError:  # no usable fd 2: nothing to filter
+                pass
+
+    def __init__(self, fd: int = 2):
+        sys.stderr.flush()
+        self.fd = fd
+        self.target = os.dup(fd)
+        read, write = os.pipe()
+        self.pipe = os.fstat(write).st_ino
+        os.dup2(write, fd)
+        os.close(write)
+        self.read = read
+        self.thread = threading.Thread(target=self._pump, name="ntk-ray-stderr", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    @staticmethod
+    def keep(line: bytes) -> bool:
+        return not any(n.encode() in line for n in NOISE)
+
+    def _write(self, data: bytes) -> None:
+        while data:
+            try:
+                data = data[os.write(self.target, data):]
+            except OSError:
+                return
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(self.read, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            *lines, pending = (pending + chunk).split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if self.keep(line))
+            if pending and not pending.startswith(b"["):
+                out, pending = out + pending, b""
+            self._write(out)
+        self._write(pending)
+        os.close(self.read)
+
+    def close(self) -> None:
+        """Put the original ``fd`` back (unless something else has replaced our pipe there since,
+        e.g. a test's output capture) and wait for the pump to drain."""
+        try:
+            sys.stderr.flush()
+            if os.fstat(self.fd).st_ino == self.pipe:
+                os.dup2(self.target, self.fd)  # the pipe's write end is gone: the pump drains it and stops
+        except (OSError, ValueError):
+            return
+        self.thread.join(timeout=2)
+        try:
+            os.close(self.target)
+        except OSError:
+            pass
 
 
 def _memory_bytes() -> int:
@@ -103,7 +224,7 @@ def unwrap_errors(fn: Callable, *args):
     CLI), not as Ray's wrapper with a remote traceback."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001 (re-raised unless one of ours is inside)
+    except Exception as e:
         cause = _user_error(e)
         if cause is None:
             raise
@@ -192,8 +313,9 @@ def _resolving(worker: type, attempts=None) -> type:
 
 class RayExecutor:
     def __init__(self, address: str | None = None, actors: int | None = None, accelerator: str = "auto",
-                 wait_for_resources: float = 600, log=print):
-        self.resources = connect(address, log, wait_for_resources)
+                 wait_for_resources: float = 600, log=print, verbosity: str = "normal"):
+        self.verbosity = verbosity
+        self.resources = connect(address, log, wait_for_resources, verbosity)
         self.wait_for_resources = float(wait_for_resources)
         self.cpus = int(self.resources.get("CPU", 1))
         self.plan: ActorPlan = actor_plan(self.resources, actors, accelerator)
@@ -202,11 +324,14 @@ class RayExecutor:
     def describe(self) -> str:
         return f"{self.plan.size} x ({'1 GPU' if self.plan.num_gpus else 'CPU'})"
 
-    def _env(self) -> dict:
-        env = {"NTK_RAY_THREADS": str(self.plan.threads)} if self.plan.threads else {}
+    def _env(self, model: bool = True) -> dict:
+        env = {k: os.environ.get(k, v) for k, v in library_env(self.verbosity).items()}  # what the user set stays
+        if model and self.plan.threads:
+            env["NTK_RAY_THREADS"] = str(self.plan.threads)
         return {"env_vars": env | self.extra_env}
 
-    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True) -> list[dict]:
+    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True,
+                   on_result: Callable[[dict], None] | None = None) -> list[dict]:
         if not items:
             return []
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -215,12 +340,23 @@ class RayExecutor:
         else:  # readers: a CPU stays free for the driver
             size, gpus, cpus = max(1, min(len(items), self.cpus - 1)), 0, 1
         attempts = _Attempts.remote()
-        ds = ds.map_batches(_resolving(worker, attempts), fn_constructor_args=args, batch_size=1,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus,
-                            num_cpus=cpus, runtime_env=self._env() if model else None,
-                            max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        with warnings.catch_warnings():  # max_restarts & co. have no named parameter yet in Ray 2.60
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(_resolving(worker, attempts), fn_constructor_args=args, batch_size=1,
+                                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus,
+                                num_cpus=cpus, runtime_env=self._env(model),
+                                max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+
+        def results() -> list[dict]:  # as each unit finishes (one row each), so progress is live
+            rows = []
+            for row in ds.iter_rows():
+                rows.append(row)
+                if on_result is not None:
+                    on_result(row)
+            return rows
+
         try:
-            return unwrap_errors(ds.take_all)
+            return unwrap_errors(results)
         except Exception as e:
             if _user_error(e) is not None:
                 raise

@@ -46,11 +46,13 @@ class Executor(Protocol):
     plan: ActorPlan
     cpus: int  # CPUs of the cluster (or this machine)
 
-    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True) -> list[dict]:
+    def map_shards(self, worker: type, args: tuple, items: list[dict], *, model: bool = True,
+                   on_result: Callable[[dict], None] | None = None) -> list[dict]:
         """Run ``worker(*args)`` (a batch callable: one pyarrow Table of ``items`` rows in, one
         summary Table out) over ``items``, one item per call: on the model actor pool
         (``model=True``, ``plan``) or on CPU actors that read and tokenize. Objects from ``put``
-        among ``args`` arrive resolved. Returns the summary rows."""
+        among ``args`` arrive resolved. Returns the summary rows; ``on_result`` is called on the
+        driver with each summary row as its item finishes (progress)."""
 
     def run_task(self, fn: Callable, *args, gpu: bool = True) -> Any:
         """``fn(*args)`` once, on a model worker (a GPU one where the plan has GPUs)."""

@@ -67,7 +67,7 @@ class DataReadStage(Stage):
         cfg, inputs = ctx.cfg, ctx.inputs
         spec = ReadSpec("data", inputs.modes["data"], inputs.columns, cfg.model, cfg.max_length, cfg.on_too_long)
         target = ctx.work / "tokens"
-        read_files(ctx.executor, inputs.paths["data"], spec, target)
+        read_files(ctx.executor, inputs.paths["data"], spec, target, ctx.progress)
         return DataTokens(str(target))
 
 

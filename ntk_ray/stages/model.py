@@ -104,19 +104,24 @@ class CheckpointSaver:
         return feats, spec | {"checkpoints": self.k, "checkpoint_weights": weights}
 
 
-def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device: str, less: bool) -> dict:
-    """Runs on a model worker; plain torch from here on."""
+def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device: str, less: bool,
+                progress=None) -> dict:
+    """Runs on a model worker; plain torch from here on. ``progress`` (the driver's
+    ``Progress.spec()``): its batches and epoch lines are printed live, here (Ray forwards a
+    worker's output to the driver)."""
     import torch
 
     from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings
     from ntk_ray.core.training import TrainConfig, save_adam_moments, train_lora
     from ntk_ray.models import attach_lora, load_adapter, load_model, resolve_dtype
+    from ntk_ray.progress import Progress
     from ntk_ray.stages.workers import set_threads_from_env
 
     set_threads_from_env()
     torch.manual_seed(cfg.seed)
     lines: list[str] = []
     n_checkpoints, saver = (1 if less else getattr(cfg, "checkpoints", 1)), None
+    shown = Progress.from_spec(progress)
     dtype = resolve_dtype(cfg.dtype, device)  # here, where the device is known; the later stages reuse it
     base = load_model(cfg.model, dtype=dtype, device=device)
     moments = Path(stage_dir) / "adam_moments.pt"
@@ -128,7 +133,8 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
         if cfg.warmup == "train":
             tc = TrainConfig(epochs=cfg.warmup_epochs, lr=cfg.warmup_lr, batch_tokens=cfg.warmup_batch_tokens, seed=cfg.seed)
             saver = CheckpointSaver(model, Path(stage_dir) / "checkpoints", n_checkpoints) if n_checkpoints > 1 else None
-            history = train_lora(model, seqs, loss_masks, tc, device=device, log=lines.append,
+            history = train_lora(model, seqs, loss_masks, tc, device=device, log=lambda line: shown.log("warmup: " + line.strip()),
+                                 on_batch=shown.steps("warmup"),
                                  **({"keep_optimizer_state": True} if less else {}),
                                  **({"on_step": saver} if saver else {}))
             if less:  # LESS preconditions pool gradients with the warm-up's Adam moments
@@ -180,7 +186,7 @@ class WarmupStage(Stage):
         stage.mkdir(parents=True, exist_ok=True)
         ids, seqs, loss_masks, score_masks = domain_tokens(read, validate.usable_domain.select("key", "source", "row"))
         result = ctx.executor.run_task(warmup_task, ctx.cfg, str(stage), ids, seqs, loss_masks, score_masks,
-                                       ctx.executor.plan.device, self.less)
+                                       ctx.executor.plan.device, self.less, ctx.progress.spec())
         for line in result.pop("log"):
             ctx.progress.log("warmup: " + line)
         return Warm(**result)
@@ -192,7 +198,9 @@ def map_tokens(ctx: Context, tokens_dir: str, target: Path, rows: pl.DataFrame, 
     the workers, so no separate read tasks compete with the model for CPUs."""
     target.mkdir(parents=True, exist_ok=True)
     keep = ctx.executor.put(rows.select("key", "source", "row").to_arrow())
-    ctx.executor.map_shards(worker, (str(target), keep, *args), [{"path": p} for p in list_shards(tokens_dir)])
+    with ctx.progress.track(rows.height) as rows_done:
+        ctx.executor.map_shards(worker, (str(target), keep, *args), [{"path": p} for p in list_shards(tokens_dir)],
+                                on_result=rows_done.add_rows)
 
 
 def pool_rows(validate: Accounting) -> pl.DataFrame:

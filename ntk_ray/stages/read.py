@@ -93,18 +93,37 @@ def plan_units(executor, files: list[str], unit_bytes: int, align: int | None = 
     return items
 
 
-def read_files(executor, files: list[str], spec: ReadSpec, target, unit_mb: float | None = None) -> list[dict]:
+def read_files(executor, files: list[str], spec: ReadSpec, target, progress=None,
+               unit_mb: float | None = None) -> list[dict]:
     """Files -> units (``plan_units``, about ``unit_mb`` MiB each; default: ``--read-unit-mb``'s)
     -> ReadAndTokenize workers, which write token shards into ``target`` (units with a marker
-    there are skipped); returns the units."""
+    there are skipped); returns the units. ``progress``: rows read / rows in the files (counted
+    first: Parquet footers, a byte scan of JSON Lines) as each unit is done."""
     if unit_mb is None:
         from ntk_ray.config import SelectConfig
 
         unit_mb = SelectConfig.read_unit_mb
     target.mkdir(parents=True, exist_ok=True)
     items = plan_units(executor, files, max(1, int(unit_mb * (1 << 20))))
-    executor.map_shards(ReadAndTokenize, (spec, str(target), CHUNK_ROWS), items, model=False)
+    args = (spec, str(target), CHUNK_ROWS)
+    if progress is None:
+        executor.map_shards(ReadAndTokenize, args, items, model=False)
+        return items
+    with progress.track(_row_count(files), name=f"read {spec.role}") as rows_done:
+        executor.map_shards(ReadAndTokenize, args, items, model=False, on_result=rows_done.add_rows)
     return items
+
+
+def _row_count(files: list[str]) -> int | None:
+    """Rows in ``files`` for the progress total; None when a file cannot be counted (the
+    workers then say what is wrong with it)."""
+    from ntk_ray.io.fs import InputError
+    from ntk_ray.io.rows import count_rows
+
+    try:
+        return count_rows(files)
+    except (InputError, OSError, ValueError):
+        return None
 
 
 class ReadStage(Stage):
@@ -122,7 +141,7 @@ class ReadStage(Stage):
                             max_length=cfg.max_length, on_too_long=cfg.on_too_long,
                             id_prefixes={p: prefixes[p] for p in inputs.paths[role]})
             target = ctx.work / "tokens" / role
-            read_files(ctx.executor, inputs.paths[role], spec, target, unit_mb=cfg.read_unit_mb)
+            read_files(ctx.executor, inputs.paths[role], spec, target, ctx.progress, unit_mb=cfg.read_unit_mb)
             dirs[role] = str(target)
         return Tokens(**dirs)
 
