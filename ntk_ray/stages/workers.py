@@ -9,6 +9,7 @@ marker (``io.markers``), so a rerun after a crash skips the units already done.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +100,15 @@ class ReadAndTokenize:
                     stale = [self.out_dir / f"{index:06d}-{c:06d}.parquet" for c in range(first, last)]
                 for shard in stale:
                     shard.unlink(missing_ok=True)  # a unit interrupted half-way is read again from its start
-                rows = 0
+                rows, started, cpu = 0, time.perf_counter(), time.process_time()
                 chunks = read_file_rows(path, self.spec.columns, self.spec.mode, chunk_rows=self.chunk_rows,
                                         id_prefix=(self.spec.id_prefixes or {}).get(path), on_corrupt="reject",
                                         span=span)
                 for c, chunk in enumerate(chunks, first):
                     write_table_atomic(self.tokenize(chunk), self.out_dir / f"{index:06d}-{c:06d}.parquet")
                     rows += chunk.num_rows
-                mark_done(self.out_dir, unit, {"path": path, "rows": rows})
+                mark_done(self.out_dir, unit, {"path": path, "rows": rows, "seconds": time.perf_counter() - started,
+                                               "cpu_seconds": time.process_time() - cpu})
             done.append(read_marker(self.out_dir, unit))
         return pa.table({"path": [d["path"] for d in done], "rows": [d["rows"] for d in done]})
 
