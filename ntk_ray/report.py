@@ -559,7 +559,9 @@ def plot_scores(ct: dict) -> bytes:
             label = f"cut: rank {ct['budget']}, score {ct['score_at_n']:.4g}"
             if ct.get("margin") is not None:
                 label += f" (margin {ct['margin']:.3g})"
-            ax.axvline(ct["score_at_n"], color=CUT_COLOR, lw=2, label=label)
+            below = ct.get("score_after_n")  # the line between rank N and rank N+1
+            ax.axvline(ct["score_at_n"] if below is None else (ct["score_at_n"] + below) / 2, color=CUT_COLOR, lw=2,
+                       label=label)
         if scores.size > 1000:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
@@ -846,7 +848,8 @@ def build_report(out: str | Path, log=None) -> Report:
     dup = duplicates_of_selection(out, config)
     cs = cost(manifest, fun, length, domain_tokens)
     d = {"manifest": manifest, "funnel": fun, "cut": ct, "source": src, "length": length, "examples": ex,
-         "duplicates": dup, "cost": cs, "title": out.resolve().name}
+         "duplicates": dup, "cost": cs,
+         "title": "/".join(out.resolve().parts[-2:])}
     d["key_lines"] = key_lines(fun, ct, cs)
     pngs = {"funnel": plot_funnel(fun), "scores": plot_scores(ct), "composition": plot_composition(src, length),
             "cost": plot_cost(cs)}
