@@ -141,7 +141,7 @@ def test_directory_without_data_files(no_ray, data, model_dir, tmp_path, capsys)
     (data / "empty").mkdir()
     (data / "empty" / "notes.txt").write_text("x")
     line = error_line(capsys, select(data, model_dir, tmp_path, domain=[str(data / "empty")]))
-    assert line == f"--domain: directory {data / 'empty'} has no .jsonl/.json/.parquet/.csv/.tsv files"
+    assert line == f"--domain: directory {data / 'empty'} has no .jsonl/.json/.parquet/.csv/.tsv/.arrow files"
 
 
 def test_unsupported_file_type(no_ray, data, model_dir, tmp_path, capsys):

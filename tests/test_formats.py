@@ -237,7 +237,7 @@ def test_resolve_paths_takes_csv_and_tsv(tmp_path: Path) -> None:
     uri = d.as_uri()
     assert resolve_paths(uri, "--pool") == [uri + "/a.csv", uri + "/sub/b.tsv"]
     assert [r["text"] for r in read_all(uri + "/sub/b.tsv")] == ["y"]
-    with pytest.raises(InputError, match=r"unsupported file type .*\(expected \.jsonl, \.json, \.parquet, \.csv or \.tsv"):
+    with pytest.raises(InputError, match=r"unsupported file type .*\(expected \.jsonl, \.json, \.parquet, \.csv, \.tsv or \.arrow"):
         resolve_paths(str(d / "notes.txt"), "--pool")
 
 

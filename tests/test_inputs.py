@@ -115,13 +115,13 @@ def test_resolve_errors_are_one_line_and_name_flag_and_path(tree: Path, tmp_path
     other = tmp_path / "x.xlsx"  # (.csv is an input format now)
     other.write_text("a,b\n")
     message = input_error(resolve_paths, str(other), "--pool")
-    assert message.startswith(f"--pool: unsupported file type '{other}' (expected .jsonl, .json, .parquet, .csv or .tsv")
+    assert message.startswith(f"--pool: unsupported file type '{other}' (expected .jsonl, .json, .parquet, .csv, .tsv or .arrow")
 
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "readme.md").write_text("hi")
     assert input_error(resolve_paths, str(empty), "--domain") == \
-        f"--domain: directory {empty} has no .jsonl/.json/.parquet/.csv/.tsv files"
+        f"--domain: directory {empty} has no .jsonl/.json/.parquet/.csv/.tsv/.arrow files"
 
     message = input_error(resolve_paths, str(tree / "*.txt"), "--pool")
     assert message.startswith("--pool: glob") and "notes.txt" in message and "unsupported" in message
