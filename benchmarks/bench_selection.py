@@ -782,6 +782,10 @@ def _pm(m: float, s: float, fmt: str = ".4f") -> str:
     return "-" if not np.isfinite(m) else f"{m:{fmt}} ± {s:{fmt.lstrip('+')}}"
 
 
+def _call(p: dict) -> str:
+    return p["call"] if p["n"] else "-"
+
+
 def _num(ms: tuple, fmt: str) -> str:
     return f"{ms[0]:{fmt}}" if ms[2] else "-"
 
@@ -888,6 +892,11 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
         f"n_eval={args.n_eval}, n_pool={args.n_pool}, pool_domain_share={args.pool_share}, seed)`; chat template, "
         f"at most {args.max_length} tokens; main cells {args.domains} x seeds {args.seeds}, ablation cells "
         f"{args.ablation_domains} x seeds {args.seeds}"),
+        (f"- code: the records so far were computed at commit(s) "
+         f"{', '.join(sorted({r.get('commit') or '?' for r in rep.results + rep.selections})) or '(none yet)'}; "
+         "a run of days is best started from a git worktree at a fixed commit (`git worktree add --detach "
+         "runs/bench_decide/run_tree`), with --out/--cache/--work pointing back, so that edits to the working tree "
+         "do not reach it"),
         f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores shared "
         f"with other work, {args.threads} torch thread); executor `{args.executor}`"
         + (f"; a main cell took {np.mean(cell_s) / 60:.0f} min on average ({len(cell_s)} cells)" if cell_s else ""),
@@ -931,7 +940,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     lines += ["", "## ntk minus each baseline: paired difference of held-out loss (negative = ntk better)", "",
               "| ntk − | mean [95% CI] | cells | ntk lower in | call |", "|---|---:|---:|---:|---|"]
     for p in pairs:
-        lines.append(f"| {p['b']} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | {p['call']} |")
+        lines.append(f"| {p['b']} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | {_call(p)} |")
     emb = [paired(rep.loss, "embedding", b, main_cells) for b in ("random", "domain-only")]
     lines += ["", "Embedding for reference: " + "; ".join(
         f"embedding − {p['b']}: {_ci(p)} over {p['n']} cells, {p['call']}" for p in emb) + "."]
@@ -966,8 +975,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
             abl_pairs.append(vs_ntk)
         own = name in ("ntk",) or plan.alias == "ntk"
         lines.append(f"| {name} | {what} | {_pm(*row['loss'][:2])} | {'-' if own else _ci(vs_ntk)} | "
-                     f"{'-' if own else vs_ntk['call']} | {'-' if name == 'embedding' else _ci(vs_emb)} | "
-                     f"{'-' if name == 'embedding' else vs_emb['call']} | "
+                     f"{'-' if own else _call(vs_ntk)} | {'-' if name == 'embedding' else _ci(vs_emb)} | "
+                     f"{'-' if name == 'embedding' else _call(vs_emb)} | "
                      f"{_pm(*row['lift'][:2], '.1f')} | {_num(row['cost'], '.0f')} | {row['loss'][2]} |")
     # 5. costs
     parts: dict = {}
@@ -976,7 +985,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
             for stage, v in r["parts"].items():
                 parts.setdefault((r["condition"], stage), []).append(v)
     if parts:
-        stages = ["setup", "read", "validate", "warmup", "embed", "coarse", "features", "score", "write"]
+        stages = ["setup", "read", "validate", "warmup", "embed", "coarse", "features", "score", "write", "report"]
         lines += ["", ("## Selection cost breakdown (main cells; mean wall seconds per job, the jobs' `manifest.json` "
                   "stage_seconds; a borrowing job's warm-up is the loading of the lender's adapter)"), "",
                   "| condition | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
@@ -1081,6 +1090,7 @@ def _run(args, cache: Cache, clock: Clock) -> int:
         for name, p in plans_for(args, seed).items():
             if p.kind == "pending" and (name in MAIN or name in args.ablations) and seed == args.seeds[0]:
                 clock.log(f"{name}: pending ({p.why})")
+    write_results(cache, args, 0.0)  # the status is on disk from the start
     base, tokenizer = None, None
     for phase, domain, seed in cells(args):
         if not todo(phase, domain, seed, args, cache):
