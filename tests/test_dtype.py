@@ -27,7 +27,14 @@ import torch
 
 from ntk_ray.core.features import FeatureComputer
 from ntk_ray.core.scoring import AnchorKernel
-from ntk_ray.models import ModelError, attach_lora, load_adapter, load_model, resolve_dtype, torch_dtype
+from ntk_ray.models import (
+    ModelError,
+    attach_lora,
+    load_adapter,
+    load_model,
+    resolve_dtype,
+    torch_dtype,
+)
 
 N_ANCHORS, N_POOL, TOP = 16, 64, 16
 
@@ -101,8 +108,8 @@ def test_bfloat16_features_and_ranking_match_float32(features, objective):
         feats = out.feature.numpy()
         scores[name] = AnchorKernel(feats[:N_ANCHORS]).score(feats[N_ANCHORS:], "cosine")
     rho = _spearman(scores["f32"], scores["b16"])
-    top = lambda s: set(np.argsort(-s, kind="stable")[:TOP].tolist())  # noqa: E731
-    overlap = len(top(scores["f32"]) & top(scores["b16"]))
+    top = [set(np.argsort(-scores[name], kind="stable")[:TOP].tolist()) for name in ("f32", "b16")]
+    overlap = len(top[0] & top[1])
     print(f"{objective}: min cosine {cos.min():.6f}, max norm rel err {norm_rel:.2e}, Spearman {rho:.5f}, "
           f"top-{TOP} overlap {overlap}")
     assert cos.min().item() > 0.998

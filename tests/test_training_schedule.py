@@ -8,7 +8,7 @@
   shown to differ from the naive mean of per-batch means;
 * the defaults of ``TrainConfig`` (the select warm-up's) train bit for bit as the loop before
   the schedule existed;
-* a bfloat16 base model trains with float32 LoRA weights and moments.
+* a bfloat16 or float16 base model trains with float32 LoRA weights and moments.
 """
 
 from __future__ import annotations
@@ -17,10 +17,16 @@ import math
 
 import pytest
 import torch
-
 from conftest import build_tiny_lora_model, random_samples
+
 from ntk_ray.core.features import pack_by_tokens, pad_batch
-from ntk_ray.core.training import TrainConfig, batch_loss, lr_factor, train_lora, warmup_steps
+from ntk_ray.core.training import (
+    TrainConfig,
+    batch_loss,
+    lr_factor,
+    train_lora,
+    warmup_steps,
+)
 
 QUIET = {"log": lambda m: None}
 
@@ -110,7 +116,7 @@ def test_grad_accumulation_of_single_rows_equals_one_batch_of_them():
     assert sum(float(r.abs().sum()) for r in reference) > 0
     # the test can fail: the mean of per-row means (what a per-batch normalisation would give) differs
     wrong = _reference_gradient(seqs, masks, per_row_mean=True)
-    worst = max(float(((w - r).abs().max() / r.abs().max())) for w, r in zip(wrong, reference))
+    worst = max(float((w - r).abs().max() / r.abs().max()) for w, r in zip(wrong, reference))
     assert worst > 1e-2
 
 
@@ -146,13 +152,15 @@ def test_the_warmup_defaults_train_exactly_as_the_loop_before_the_schedule():
             assert torch.equal(got[name], p), name
 
 
-def test_a_bfloat16_model_trains_its_float32_lora_weights():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_model_trains_its_float32_lora_weights(dtype):
+    """bfloat16, and float16 (which trains with loss scaling, ``torch.amp.GradScaler``)."""
     from ntk_ray.models import attach_lora, tiny_llama
 
     seqs, masks = random_samples(10, vocab=97, seed=12)
-    model = attach_lora(tiny_llama(vocab_size=97).to(torch.bfloat16), r=4, alpha=8, seed=0)
+    model = attach_lora(tiny_llama(vocab_size=97).to(dtype), r=4, alpha=8, seed=0)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
     cfg = TrainConfig(epochs=4, lr=1e-2, batch_tokens=64, seed=0, lr_schedule="cosine", warmup_ratio=0.1)
     history = train_lora(model, seqs, masks, cfg, keep_optimizer_state=True, **QUIET)
     assert history["epoch_loss"][-1] < history["epoch_loss"][0]
