@@ -63,6 +63,7 @@ __all__ = [
     "format_for",
     "one_line",
     "reader_for",
+    "scan_range",
     "suffix_list",
 ]
 
@@ -437,6 +438,13 @@ class Span:
     skip: int
     count: int
     ordinal: int
+
+
+def scan_range(item: tuple[str, int, int]) -> dict:
+    """``reader_for(path).scan(path, start, stop)`` of an item ``(path, start, stop)``: the
+    read stage's pre-pass task (here, so that a task imports pyarrow, not torch)."""
+    path, start, stop = item
+    return reader_for(path).scan(path, start, stop)
 
 
 def _round_up(value: int, step: int) -> int:

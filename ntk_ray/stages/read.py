@@ -29,7 +29,7 @@ import polars as pl
 
 from ntk_ray.io.accounting import UsageError, account_rows
 from ntk_ray.io.atomic import write_parquet_atomic
-from ntk_ray.io.formats import reader_for
+from ntk_ray.io.formats import reader_for, scan_range
 from ntk_ray.io.shards import read_shards
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
@@ -61,12 +61,6 @@ class Accounting:
 CHUNK_ROWS = 2048
 
 
-def scan_task(item: tuple[str, int, int]) -> dict:
-    """The pre-pass over one byte range of a file (``FileFormat.scan``), as a CPU task."""
-    path, start, stop = item
-    return reader_for(path).scan(path, start, stop)
-
-
 def plan_units(executor, files: list[str], unit_bytes: int, align: int | None = None) -> list[dict]:
     """The read units of ``files``: ``ReadAndTokenize`` items ``{"index", "path", "unit",
     "span"}``, in file order, then span order. A file is split by its format (``spans``) after
@@ -75,7 +69,7 @@ def plan_units(executor, files: list[str], unit_bytes: int, align: int | None = 
     align = align or CHUNK_ROWS
     ranges = [(i, path, a, b) for i, path in enumerate(files) for a, b in reader_for(path).scan_ranges(path, unit_bytes)]
     scans: list = [None] * len(ranges)
-    for k, result in executor.map_tasks(scan_task, [(path, a, b) for _, path, a, b in ranges]):
+    for k, result in executor.map_tasks(scan_range, [(path, a, b) for _, path, a, b in ranges]):
         scans[k] = result
     by_file: dict[int, list[dict]] = {}
     for (i, *_), result in zip(ranges, scans):
@@ -97,8 +91,8 @@ def read_files(executor, files: list[str], spec: ReadSpec, target, progress=None
                unit_mb: float | None = None) -> list[dict]:
     """Files -> units (``plan_units``, about ``unit_mb`` MiB each; default: ``--read-unit-mb``'s)
     -> ReadAndTokenize workers, which write token shards into ``target`` (units with a marker
-    there are skipped); returns the units. ``progress``: rows read / rows in the files (counted
-    first: Parquet footers, a byte scan of JSON Lines) as each unit is done."""
+    there are skipped); returns the units. ``progress``: rows read / rows in the files (``_row_count``)
+    as each unit is done."""
     if unit_mb is None:
         from ntk_ray.config import SelectConfig
 
@@ -109,21 +103,24 @@ def read_files(executor, files: list[str], spec: ReadSpec, target, progress=None
     if progress is None:
         executor.map_shards(ReadAndTokenize, args, items, model=False)
         return items
-    with progress.track(_row_count(files), name=f"read {spec.role}") as rows_done:
+    with progress.track(_row_count(items), name=f"read {spec.role}") as rows_done:
         executor.map_shards(ReadAndTokenize, args, items, model=False, on_result=rows_done.add_rows)
     return items
 
 
-def _row_count(files: list[str]) -> int | None:
-    """Rows in ``files`` for the progress total; None when a file cannot be counted (the
-    workers then say what is wrong with it)."""
+def _row_count(items: list[dict]) -> int | None:
+    """Rows in the units of ``plan_units`` for the progress total: a span knows its count (from
+    the pre-pass or the footer), files read whole are counted (Parquet footers, a byte scan of
+    JSON Lines); None when a file cannot be counted (the workers then say what is wrong with it)."""
     from ntk_ray.io.fs import InputError
     from ntk_ray.io.rows import count_rows
 
+    whole = list(dict.fromkeys(item["path"] for item in items if not item["span"]))
     try:
-        return count_rows(files)
+        counted = count_rows(whole) if whole else 0
     except (InputError, OSError, ValueError):
         return None
+    return counted + sum(json.loads(item["span"])["count"] for item in items if item["span"])
 
 
 class ReadStage(Stage):
@@ -139,7 +136,8 @@ class ReadStage(Stage):
         for role in ROLES:
             spec = ReadSpec(role=role, mode=inputs.modes[role], columns=inputs.columns, model=cfg.model,
                             max_length=cfg.max_length, on_too_long=cfg.on_too_long,
-                            id_prefixes={p: prefixes[p] for p in inputs.paths[role]})
+                            id_prefixes={p: prefixes[p] for p in inputs.paths[role]},
+                            system_prompt=cfg.system_prompt)
             target = ctx.work / "tokens" / role
             read_files(ctx.executor, inputs.paths[role], spec, target, ctx.progress, unit_mb=cfg.read_unit_mb)
             dirs[role] = str(target)
