@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ntk_ray.io.accounting import MIN_DOMAIN_ROWS  # noqa: F401 (the rule lives with the row accounting)
+from ntk_ray.io.formats import READ_UNIT_MB
 
 ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
 EXECUTORS = ("ray", "local")  # runner.executor_factory
@@ -273,7 +274,7 @@ class SelectConfig:
     ray_address: str | None = _ray_address(X)
     executor: str = _executor(X)
     keep_features: bool = opt(False, "keep the NTK feature shards in OUT/_work/features", group=X)
-    read_unit_mb: float = opt(64.0, "input per read worker task: a bigger uncompressed JSONL or Parquet file is read "
+    read_unit_mb: float = opt(READ_UNIT_MB, "input per read worker task: a bigger uncompressed JSONL or Parquet file is read "
                               "by many workers in parts of this size (speed only: not part of the result)",
                               metavar="MIB", group=X, gt=0, max=1e7)
     work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state); on a "

@@ -440,6 +440,10 @@ class Span:
     ordinal: int
 
 
+#: the default size of a read unit in MiB (``--read-unit-mb``; declared in ``ntk_ray.config``)
+READ_UNIT_MB = 64.0
+
+
 def scan_range(item: tuple[str, int, int]) -> dict:
     """``reader_for(path).scan(path, start, stop)`` of an item ``(path, start, stop)``: the
     read stage's pre-pass task (here, so that a task imports pyarrow, not torch)."""

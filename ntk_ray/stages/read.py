@@ -29,7 +29,7 @@ import polars as pl
 
 from ntk_ray.io.accounting import UsageError, account_rows
 from ntk_ray.io.atomic import write_parquet_atomic
-from ntk_ray.io.formats import reader_for, scan_range
+from ntk_ray.io.formats import READ_UNIT_MB, reader_for, scan_range
 from ntk_ray.io.shards import read_shards
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.workers import ReadAndTokenize, ReadSpec
@@ -94,9 +94,7 @@ def read_files(executor, files: list[str], spec: ReadSpec, target, progress=None
     there are skipped); returns the units. ``progress``: rows read / rows in the files (``_row_count``)
     as each unit is done."""
     if unit_mb is None:
-        from ntk_ray.config import SelectConfig
-
-        unit_mb = SelectConfig.read_unit_mb
+        unit_mb = READ_UNIT_MB
     target.mkdir(parents=True, exist_ok=True)
     items = plan_units(executor, files, max(1, int(unit_mb * (1 << 20))))
     args = (spec, str(target), CHUNK_ROWS)
