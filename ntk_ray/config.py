@@ -457,7 +457,8 @@ def validate(cfg, flags: dict | None = None) -> None:
         from ntk_ray.io.fs import InputError
 
         try:
-            check_save_target(cfg.save_hf)  # a URI, a file, or somebody else's directory: refused before any work
+            # a URI, a file, --out itself, or somebody else's directory: refused before any work
+            check_save_target(cfg.save_hf, out=getattr(cfg, "out", None))
         except InputError as e:
             raise UsageError(str(e)) from None
 

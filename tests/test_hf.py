@@ -202,6 +202,9 @@ def test_outputs_load_with_datasets_and_save_hf_round_trips(hfdata, baseline, ti
     assert rc == 2 and err.strip().count("\n") == 0 and "--save-hf" in err and "did not write" in err, err
     assert not (tmp_path / "out2" / "ranked.parquet").exists()
     assert datasets.load_from_disk(str(hfdata / "pool_ds")).num_rows == 31  # untouched
+    rc, err = select(capsys, hfdata / "domain.jsonl", hfdata / "pool.jsonl", tmp_path / "out3", tiny_model_dir,
+                     "--save-hf", tmp_path / "out3")
+    assert rc == 2 and "is --out or holds it" in err and not (tmp_path / "out3").exists(), err
 
 
 def test_the_python_api_takes_a_datasets_dataset(hfdata, baseline, tiny_model_dir, tmp_path, monkeypatch):

@@ -393,14 +393,19 @@ def _ours(path: Path) -> bool:
     return isinstance(state, dict) and str(state.get("_fingerprint", "")).startswith(FINGERPRINT_PREFIX)
 
 
-def check_save_target(target: str, flag: str = "--save-hf") -> None:
-    """Refuse (one InputError line) a target that is a URI, an existing file, or an existing
+def check_save_target(target: str, flag: str = "--save-hf", out: str | None = None) -> None:
+    """Refuse (one InputError line) a target that is a URI, an existing file, an existing
     non-empty directory that :func:`save_to_disk` did not write (a user's dataset, the pool
-    itself); a directory it wrote is replaced."""
+    itself), or ``out`` (the run's ``--out``) or a directory above it; a directory it wrote is
+    replaced."""
     if is_uri(target):
         raise InputError(f"{flag} {target}: a local directory is needed (then "
                          "datasets.load_from_disk(DIR).push_to_hub(...))")
     path = Path(target).expanduser()
+    if out and not is_uri(out):
+        here, there = path.absolute(), Path(out).expanduser().absolute()
+        if here == there or here in there.parents:
+            raise InputError(f"{flag} {target} is --out or holds it: choose a directory of its own (inside --out is fine)")
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {target} is an existing file, not a directory")
     if path.is_dir() and any(path.iterdir()) and not _ours(path):
