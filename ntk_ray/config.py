@@ -140,6 +140,18 @@ def _on_too_long_field():
     return opt("truncate", "longer samples are truncated (counted in the manifest) or rejected", choices=_on_too_long)
 
 
+def _system_prompts():
+    from ntk_ray.core.tokenize import SYSTEM_PROMPTS
+    return SYSTEM_PROMPTS
+
+
+def _system_prompt():
+    return opt("default", "chat-templated rows (prompt/response, conversations) without a system message of their own: "
+               "default = as the model's chat template renders them, with the system turn some templates add by "
+               "themselves (SmolLM2, Qwen2.5); none = without that turn (fewer tokens per row, so a cheaper coarse "
+               "stage and fewer truncated rows). Part of the result", choices=_system_prompts)
+
+
 def _dtype():
     return opt("auto", "precision of the model's weights and forward/backward passes: auto = bfloat16 on a GPU that "
                "supports it, else float32 (so float32 on CPU; resolved where the model runs and recorded in the "
@@ -223,6 +235,7 @@ class SelectConfig:
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
+    system_prompt: str = _system_prompt()
     dtype: str = _dtype()
     # warm-up (method.md defaults)
     lora_r: int = _lora_r(W)
@@ -244,6 +257,13 @@ class SelectConfig:
     # coarse stage
     coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C, min=1, max=1 << 20)
     coarse_k: int | None = opt(None, "neighbours per domain sample", group=C, shown_default="the budget", min=1)
+    embed_layer: int | None = opt(None, "embed with the hidden states after this many decoder layers (0 = the token "
+                                  "embeddings; hidden_states[K] of transformers), so the forward pass stops there: "
+                                  "about K / L of the cost of the final layer's", metavar="K", group=C,
+                                  shown_default="the final layer (after its norm)", min=0, max=100000)
+    embed_max_tokens: int | None = opt(None, "embed only the first T tokens of each row (mean over positions < T: under "
+                                       "causal attention their hidden states are the full row's), so long rows cost at "
+                                       "most T tokens", metavar="T", group=C, shown_default="every token", min=1)
     # NTK stage
     scorer: str = opt("cosine", "how kernel values against the anchors become one score: cosine (mean cosine, best on "
                       "the bundled corpus), mean (the paper's mean inner product), max, round-robin",
@@ -309,6 +329,7 @@ class FeaturesConfig:
     model: str | None = _model()
     max_length: int = _max_length()
     on_too_long: str = _on_too_long_field()
+    system_prompt: str = _system_prompt()
     dtype: str = _dtype()
     seed: int = opt(0, "seed of the fresh adapter and of the random projection", min=0, max=SEED_MAX)
     projector: str = _projector()

@@ -776,3 +776,74 @@ def test_finetune_and_evaluate_dtype_device_and_schedule(data, tiny_model_dir, t
         for argv in ([*base, "--out", tmp_path / "gpu"], ["evaluate", "--data", train, "--model", tiny_model_dir]):
             rc, _, err = run(capsys, *argv, "--accelerator", "gpu")
             assert rc == 2 and err.count("\n") == 1 and "--accelerator gpu" in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# the coarse stage's cheaper embeddings and the chat template's default system turn
+
+@covers("select", "--embed-layer", "--embed-max-tokens", "--system-prompt")
+@covers("features", "--system-prompt")
+def test_embed_layer_max_tokens_and_system_prompt(data, tiny_chat_model_dir, tmp_path, capsys):
+    """--embed-layer 1 --embed-max-tokens 4: the anchors' and the pool's embeddings are the
+    mean-pooled hidden states after layer 1 of the first 4 tokens (recomputed here with the
+    run's adapter); --system-prompt none: a template that writes a default system turn loses it
+    (every row shorter by that turn's tokens), in select and in features."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from ntk_ray.core.features import mean_pooled_embeddings
+    from ntk_ray.models import load_adapter, load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}system : the word is food\n{% endif %}" + tok.chat_template
+    tok.save_pretrained(str(model))
+    d = data["qa"]
+    qa = ("--prompt-column", "q", "--response-column", "a", "--max-length", 48)
+    runs = {}
+    for prompt in ("default", "none"):
+        out = tmp_path / prompt
+        rc, _, err = run(capsys, *select_argv(d, out, model, *qa, "--embed-layer", 1, "--embed-max-tokens", 4,
+                                              "--system-prompt", prompt, "--coarse-factor", 2))
+        assert rc == 0, err
+        runs[prompt] = out
+        assert manifest(out)["config"]["system_prompt"] == prompt and manifest(out)["coarse"]["skipped"] is False
+    lengths = {p: pl.read_parquet(o / "_work" / "tokens" / "pool" / "*.parquet").sort("id")["n_tokens"].to_list()
+               for p, o in runs.items()}
+    block = len(tok("system : the word is food\n", add_special_tokens=False)["input_ids"])
+    assert block == 6 and [a - b for a, b in zip(lengths["default"], lengths["none"])] == [block] * 30
+    # the embeddings: layer 1 of 2, the first 4 tokens, for anchors (warm-up) and pool rows (embed) alike
+    out = runs["none"]
+    m = manifest(out)
+    assert m["config"]["embed_layer"] == 1 and m["config"]["embed_max_tokens"] == 4
+    adapted = load_adapter(load_model(str(model)), str(out / "_work" / "warmup" / "adapter")).eval()
+    tokens = pl.concat([pl.read_parquet(out / "_work" / "tokens" / r / "*.parquet") for r in ("domain", "pool")])
+    ids = dict(zip(tokens["id"].to_list(), tokens["input_ids"].to_list()))
+    anchors = np.load(out / "_work" / "warmup" / "_anchor_embeddings.npy")
+    anchor_ids = json.loads((out / "_work" / "warmup" / "_result.json").read_text())["anchor_ids"]
+    want = mean_pooled_embeddings(adapted, [ids[k] for k in anchor_ids], layer=1, max_row_tokens=4).numpy()
+    full = mean_pooled_embeddings(adapted, [ids[k] for k in anchor_ids]).numpy()
+    assert np.allclose(anchors, want, atol=1e-5) and not np.allclose(anchors, full, atol=1e-3)
+    # the pool side through the coarse votes: the summed similarity of all votes is the sum over the
+    # anchors of their 3 (= budget) largest cosines to the pool (whichever rows tie)
+    ranked = pl.read_parquet(out / "ranked.parquet")
+    pool = [ids[k] for k in ranked["id"]]
+
+    def top3(emb):
+        return float(np.sort(want @ emb.T, axis=1)[:, -3:].sum())
+
+    total = float(ranked["coarse_sim"].fill_null(0.0).sum())
+    assert ranked["coarse_votes"].fill_null(0).sum() == 3 * len(anchor_ids)
+    assert math.isclose(total, top3(mean_pooled_embeddings(adapted, pool, layer=1, max_row_tokens=4).numpy()),
+                        rel_tol=1e-5)
+    assert not math.isclose(total, top3(mean_pooled_embeddings(adapted, pool).numpy()), rel_tol=1e-3)
+    # features --system-prompt none: the same tokens as select's
+    f = tmp_path / "f"
+    rc, _, err = run(capsys, "features", "--data", d / "pool.jsonl", "--out", f, "--model", model, "--executor", "local",
+                     "--proj-dim", 32, *qa, "--system-prompt", "none")
+    assert rc == 0, err
+    got = pl.read_parquet(f / "_work" / "tokens" / "*.parquet").sort("id")["n_tokens"].to_list()
+    assert got == lengths["none"] and json.loads((f / "_manifest.json").read_text())["config"]["system_prompt"] == "none"
+    assert len(features_of(f)) == 30

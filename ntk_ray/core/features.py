@@ -539,18 +539,26 @@ def eager_attention(model: nn.Module):
         hf.set_attn_implementation(before)
 
 
-def mean_pooled_embeddings(model: nn.Module, sequences: list[list[int]], max_tokens: int = 8192, device="cpu") -> torch.Tensor:
-    """Coarse-stage embedding: mean over tokens of the final hidden states, L2-normalised (N, H)."""
+def mean_pooled_embeddings(model: nn.Module, sequences: list[list[int]], max_tokens: int = 8192, device="cpu",
+                           layer: int | None = None, max_row_tokens: int | None = None) -> torch.Tensor:
+    """Coarse-stage embedding: mean over tokens of the final hidden states, L2-normalised (N, H).
+    Rows in length-sorted batches of at most ``max_tokens`` padded tokens (``pack_by_tokens``).
+    ``layer`` K: the hidden states after K decoder layers instead (the pass stops there);
+    ``max_row_tokens`` T: the first T tokens of each row only (``core.coarse`` has the equation)."""
+    from ntk_ray.core.coarse import hidden_states_at, masked_mean_normalized
+
     backbone, _ = backbone_and_head(model)
-    out = None
-    with torch.no_grad():
+    if max_row_tokens is not None:
+        sequences = [s[:max_row_tokens] for s in sequences]
+    parts = []
+    with torch.inference_mode():
         for batch in pack_by_tokens([len(s) for s in sequences], max_tokens):
             ones = [[1] * len(sequences[i]) for i in batch]
             ids, attn, _ = pad_batch([sequences[i] for i in batch], ones, device=device)
-            hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state.float()
-            pooled = (hidden * attn.unsqueeze(-1)).sum(1) / attn.sum(1, keepdim=True)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu()
-            if out is None:
-                out = torch.zeros(len(sequences), pooled.shape[1])
-            out[torch.as_tensor(batch)] = pooled
+            hidden = hidden_states_at(backbone, ids, attn, layer)
+            parts.append((batch, masked_mean_normalized(hidden, attn).cpu()))
+    width = parts[0][1].shape[1] if parts else 0
+    out = torch.zeros(len(sequences), width)
+    for batch, pooled in parts:
+        out[torch.as_tensor(batch)] = pooled.clone()  # a normal tensor (inference tensors stay in inference mode)
     return out

@@ -45,6 +45,17 @@ human -> user, gpt -> assistant; :func:`normalize_conversation`):
   A tokenizer without a chat template renders with :func:`fallback_chat_template`, the
   Tulu/open-instruct format (``<|user|>\n...\n<|assistant|>\n...EOS\n``, BOS first when the
   tokenizer adds one).
+
+Default system prompts (``system_prompt``, the ``--system-prompt`` flag): some chat templates
+write a system turn of their own when a conversation has none (SmolLM2: "You are a helpful AI
+assistant named SmolLM, trained by Hugging Face", 31 tokens on every row; Qwen2.5 likewise).
+``"default"`` keeps the template's rendering; ``"none"`` removes that turn from rows that have no
+system message of their own (rows that bring one are rendered unchanged). The turn is found by
+rendering one conversation [user U1, assistant A1, user U2] (:func:`default_system_block`): the
+text before U1 is ``B + D + H``, where H, what the template writes before a later user turn,
+is the text between A1's end-of-turn marker and U2 (leading whitespace dropped), and B is the
+template's BOS text when H does not start with it; D is removed wherever a rendering starts with
+``B + D``. A template without a default system turn has D = "" and renders unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +69,8 @@ log = logging.getLogger(__name__)
 
 ON_TOO_LONG = ("truncate", "reject")
 ASSISTANT_TURNS = ("all", "last")
+#: --system-prompt: keep the chat template's default system turn, or drop it (module docstring)
+SYSTEM_PROMPTS = ("default", "none")
 #: message roles accepted in a conversation, and what they mean (ShareGPT: human, gpt)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 _SENTINEL = "\u2063ntkRaySentinelReply\u2063"
@@ -103,12 +116,43 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _render_prompts(tokenizer, prompts: list[str]) -> list[str]:
+def _render_prompts(tokenizer, prompts: list[str], drop: tuple[str, str] | None = None) -> list[str]:
     if not prompts:
         return []
     convs = [[{"role": "user", "content": p}] for p in prompts]
     out = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=False)
-    return [out] if isinstance(out, str) else list(out)
+    out = [out] if isinstance(out, str) else list(out)
+    return [drop_default_system(t, drop) for t in out] if drop else out
+
+
+def default_system_block(tokenizer, template: str | None = None) -> tuple[str, str]:
+    """(B, D): the BOS text the template writes first and the default system turn D it writes
+    after it when a conversation has no system message (module docstring); D = "" when it
+    writes none. Raises ValueError when the rendering does not have the form ``B + D + H``."""
+    u1, a1, u2 = (f"\u2063ntkRay{w}\u2063" for w in ("User1", "Reply1", "User2"))
+    conv = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}]
+    text = render_chat(tokenizer, conv, add_generation_prompt=True, template=template)
+    i1, j1, i2 = text.find(u1), text.find(a1), text.find(u2)
+    if min(i1, j1, i2) < 0:
+        raise ValueError("--system-prompt none: the chat template does not render a user/assistant/user conversation")
+    marker, _ = end_of_turn(tokenizer)
+    between = text[j1 + len(a1):i2]
+    header = (between[len(marker):] if marker and between.startswith(marker) else between).lstrip()
+    before = text[:i1]
+    if not before.endswith(header):
+        raise ValueError("--system-prompt none: cannot find where the chat template's first user turn starts")
+    bos = tokenizer.bos_token or ""
+    lead = bos if bos and before.startswith(bos) and not header.startswith(bos) else ""
+    return lead, before[len(lead):len(before) - len(header)]
+
+
+def drop_default_system(text: str, drop: tuple[str, str] | None) -> str:
+    """``text`` without the default system turn ``drop`` = (B, D) of :func:`default_system_block`
+    when it starts with B + D (unchanged otherwise, and when D is empty)."""
+    if not drop or not drop[1]:
+        return text
+    lead, block = drop
+    return lead + text[len(lead) + len(block):] if text.startswith(lead + block) else text
 
 
 def end_of_turn(tokenizer) -> tuple[str, list[int]]:
@@ -172,6 +216,7 @@ def tokenize_batch(
     max_length: int,
     on_too_long: str = "truncate",
     use_chat_template: bool | None = None,
+    system_prompt: str = "default",
 ) -> Tokenized:
     """Tokenize either ``texts``, or ``prompts`` + ``responses``, or ``messages`` (conversations:
     see :func:`normalize_conversation`), one entry per row.
@@ -184,9 +229,14 @@ def tokenize_batch(
     ``"last"`` only the last one (the earlier ones are context).
     ``use_chat_template``: None = use the tokenizer's chat template when it has one (for
     conversations, :func:`fallback_chat_template` when it has none; False = always that).
+    ``system_prompt``: ``"default"`` renders what the chat template writes; ``"none"`` drops the
+    system turn the template adds to rows without one (module docstring; no effect on text rows
+    and on templates that add none).
     """
     if on_too_long not in ON_TOO_LONG:
         raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, not {on_too_long!r}")
+    if system_prompt not in SYSTEM_PROMPTS:
+        raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}, not {system_prompt!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"--max-length must be an integer >= 2 (got {max_length!r})")
     if messages is not None:
@@ -198,7 +248,8 @@ def tokenize_batch(
             raise ValueError("the tokenizer has no chat template")
         template = None if has_chat_template(tokenizer) and use_chat_template is not False \
             else fallback_chat_template(tokenizer)
-        return _tokenize_chats(tokenizer, list(messages), max_length, on_too_long, assistant_turns, template)
+        drop = default_system_block(tokenizer, template) if system_prompt == "none" and template is None else None
+        return _tokenize_chats(tokenizer, list(messages), max_length, on_too_long, assistant_turns, template, drop)
     if texts is not None:
         if prompts is not None or responses is not None:
             raise ValueError("pass either texts or prompts + responses, not both")
@@ -212,7 +263,8 @@ def tokenize_batch(
         use_chat_template = has_chat_template(tokenizer)
     elif use_chat_template and not has_chat_template(tokenizer):
         raise ValueError("the tokenizer has no chat template")
-    return _tokenize_pairs(tokenizer, prompts, responses, max_length, on_too_long, use_chat_template)
+    drop = default_system_block(tokenizer) if system_prompt == "none" and use_chat_template else None
+    return _tokenize_pairs(tokenizer, prompts, responses, max_length, on_too_long, use_chat_template, drop)
 
 
 def _tokenize_texts(tokenizer, texts: list, max_length: int, on_too_long: str) -> Tokenized:
@@ -245,7 +297,8 @@ def _tokenize_texts(tokenizer, texts: list, max_length: int, on_too_long: str) -
 
 
 def _tokenize_pairs(
-    tokenizer, prompts: list, responses: list, max_length: int, on_too_long: str, chat: bool
+    tokenizer, prompts: list, responses: list, max_length: int, on_too_long: str, chat: bool,
+    drop: tuple[str, str] | None = None,
 ) -> Tokenized:
     reasons: list[str | None] = []
     for p, r in zip(prompts, responses):
@@ -257,7 +310,7 @@ def _tokenize_pairs(
 
     if chat:
         _, tail = end_of_turn(tokenizer)
-        prompt_texts = _render_prompts(tokenizer, [prompts[i] for i in good])
+        prompt_texts = _render_prompts(tokenizer, [prompts[i] for i in good], drop)
         prompt_ids = _batch_ids(tokenizer, prompt_texts, add_special_tokens=False)
     else:
         eos = tokenizer.eos_token_id
@@ -390,19 +443,26 @@ def trained_turns(conv: list[dict], assistant_turns: str = "all") -> list[int]:
     return turns[-1:] if assistant_turns == "last" else turns
 
 
-def _chat_pieces(tokenizer, conv: list[dict], assistant_turns: str, template: str | None
-                 ) -> tuple[list[tuple[str, int]] | None, str | None]:
+def _chat_pieces(tokenizer, conv: list[dict], assistant_turns: str, template: str | None,
+                 drop: tuple[str, str] | None = None) -> tuple[list[tuple[str, int]] | None, str | None]:
     """([(text, trained 0/1), ...], None): the rendered conversation cut at the reply
-    boundaries (module docstring), or (None, a reject reason)."""
+    boundaries (module docstring), or (None, a reject reason). ``drop``: the template's default
+    system turn, removed from every rendering when the conversation has no system message."""
     turns = trained_turns(conv, assistant_turns)
     if not turns:
         return None, "no assistant turn after a user or system message"
+    if conv[0]["role"] == "system":
+        drop = None  # the row brings its own system message: rendered as the template writes it
+
+    def render(messages, **kw):
+        return drop_default_system(render_chat(tokenizer, messages, template=template, **kw), drop)
+
     try:
-        whole = render_chat(tokenizer, conv[: turns[-1] + 1], template=template).rstrip()
+        whole = render(conv[: turns[-1] + 1]).rstrip()
         pieces, at = [], 0
         for k in turns:
-            start = render_chat(tokenizer, conv[:k], add_generation_prompt=True, template=template)
-            stop = whole if k == turns[-1] else render_chat(tokenizer, conv[: k + 1], template=template).rstrip()
+            start = render(conv[:k], add_generation_prompt=True)
+            stop = whole if k == turns[-1] else render(conv[: k + 1]).rstrip()
             if not (whole.startswith(start) and whole.startswith(stop) and at <= len(start)):
                 return None, (f"the chat template renders the conversation up to message {k} differently from "
                               f"the whole (it rewrites earlier turns; try --assistant-turns last)")
@@ -417,12 +477,12 @@ def _chat_pieces(tokenizer, conv: list[dict], assistant_turns: str, template: st
 
 
 def _tokenize_chats(tokenizer, convs: list, max_length: int, on_too_long: str, assistant_turns: str,
-                    template: str | None) -> Tokenized:
+                    template: str | None, drop: tuple[str, str] | None = None) -> Tokenized:
     rows: list[list[tuple[str, int]] | str] = []
     for value in convs:
         conv, reason = normalize_conversation(value)
         if reason is None:
-            pieces, reason = _chat_pieces(tokenizer, conv, assistant_turns, template)
+            pieces, reason = _chat_pieces(tokenizer, conv, assistant_turns, template, drop)
         rows.append(reason if reason is not None else pieces)
     flat = [text for row in rows if not isinstance(row, str) for text, _ in row]
     ids_flat = iter(_batch_ids(tokenizer, flat, add_special_tokens=False))

@@ -65,7 +65,8 @@ class DataReadStage(Stage):
 
     def run(self, ctx: Context) -> DataTokens:
         cfg, inputs = ctx.cfg, ctx.inputs
-        spec = ReadSpec("data", inputs.modes["data"], inputs.columns, cfg.model, cfg.max_length, cfg.on_too_long)
+        spec = ReadSpec("data", inputs.modes["data"], inputs.columns, cfg.model, cfg.max_length, cfg.on_too_long,
+                        system_prompt=cfg.system_prompt)
         target = ctx.work / "tokens"
         read_files(ctx.executor, inputs.paths["data"], spec, target, ctx.progress)
         return DataTokens(str(target))

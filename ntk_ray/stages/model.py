@@ -146,7 +146,8 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     adapter_dir = Path(stage_dir) / "adapter"
     model.save_pretrained(str(adapter_dir))
     model.eval()
-    embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device).numpy()
+    embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device, layer=getattr(cfg, "embed_layer", None),
+                                        max_row_tokens=getattr(cfg, "embed_max_tokens", None)).numpy()  # as the pool's
     options = {"objective": "loss"} if less else {}  # LESS anchors: plain loss gradients
     computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device,
                                **options)
@@ -224,7 +225,8 @@ class EmbedStage(Stage):
             return Shards(str(target), skipped=True)
         cfg = ctx.cfg
         map_tokens(ctx, read.pool, target, pool, Embedder, (cfg.model, warmup.adapter_dir, cfg.batch_tokens,
-                                                            ctx.executor.plan.device, warmup.dtype))
+                                                            ctx.executor.plan.device, warmup.dtype,
+                                                            cfg.embed_layer, cfg.embed_max_tokens))
         return Shards(str(target))
 
 

@@ -58,6 +58,7 @@ class ReadSpec:
     max_length: int
     on_too_long: str
     id_prefixes: dict | None = None  # path -> fallback id prefix (io.paths.fallback_id_prefixes of domain + pool)
+    system_prompt: str = "default"  # --system-prompt: "none" drops a chat template's default system turn
 
 
 class ReadAndTokenize:
@@ -132,12 +133,14 @@ class ReadAndTokenize:
                 convs = chunk.column("messages").to_pylist()
                 tok = tokenize_batch(self.tokenizer, messages=[convs[i] for i in usable],
                                      assistant_turns=self.spec.columns.assistant_turns,
-                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
+                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long,
+                                     system_prompt=self.spec.system_prompt)
             else:
                 prompts, responses = chunk.column("prompt").to_pylist(), chunk.column("response").to_pylist()
                 tok = tokenize_batch(self.tokenizer, prompts=[prompts[i] for i in usable],
                                      responses=[responses[i] for i in usable],
-                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long)
+                                     max_length=self.spec.max_length, on_too_long=self.spec.on_too_long,
+                                     system_prompt=self.spec.system_prompt)
             for j, i in enumerate(usable):
                 ids[i], loss[i], score[i] = tok.input_ids[j], tok.loss_mask[j], tok.score_mask[j]
                 n_tokens[i], truncated[i] = tok.n_tokens[j], tok.truncated[j]
@@ -221,25 +224,30 @@ NONFINITE_EMBEDDING = "non-finite embedding (NaN/inf)"
 
 
 class Embedder(ShardMapper):
-    """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised. A row whose
+    """Coarse-stage embeddings: mean-pooled final hidden states, L2-normalised, in length-sorted
+    batches of ``batch_tokens`` padded tokens (``features.pack_by_tokens``). A row whose
     embedding is not finite gets a ``reject`` reason and a zero embedding (the coarse stage and
     the kernel skip rejected rows; the write stage lists them in rejects.parquet). ``dtype``:
-    the model's (``--dtype``; the pooling sums are float32)."""
+    the model's (``--dtype``; the pooling sums are float32). ``layer`` (``--embed-layer``) and
+    ``max_row_tokens`` (``--embed-max-tokens``): the cheaper embeddings of ``core.coarse``."""
 
     def __init__(self, out_dir: str, keep: pa.Table, model: str | None, adapter_dir: str | None, batch_tokens: int = 8192,
-                 device: str | None = None, dtype: str = "float32"):
+                 device: str | None = None, dtype: str = "float32", layer: int | None = None,
+                 max_row_tokens: int | None = None):
         set_threads_from_env()
         self.out_dir = Path(out_dir)
         self.keep = keep_set(keep)
         self.device = device or pick_device()
         self.model = load_adapted_model(model, adapter_dir, self.device, dtype=dtype).eval()
         self.batch_tokens = batch_tokens
+        self.layer, self.max_row_tokens = layer, max_row_tokens
 
     def process(self, batch: pa.Table) -> pa.Table:
         from ntk_ray.core.features import mean_pooled_embeddings
 
         seqs = batch.column("input_ids").to_pylist()
-        emb = np.array(mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device).numpy())
+        emb = np.array(mean_pooled_embeddings(self.model, seqs, self.batch_tokens, self.device, layer=self.layer,
+                                              max_row_tokens=self.max_row_tokens).numpy())
         finite = np.isfinite(emb).all(axis=1)
         emb[~finite] = 0.0
         return pa.table({"id": batch.column("id"), "key": batch.column("key"),
