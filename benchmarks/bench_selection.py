@@ -207,8 +207,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = ap.parse_args(argv)
     if args.smoke:
+        given = args.ablations
         for k, v in SMOKE.items():
             setattr(args, k, v)
+        args.ablations = given if given is not None else args.ablations  # --smoke --ablations X: check X small
         args.out = args.out or str(ROOT / "runs" / "bench_decide" / "smoke")
         args.cache = args.cache or str(Path(args.out) / "cache.jsonl")
         args.work = args.work or str(Path(args.out) / "work")
