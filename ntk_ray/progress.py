@@ -141,9 +141,17 @@ class Progress:
         return Steps(self, name, unit)
 
 
-LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {rate_noinv_fmt}, ETA {remaining}{postfix}"
-LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt}{unit}, {rate_noinv_fmt}{postfix}"
-LAST_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} in {elapsed} ({rate_noinv_fmt}){postfix}"
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%), {per_second}, ETA {remaining}{postfix}"
+LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt}{unit}, {per_second}{postfix}"
+LAST_FORMAT = "{desc}: {n_fmt}/{total_fmt}{unit} in {elapsed} ({per_second}){postfix}"
+LAST_FORMAT_NO_TOTAL = "{desc}: {n_fmt}{unit} in {elapsed} ({per_second}){postfix}"
+
+
+def per_second(rate: float | None, unit: str) -> str:
+    """``13.30 rows/s``; two significant digits below 0.1 (``0.0042 batches/s``), not ``0.00``."""
+    if not rate:
+        return f"?{unit}/s"
+    return f"{rate:.2f}{unit}/s" if rate >= 0.1 else f"{rate:.2g}{unit}/s"
 
 
 def library_env(verbosity: str) -> dict[str, str]:
@@ -188,11 +196,13 @@ class _LogLines(tqdm):
     def line(self) -> str:
         d = self.format_dict
         total_known = d["total"] and d["n"] < d["total"] + 0.5
-        fmt = LAST_FORMAT if self._closing else LOG_FORMAT
-        if not total_known:
-            fmt = LOG_FORMAT_NO_TOTAL
+        if total_known:
+            fmt = LAST_FORMAT if self._closing else LOG_FORMAT
+        else:
+            fmt = LAST_FORMAT_NO_TOTAL if self._closing else LOG_FORMAT_NO_TOTAL
         d["bar_format"] = fmt
-        return " ".join(self.format_meter(**d).split()).replace("( ", "(")
+        rate = d["rate"] if d["rate"] is not None or not d["elapsed"] else d["n"] / d["elapsed"]
+        return " ".join(self.format_meter(**d, per_second=per_second(rate, d["unit"])).split())
 
     def display(self, msg=None, pos=None):
         if self.n or self._closing:

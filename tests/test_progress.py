@@ -80,6 +80,7 @@ def test_unknown_total_and_quiet_and_a_terminal_bar():
         clock.now += 2.0
         rows.update(50)
     assert "read pool: 50 rows, 25.00 rows/s" in stream.getvalue() and "ETA" not in stream.getvalue()
+    assert "read pool: 50 rows in 00:02 (25.00 rows/s)" in stream.getvalue()
 
     quiet, stream = log_progress(clock, interval=0.0, verbosity="quiet")
     with quiet.stage("embed"), quiet.track(10) as rows:
@@ -92,6 +93,16 @@ def test_unknown_total_and_quiet_and_a_terminal_bar():
     with bar.track(4, name="embed") as rows:
         rows.update(4)
     assert "embed: 100%" in tty.getvalue() and "4/4" in tty.getvalue() and "rows/s" in tty.getvalue()
+
+
+def test_slow_rates_keep_two_significant_digits():
+    """Hours-long GPU stages on a busy machine: 0.0042 batches/s, not 0.00."""
+    clock = Clock()
+    progress, stream = log_progress(clock, interval=0.0)
+    with progress.track(3, unit="batches", name="warmup") as batches:
+        clock.now += 240.0
+        batches.update(1, loss=2.5)
+    assert "warmup: 1/3 batches (33%), 0.0042 batches/s, ETA 08:00, loss=2.5" in stream.getvalue()
 
 
 def test_training_batches_are_tracked_from_the_start_with_the_loss(tiny_model):
