@@ -19,6 +19,7 @@ import torch
 
 from ntk_ray.core.scoring import stable_keys
 from ntk_ray.io.feature_files import SPEC_KEY
+from ntk_ray.io.location import local_copy, location
 from ntk_ray.io.markers import is_done, mark_done, read_marker
 from ntk_ray.io.shards import fixed_size_list, keep_set, read_shard, write_table_atomic
 
@@ -75,7 +76,7 @@ class ReadAndTokenize:
         from ntk_ray.models import load_tokenizer
 
         self.spec = spec
-        self.out_dir = Path(out_dir) if out_dir else None
+        self.out_dir = location(out_dir) if out_dir else None  # local, or a URI (--work-dir s3://...)
         self.chunk_rows = chunk_rows
         self.tokenizer = load_tokenizer(spec.model)
 
@@ -171,7 +172,7 @@ def load_adapted_model(model: str | None, adapter_dir: str | None, device: str, 
 
     base = load_model(model, dtype=dtype, device=device)
     if adapter_dir:
-        return load_adapter(base, adapter_dir).to(device)
+        return load_adapter(base, local_copy(adapter_dir)).to(device)  # a URI work dir's adapter: copied here
     return attach_lora(base, **(lora or {})).to(device)
 
 
@@ -184,7 +185,7 @@ def less_transform_for(model, moments_path: str, device):
     from ntk_ray.core.training import as_moments, load_adam_moments
 
     names = [f"{name}.weight" for name, _ in trainable_linears(model)]
-    m = as_moments(load_adam_moments(moments_path)).select(names)  # ValueError naming what is missing
+    m = as_moments(load_adam_moments(local_copy(moments_path))).select(names)  # ValueError naming what is missing
     return adam_gradient_transform([t.to(device) for t in m.exp_avg], [t.to(device) for t in m.exp_avg_sq],
                                    m.step, m.betas, m.eps)
 
@@ -235,7 +236,7 @@ class Embedder(ShardMapper):
                  device: str | None = None, dtype: str = "float32", layer: int | None = None,
                  max_row_tokens: int | None = None):
         set_threads_from_env()
-        self.out_dir = Path(out_dir)
+        self.out_dir = location(out_dir)
         self.keep = keep_set(keep)
         self.device = device or pick_device()
         self.model = load_adapted_model(model, adapter_dir, self.device, dtype=dtype).eval()
@@ -270,7 +271,7 @@ class Featurizer(ShardMapper):
         from ntk_ray.core.features import FeatureComputer
 
         set_threads_from_env()
-        self.out_dir = Path(out_dir)
+        self.out_dir = location(out_dir)
         self.keep = keep_set(keep)
         self.device = device or pick_device()
         adapted = load_adapted_model(model, adapter_dir, self.device, dtype=dtype)
