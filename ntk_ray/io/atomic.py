@@ -6,6 +6,10 @@ call, so writers on different pods or threads never share one), flushed and fsyn
 over the target, and the directory is fsynced: a reader sees the old file or the complete new
 one, never a half-written one, even after a crash or power loss. The temporary name does not
 end in ``.parquet``, so no shard glob ever picks it up.
+
+In an object store (``io.location.UriPath``, a ``--work-dir`` URI) there is no rename: the
+bytes are produced in memory first and then written under the final name in one upload, which
+the store makes visible only once complete (``UriPath.write_bytes``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ def fsync_dir(directory: Path) -> None:
 def write_atomic(path: Path, write) -> None:
     """``write(binary_file)`` into a temporary name, fsync, rename over ``path``. On any failure
     the temporary file is removed and ``path`` is untouched."""
+    from ntk_ray.io.location import UriPath
+
+    if isinstance(path, UriPath):
+        import io
+
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
+        return
     path = Path(path)
     tmp = atomic_path(path)
     try:

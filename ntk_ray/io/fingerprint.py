@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ntk_ray.io.atomic import write_json_atomic
 from ntk_ray.io.fs import InputError, filesystem, redact
+from ntk_ray.io.location import location
 
 #: role -> the flag that names its files
 FLAGS = {"domain": "--domain", "pool": "--pool", "data": "--data"}
@@ -82,7 +83,7 @@ def check_unchanged(work: Path, paths: dict[str, list[str]], where: str) -> None
     import json
 
     try:
-        saved = json.loads((Path(work) / NAME).read_text())
+        saved = json.loads((location(work) / NAME).read_text())
     except (OSError, ValueError):
         return
     if isinstance(saved, dict):
@@ -94,7 +95,7 @@ def record(work: Path, paths: dict[str, list[str]]) -> None:
     record of the files its finished stages read)."""
     import json
 
-    target = Path(work) / NAME
+    target = location(work) / NAME
     try:
         if isinstance(json.loads(target.read_text()), dict):
             return

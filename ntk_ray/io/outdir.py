@@ -22,6 +22,18 @@ For an object-store URI ``--out`` the stages run in a local or shared working di
 permission before any work, the run's stamp is kept at ``<uri>/_ntk_ray_stamp.json`` (another
 config's run there is refused unless ``--overwrite``) and the results are copied to the URI at
 the end, ``manifest.json`` last (``io.storage.publish``).
+
+``--work-dir`` may itself be an object-store URI (``s3://bucket/work``): then the run's state
+(``<work-dir>/_work/``: stamp, ``inputs.json``, shards, markers, saved stage results) lives
+there, so workers on any node (and a driver restarted on another node) read and write it without
+a shared volume; the driver keeps only the result files in a local scratch directory
+(``storage.default_work_dir``) before publishing them. Its lock is an object,
+``<work-dir>/_work/_lock.json`` (owner id, pid, host, start and heartbeat time), refreshed every
+``LOCK_HEARTBEAT_S`` seconds by a daemon thread. Object stores have no ``flock`` and pyarrow
+offers no conditional PUT, so this lock is **weaker** than the local one: it is written, then
+read back, and a second run that starts within the same second can race past it; a lock whose
+heartbeat is older than ``LOCK_STALE_S`` seconds, or whose pid is gone on this host (a killed
+driver), is taken over.
 """
 
 from __future__ import annotations
@@ -57,10 +69,13 @@ def fingerprint_of(identity: dict) -> str:
     return hashlib.sha256(json.dumps(redact(identity), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_stamp(path: Path) -> tuple[bool, str | None]:
-    """(whether the stamp file exists, its fingerprint or None when it cannot be read)."""
+def read_stamp(path) -> tuple[bool, str | None]:
+    """(whether the stamp file exists, its fingerprint or None when it cannot be read); ``path``
+    local or a URI (``io.location``)."""
+    from ntk_ray.io.location import location
+
     try:
-        text = Path(path).read_text()
+        text = location(path).read_text()
     except FileNotFoundError:
         return False, None
     except OSError:
@@ -136,17 +151,105 @@ def release_out_lock(key: str) -> None:
 
 
 def releases_out_locks(fn):
-    """Decorator for an entry point (``run_select``, ...): the output locks it took are released
-    when it returns or raises."""
+    """Decorator for an entry point (``run_select``, ...): the output locks it took (local and
+    URI work-dir locks) are released when it returns or raises."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        before = set(_HELD)
+        before, before_uri = set(_HELD), set(_URI_HELD)
         try:
             return fn(*args, **kwargs)
         finally:
             for key in set(_HELD) - before:
                 release_out_lock(key)
+            for key in set(_URI_HELD) - before_uri:
+                release_uri_lock(key)
     return wrapper
+
+
+# the lock of a URI work dir (see the module docstring: weaker than flock)
+URI_LOCK = "_lock.json"
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 120.0
+_URI_HELD: dict[str, tuple] = {}  # lock URI -> (owner id, stop event, heartbeat thread)
+
+
+def _lock_is_stale(info: dict, now: float) -> bool:
+    """A lock another run left: its heartbeat is old, or its pid is gone on this host."""
+    try:
+        if now - float(info["heartbeat"]) > LOCK_STALE_S:
+            return True
+        if info.get("host") == socket.gethostname():
+            os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, PermissionError):
+        return False
+    return False
+
+
+def lock_uri_work(work, flag: str = "--work-dir", shown: str | None = None) -> None:
+    """Hold ``<work>/_lock.json`` (a ``UriPath``) for this process until ``release_uri_lock``:
+    refused (UsageError naming the other run's pid and host) while another run's lock is fresh;
+    a stale one is taken over. Re-entrant within one process."""
+    import threading
+    import uuid
+
+    lock = work / URI_LOCK
+    key = str(lock)
+    if key in _URI_HELD:
+        return
+    shown = shown or redact(str(work))
+    try:
+        info = json.loads(lock.read_text())
+    except FileNotFoundError:
+        info = None
+    except (OSError, ValueError):
+        info = None  # unreadable: no owner can be named, so none is honoured
+    if isinstance(info, dict) and not _lock_is_stale(info, time.time()):
+        raise UsageError(f"{flag} {shown} is in use by another ntk-ray run (pid {info.get('pid')} on host "
+                         f"{info.get('host')}, since {info.get('started')}; lock {redact(key)}); wait for it to finish, "
+                         f"or delete the lock object if that run is gone")
+    me = {"owner": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def write() -> None:
+        lock.write_bytes((json.dumps(me | {"heartbeat": time.time()}) + "\n").encode())
+
+    try:
+        write()
+        mine = json.loads(lock.read_text()).get("owner") == me["owner"]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {shown}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"choose another {flag}") from None
+    if not mine:
+        raise UsageError(f"{flag} {shown} is in use by another ntk-ray run that started at the same moment; "
+                         f"choose another {flag}")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                write()
+            except OSError:
+                pass  # a transient store error: the next beat tries again
+
+    thread = threading.Thread(target=beat, name="ntk-ray-lock-heartbeat", daemon=True)
+    thread.start()
+    _URI_HELD[key] = (me["owner"], stop, thread, lock)
+
+
+def release_uri_lock(key: str) -> None:
+    held = _URI_HELD.pop(key, None)
+    if held is None:
+        return
+    owner, stop, thread, lock = held
+    stop.set()
+    thread.join(timeout=5)
+    try:
+        if json.loads(lock.read_text()).get("owner") == owner:
+            lock.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,17 +440,107 @@ def check_uri_stamp(uri: str, identity: dict, overwrite: bool, flag: str = "--ou
 
 def open_out_dir(out: str, work_dir: str | None, identity: dict, overwrite: bool, log,
                  inputs: dict | None = None) -> tuple[Path, bool]:
-    """(the directory the stages write into, whether ``out`` is a URI). For a URI the stages run
-    in ``work_dir`` (default ``storage.default_work_dir``) and the results are copied to the URI
-    at the end (``storage.publish``); a URI that cannot be written, or that holds another
-    config's run, fails here, before any work."""
+    """(the directory the result files are written into, whether ``out`` is a URI). For a URI the
+    stages run in ``work_dir`` (default ``storage.default_work_dir``) and the results are copied
+    to the URI at the end (``storage.publish``); a URI that cannot be written, or that holds
+    another config's run, fails here, before any work. A URI ``work_dir`` (only with a URI
+    ``out``) holds the stages' state (``work_location``; ``prepare_uri_work_dir``) and the result
+    files are staged in the local ``storage.default_work_dir``."""
     from ntk_ray.io.storage import default_work_dir, is_uri
 
     if not is_uri(out):
         return prepare_out_dir(out, identity, overwrite, inputs=inputs), False
     check_output_uri(out)
+    if work_dir and is_uri(work_dir):
+        local = prepare_out_dir(default_work_dir(out), identity, overwrite, flag="--out", inputs=inputs, where=redact(out))
+        work = prepare_uri_work_dir(work_dir, identity, overwrite, inputs=inputs, where=redact(out))
+        check_uri_stamp(out, identity, overwrite)
+        log(f"results go to {redact(out)}; working directory {redact(str(work))} (result files staged in {local})")
+        return local, True
     local = prepare_out_dir(work_dir if work_dir else default_work_dir(out), identity, overwrite,
                             flag="--work-dir" if work_dir else "--out", inputs=inputs, where=redact(out))
     check_uri_stamp(out, identity, overwrite)
     log(f"results go to {redact(out)}; working directory {local}")
     return local, True
+
+
+# ---------------------------------------------------------------------------------------------
+# URI work directories (``--work-dir s3://...``)
+def work_location(out: Path, work_dir: str | None):
+    """Where the stages keep their state: ``<work_dir>/_work`` for a URI ``work_dir``
+    (``io.location.UriPath``), else ``out/_work`` (``out``: what ``open_out_dir`` returned)."""
+    from ntk_ray.io.location import UriPath, is_uri
+
+    if work_dir and is_uri(work_dir) and not str(work_dir).lower().startswith("file://"):
+        return UriPath(work_dir) / "_work"
+    return Path(out) / "_work"
+
+
+#: what may sit beside ``_work/`` in a URI work dir that is also the ``--out`` URI
+_URI_NEIGHBOURS = set(RESULT_NAMES) | {"report.html", "_ntk_ray_stamp.json"}
+
+
+def prepare_uri_work_dir(uri: str, identity: dict, overwrite: bool, flag: str = "--work-dir",
+                         inputs: dict | None = None, where: str | None = None):
+    """``prepare_out_dir`` for a URI work dir: lock ``<uri>/_work`` (``lock_uri_work``), refuse
+    a location that holds something else, or another config's run unless ``overwrite`` (which
+    then deletes only ``<uri>/_work/``'s objects), check and record the input files, stamp it.
+    A credential in the URI is refused: the URIs of a work dir are stored in its saved results.
+    Returns the ``UriPath`` of ``<uri>/_work``."""
+    from ntk_ray.io.fingerprint import check_unchanged, record
+    from ntk_ray.io.fs import InputError
+    from ntk_ray.io.location import UriPath, rmtree
+
+    if redact(uri) != uri:
+        raise UsageError(f"{flag} {redact(uri)}: a URI work directory takes its credentials from the environment "
+                         f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, an instance or IRSA role), not from the URI: "
+                         f"its paths are stored in the run's state")
+    shown = redact(uri)
+    try:
+        root = UriPath(uri)
+        work = root / "_work"
+        stamp = work / "config.json"
+        exists, previous = read_stamp(stamp)
+        if not exists:
+            strangers = [p.name for p in root.iterdir()
+                         if p.name not in _URI_NEIGHBOURS and not p.name.startswith("_ntk-ray-probe-")
+                         and not (p.name == "_work" and {q.name for q in work.iterdir()} <= {URI_LOCK})]
+            if strangers:
+                raise UsageError(f"{flag} {shown} exists and is not an ntk-ray working directory ({strangers[0]} is "
+                                 f"there); choose a new or empty location")
+    except OSError as e:
+        raise UsageError(f"{flag} {shown}: cannot read this location ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    lock_uri_work(work, flag, shown)
+
+    def clear() -> None:
+        for p in work.iterdir():
+            if p.name == URI_LOCK:
+                continue
+            rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    fingerprint = fingerprint_of(identity)
+    if exists:
+        if previous is None and not overwrite:
+            raise UsageError(f"{flag} {shown}: its run stamp {redact(str(stamp))} cannot be read (truncated or edited), "
+                             f"so its finished stages cannot be trusted; pass --overwrite to delete ntk-ray's files "
+                             f"there and run again, or choose another {flag}")
+        if previous not in (None, fingerprint) and not overwrite:
+            raise UsageError(f"{flag} {shown} holds a run with a different config; pass --overwrite to replace it or "
+                             f"choose another {flag}")
+        if overwrite and previous != fingerprint:
+            clear()
+        elif inputs is not None:
+            try:
+                check_unchanged(work, inputs, where or shown)
+            except InputError as e:
+                if not overwrite:
+                    raise UsageError(str(e)) from None
+                clear()
+    if inputs is not None:
+        try:
+            record(work, inputs)
+        except InputError as e:
+            raise UsageError(str(e)) from None
+    write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, stamp)
+    return work

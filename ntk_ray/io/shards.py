@@ -7,6 +7,10 @@
 * ``read_vectors`` / ``iter_vectors``: a vector column (``feature``, ``embedding``) as a
   (rows x d) matrix, whole or in row batches sized to a scratch budget.
 * ``read_shard``: the rows of a tokens shard restricted to a keep-set of (key, source, row).
+
+A directory may be an object-store URI (``--work-dir s3://...``, ``io.location``): shards are
+then listed and named as URIs, which ``pyarrow.parquet`` reads directly; an upload that never
+completed is not an object, so it is never listed.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ntk_ray.io.atomic import write_atomic
+from ntk_ray.io.location import location
 
 # scratch budget of one row batch: the vectors (rows x d) and the float64 kernel block (anchors x rows)
 BLOCK_BYTES = 64 << 20
 
 
 def list_shards(directory: str | Path) -> list[str]:
-    """The shards of a directory, sorted (names starting with '_' or '.' are not shards)."""
-    return sorted(str(p) for p in Path(directory).glob("*.parquet") if not p.name.startswith(("_", ".")))
+    """The shards of a directory (or URI prefix), sorted (names starting with '_' or '.' are not shards)."""
+    return sorted(str(p) for p in location(directory).glob("*.parquet") if not p.name.startswith(("_", ".")))
 
 
 def shards_frame(files: list[str], columns: list[str]) -> pl.DataFrame:
@@ -64,7 +69,7 @@ def parquet_options(schema: pa.Schema) -> dict:
 
 def write_table_atomic(table: pa.Table, path: str | Path) -> None:
     """Write a Parquet shard atomically: a shard that exists is whole."""
-    write_atomic(Path(path), lambda f: pq.write_table(table, f, **parquet_options(table.schema)))
+    write_atomic(location(path), lambda f: pq.write_table(table, f, **parquet_options(table.schema)))
 
 
 def keep_set(keep: pa.Table) -> set:
