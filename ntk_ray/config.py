@@ -188,12 +188,29 @@ def _batch_tokens(group=None):
 
 
 def _actors(group=None):
-    return opt(None, "model actors", group=group, metavar="N", shown_default="one per GPU, or CPUs-1 / 2 on CPU", min=1, max=100000)
+    return opt(None, "a fixed pool of N model actors (at most the GPUs, or CPUs, present, unless --accelerator gpu); "
+               "not with --min-actors/--max-actors", group=group, metavar="N",
+               shown_default="a pool from --min-actors to --max-actors", min=1, max=100000)
+
+
+def _min_actors(group=None):
+    return opt(None, "the fewest model actors: a stage starts once N are up, waiting for workers to join if the "
+               "cluster cannot hold them yet (at most --wait-for-resources)", group=group, metavar="N",
+               shown_default="one per GPU the cluster has now, or (CPUs - 1) // 2 CPU actors, at least 1", min=1,
+               max=100000)
+
+
+def _max_actors(group=None):
+    return opt(None, "the most model actors: while work queues, Ray Data adds actors on workers that join mid-stage, "
+               "up to N (on an autoscaling cluster: the GPUs its worker groups can reach, e.g. maxReplicas x GPUs "
+               "per pod)", group=group, metavar="N",
+               shown_default="what the cluster can grow to where Ray publishes it, else --min-actors: a fixed pool",
+               min=1, max=100000)
 
 
 def _accelerator(group=None):
     return opt("auto", "auto: GPU actors if the cluster has GPUs now, else CPU actors; gpu: GPU actors even if none are "
-               "up yet (a KubeRay GPU group autoscaling from zero; give --actors); cpu: never GPUs",
+               "up yet (a KubeRay GPU group autoscaling from zero; give --max-actors); cpu: never GPUs",
                choices=ACCELERATORS, group=group)
 
 
@@ -287,6 +304,8 @@ class SelectConfig:
     # execution
     batch_tokens: int = _batch_tokens(X)
     actors: int | None = _actors(X)
+    min_actors: int | None = _min_actors(X)
+    max_actors: int | None = _max_actors(X)
     accelerator: str = _accelerator(X)
     wait_for_resources: float = opt(600.0, "how long a stage may wait for its actors to start (e.g. GPU nodes being "
                                     "added) before failing instead of hanging (Ray Data's no-progress timeout is at "
@@ -304,8 +323,8 @@ class SelectConfig:
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
-        for k in ("out", "actors", "accelerator", "wait_for_resources", "ray_address", "executor", "keep_features",
-                  "batch_tokens", "work_dir", "save_hf", "read_unit_mb"):
+        for k in ("out", "actors", "min_actors", "max_actors", "accelerator", "wait_for_resources", "ray_address",
+                  "executor", "keep_features", "batch_tokens", "work_dir", "save_hf", "read_unit_mb"):
             d.pop(k)
         return d
 
@@ -339,6 +358,8 @@ class FeaturesConfig:
     lora_targets: list[str] = _lora_targets()
     batch_tokens: int = _batch_tokens()
     actors: int | None = _actors()
+    min_actors: int | None = _min_actors()
+    max_actors: int | None = _max_actors()
     accelerator: str = _accelerator()
     ray_address: str | None = _ray_address()
     executor: str = _executor()
@@ -466,6 +487,7 @@ def validate(cfg, flags: dict | None = None) -> None:
     cls = type(cfg)
     for f in numeric_fields(cls):
         check_value(cls, f.name, getattr(cfg, f.name), (flags or {}).get(f.name))
+    check_pool(getattr(cfg, "actors", None), getattr(cfg, "min_actors", None), getattr(cfg, "max_actors", None))
     for name in ("out", "work_dir"):
         path = getattr(cfg, name, None)
         if isinstance(path, str) and path and not is_uri(path):
@@ -482,6 +504,18 @@ def validate(cfg, flags: dict | None = None) -> None:
             check_save_target(cfg.save_hf, out=getattr(cfg, "out", None))
         except InputError as e:
             raise UsageError(str(e)) from None
+
+
+def check_pool(actors: int | None, min_actors: int | None, max_actors: int | None) -> None:
+    """``--actors N`` (a fixed pool) or ``--min-actors``/``--max-actors`` (a pool that grows as
+    workers join), not both; a minimum no larger than the maximum (``runtime.actor_plan``)."""
+    from ntk_ray.io.accounting import UsageError
+
+    if actors is not None and (min_actors is not None or max_actors is not None):
+        raise UsageError(f"--actors {actors} is a fixed pool: give it alone, or --min-actors/--max-actors for a "
+                         "pool that grows as workers join")
+    if min_actors is not None and max_actors is not None and min_actors > max_actors:
+        raise UsageError(f"--min-actors {min_actors} is more than --max-actors {max_actors}")
 
 
 def validate_values(cls, values: dict, flags: dict | None = None) -> None:

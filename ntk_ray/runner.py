@@ -156,6 +156,7 @@ def executor_factory(cfg) -> Callable[[Progress], object]:
         from ntk_ray.runtime.ray_executor import RayExecutor
 
         return RayExecutor(address=cfg.ray_address, actors=getattr(cfg, "actors", None),
+                           min_actors=getattr(cfg, "min_actors", None), max_actors=getattr(cfg, "max_actors", None),
                            accelerator=getattr(cfg, "accelerator", "auto"),
                            wait_for_resources=getattr(cfg, "wait_for_resources", 600), log=progress.log,
                            verbosity=progress.verbosity)
@@ -290,7 +291,8 @@ def run_features(cfg: FeaturesConfig, overwrite: bool = False, progress: Progres
         raise UsageError(str(e)) from None
     model = check_model(cfg)
     identity = {k: v for k, v in asdict(cfg).items()
-                if k not in ("out", "actors", "accelerator", "ray_address", "executor", "batch_tokens")}
+                if k not in ("out", "actors", "min_actors", "max_actors", "accelerator", "ray_address", "executor",
+                             "batch_tokens")}
     identity["data"] = files
     out = prepare_out_dir(cfg.out, identity, overwrite, inputs={"data": files})
     inputs = CheckedInputs(columns=cols, paths={"data": files}, modes={"data": mode}, model_path=model)

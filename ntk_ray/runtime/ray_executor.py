@@ -4,7 +4,10 @@
   and KubeRay RayJobs) or start an embedded local Ray sized to this machine.
 * ``RayExecutor.map_shards``: Ray Data over the items (one block each) into the worker class
   on an actor pool (``ActorPoolStrategy``): the model pool sized by ``actor_plan`` (GPU actors
-  where there are GPUs), or CPU actors for reading.
+  where there are GPUs), or CPU actors for reading. A pool with a maximum above its minimum
+  grows as workers join the cluster mid-stage (Ray Data adds actors while its queue is long and
+  the cluster has room; ``cluster_maximum``); items are keyed, so results do not depend on
+  which actor ran what.
 * ``run_task``: one Ray task on a model worker (the warm-up).
 * ``map_tasks``: Ray tasks, at most twice the cluster's CPUs in flight, yielded as they finish.
 * ``put``: the object store; handles among a worker's constructor arguments are resolved before
@@ -33,7 +36,7 @@ import ray
 
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.progress import library_env
-from ntk_ray.runtime import actor_plan
+from ntk_ray.runtime import MAX_POOL, actor_plan
 from ntk_ray.stages.base import ActorPlan
 
 
@@ -174,6 +177,29 @@ class _StderrFilter:
             pass
 
 
+def cluster_maximum() -> dict | None:
+    """The resources the cluster can grow to (its autoscaler's node groups x their maximum
+    counts), where Ray publishes them (the cluster config in the GCS, read by Ray Data and Ray
+    Train the same way); None when unknown. Ray 2.60's own autoscaler (KubeRay's) does not
+    publish it, so there the pool's maximum is ``--max-actors`` or what the cluster holds now."""
+    try:
+        from ray._private.state import state as global_state
+
+        top = global_state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 (an internal API: unknown is always a safe answer)
+        return None
+    return {k: min(int(v), MAX_POOL * 64) for k, v in top.items()} if top else None
+
+
+def pool_strategy(size: int, max_size: int | None):
+    """A fixed pool of ``size`` actors, or one from ``size`` up to ``max_size``: Ray Data starts
+    ``size`` (waiting at most ``wait_for_min_actors_s`` for them) and adds actors while tasks
+    queue and the cluster has room for them."""
+    if max_size is None or max_size <= size:
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)
+
+
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -264,6 +290,27 @@ def _item_key(batch) -> str:
     return json.dumps(batch.slice(0, 1).to_pylist()[0], sort_keys=True, default=str)
 
 
+def _actors_timed_out(exc: BaseException) -> bool:
+    """Ray Data's timeout for a pool whose minimum did not start (``wait_for_min_actors_s``),
+    whatever wraps it."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ray.exceptions.GetTimeoutError) and "starting actors" in str(e):
+            return True
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return False
+
+
+def _room(gpus: int) -> str:
+    resources = ray.cluster_resources()
+    return f"{resources.get('GPU', 0):g} GPUs" if gpus else f"{resources.get('CPU', 0):g} CPUs"
+
+
 def describe_item(key: str) -> str:
     """An item of ``map_shards`` in words: a token shard with the input file and rows it holds."""
     import json
@@ -313,16 +360,43 @@ def _resolving(worker: type, attempts=None) -> type:
 
 class RayExecutor:
     def __init__(self, address: str | None = None, actors: int | None = None, accelerator: str = "auto",
-                 wait_for_resources: float = 600, log=print, verbosity: str = "normal"):
+                 wait_for_resources: float = 600, log=print, verbosity: str = "normal",
+                 min_actors: int | None = None, max_actors: int | None = None):
         self.verbosity = verbosity
         self.resources = connect(address, log, wait_for_resources, verbosity)
         self.wait_for_resources = float(wait_for_resources)
         self.cpus = int(self.resources.get("CPU", 1))
-        self.plan: ActorPlan = actor_plan(self.resources, actors, accelerator)
+        self.maximum = cluster_maximum()
+        self.sizing = {"requested": actors, "accelerator": accelerator, "min_actors": min_actors,
+                       "max_actors": max_actors}
+        self.plan: ActorPlan = actor_plan(self.resources, max_resources=self.maximum, **self.sizing)
         self.extra_env: dict[str, str] = {}  # added to every worker's environment
+        room = int(self.resources.get("GPU" if self.plan.num_gpus else "CPU", 0))
+        if self.plan.size > room:
+            log(f"ray: {self.plan.size} model actors need {self.plan.size} {'GPUs' if self.plan.num_gpus else 'CPUs'} "
+                f"and the cluster has {room}: each model stage waits up to --wait-for-resources "
+                f"{self.wait_for_resources:g} s for workers to join")
 
     def describe(self) -> str:
-        return f"{self.plan.size} x ({'1 GPU' if self.plan.num_gpus else 'CPU'})"
+        size = f"{self.plan.size}-{self.plan.max_size}" if self.plan.max_size else f"{self.plan.size}"
+        return f"{size} x ({'1 GPU' if self.plan.num_gpus else 'CPU'})"
+
+    def _stage_plan(self) -> ActorPlan:
+        """The model pool for a stage starting now: sized (where no ``--actors`` fixed it) from
+        what the cluster holds now, which may be more than at the start (workers the warm-up
+        task's demand brought up); the kind of actor (GPU or CPU) stays that of the start."""
+        if self.sizing["requested"] is None:
+            plan = actor_plan(ray.cluster_resources(), max_resources=self.maximum, **self.sizing)
+            if (plan.device, plan.num_gpus) == (self.plan.device, self.plan.num_gpus):
+                self.plan = plan
+        return self.plan
+
+    def _reader_pool(self, n_items: int) -> tuple[int, int | None]:
+        """CPU actors that read: one per item, at most the cluster's CPUs - 1 now (a CPU stays
+        free for the driver), growing to its published maximum's CPUs - 1."""
+        now = max(1, min(n_items, int(ray.cluster_resources().get("CPU", 1)) - 1))
+        most = min(n_items, int((self.maximum or {}).get("CPU", 0)) - 1)
+        return now, (most if most > now else None)
 
     def _env(self, model: bool = True) -> dict:
         env = {k: os.environ.get(k, v) for k, v in library_env(self.verbosity).items()}  # what the user set stays
@@ -336,14 +410,15 @@ class RayExecutor:
             return []
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         if model:
-            size, gpus, cpus = self.plan.size, self.plan.num_gpus, self.plan.num_cpus
-        else:  # readers: a CPU stays free for the driver
-            size, gpus, cpus = max(1, min(len(items), self.cpus - 1)), 0, 1
+            plan = self._stage_plan()
+            (size, max_size), gpus, cpus = (plan.size, plan.max_size), plan.num_gpus, plan.num_cpus
+        else:  # readers
+            (size, max_size), gpus, cpus = self._reader_pool(len(items)), 0, 1
         attempts = _Attempts.remote()
         with warnings.catch_warnings():  # max_restarts & co. have no named parameter yet in Ray 2.60
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(_resolving(worker, attempts), fn_constructor_args=args, batch_size=1,
-                                batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size), num_gpus=gpus,
+                                batch_format="pyarrow", compute=pool_strategy(size, max_size), num_gpus=gpus,
                                 num_cpus=cpus, runtime_env=self._env(model),
                                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
 
@@ -360,6 +435,12 @@ class RayExecutor:
         except Exception as e:
             if _user_error(e) is not None:
                 raise
+            if _actors_timed_out(e):
+                raise UsageError(
+                    f"{worker.__name__}: the pool's first {size} actors did not all start within --wait-for-resources "
+                    f"{self.wait_for_resources:g} s (each needs {f'{gpus} GPU' if gpus else f'{cpus} CPU'}; the "
+                    f"cluster has {_room(gpus)}); add workers, raise --wait-for-resources, or lower --min-actors "
+                    "(--actors)") from None
             try:
                 ours = ray.get(attempts.first_error.remote(), timeout=30)
                 unfinished = ray.get(attempts.unfinished.remote(), timeout=30)

@@ -12,6 +12,10 @@ the stage again.
 
 Results are saved field by field: a Polars frame as Parquet, a numpy array as ``.npy``, anything
 else (numbers, strings, paths, lists, dicts) in ``result.json``.
+
+``Context.work`` is a ``pathlib.Path`` or, with ``--work-dir s3://...``, an
+``io.location.UriPath`` (the same small API: ``/``, ``mkdir``, ``str``); stages hand workers
+``str(ctx.work / ...)`` and the io functions accept both.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import polars as pl
 
-from ntk_ray.io.atomic import write_json_atomic
+from ntk_ray.io.atomic import write_bytes_atomic, write_json_atomic
+from ntk_ray.io.location import UriPath
 from ntk_ray.io.shards import write_table_atomic
 
 
@@ -37,6 +42,7 @@ class ActorPlan:
     num_cpus: int
     device: str  # "cuda" | "cpu"
     threads: int | None = None  # torch threads per CPU actor (NTK_RAY_THREADS)
+    max_size: int | None = None  # the pool may grow to this many as nodes join (size: its minimum); None: fixed
 
 
 class Executor(Protocol):
@@ -69,13 +75,13 @@ class Executor(Protocol):
 class Context:
     """What every stage gets: the config, the working directory and the executor."""
     cfg: Any  # SelectConfig (or FeaturesConfig / ScoreConfig for those commands)
-    work: Path  # OUT/_work
-    out: Path  # where the result files go
+    work: Path | UriPath  # OUT/_work (a URI with --work-dir s3://...)
+    out: Path  # where the result files go (local)
     executor: Executor
     progress: Any  # ntk_ray.progress.Progress
     inputs: Any = None  # the checked inputs (runner.CheckedInputs)
 
-    def stage_dir(self, name: str) -> Path:
+    def stage_dir(self, name: str) -> Path | UriPath:
         return self.work / name
 
 
@@ -101,7 +107,7 @@ class Stage:
 
 # -------------------------------------------------------------------------------------------
 # saving and loading results
-def save_result(result, directory: Path) -> None:
+def save_result(result, directory: Path | UriPath) -> None:
     """Save a dataclass result into ``directory`` (see the module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)
     plain = {}
@@ -110,6 +116,13 @@ def save_result(result, directory: Path) -> None:
         if isinstance(value, pl.DataFrame):
             write_table_atomic(value.to_arrow(), directory / f"_{f.name}.parquet")
             plain[f.name] = {"__frame__": f"_{f.name}.parquet"}
+        elif isinstance(value, np.ndarray) and isinstance(directory, UriPath):
+            import io
+
+            buffer = io.BytesIO()
+            np.save(buffer, value)
+            write_bytes_atomic(buffer.getvalue(), directory / f"_{f.name}.npy")
+            plain[f.name] = {"__array__": f"_{f.name}.npy"}
         elif isinstance(value, np.ndarray):
             np.save(directory / f"_{f.name}.npy", value)
             plain[f.name] = {"__array__": f"_{f.name}.npy"}
@@ -118,14 +131,19 @@ def save_result(result, directory: Path) -> None:
     write_json_atomic(plain, directory / "_result.json")
 
 
-def load_result(cls, directory: Path):
+def load_result(cls, directory: Path | UriPath):
     """The result ``save_result`` saved (``cls`` is its dataclass)."""
+    import io
+
+    def source(name: str):
+        return io.BytesIO((directory / name).read_bytes()) if isinstance(directory, UriPath) else directory / name
+
     plain = json.loads((directory / "_result.json").read_text())
     values = {}
     for name, value in plain.items():
         if isinstance(value, dict) and "__frame__" in value:
-            value = pl.read_parquet(directory / value["__frame__"])
+            value = pl.read_parquet(source(value["__frame__"]))
         elif isinstance(value, dict) and "__array__" in value:
-            value = np.load(directory / value["__array__"])
+            value = np.load(source(value["__array__"]))
         values[name] = value
     return cls(**values)
