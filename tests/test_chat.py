@@ -9,12 +9,21 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import TINY_CHAT_TEMPLATE, TINY_WORDS
-from ntk_ray.core.tokenize import fallback_chat_template, normalize_conversation, tokenize_batch
-from ntk_ray.io.paths import InputError
-from ntk_ray.io.rows import MODE_CHAT, Columns, check_columns, read_file_rows, read_original_rows
 
+from ntk_ray.core.tokenize import (
+    fallback_chat_template,
+    normalize_conversation,
+    tokenize_batch,
+)
+from ntk_ray.io.paths import InputError
+from ntk_ray.io.rows import (
+    MODE_CHAT,
+    Columns,
+    check_columns,
+    read_file_rows,
+    read_original_rows,
+)
 
 # ------------------------------------------------------------------------------------------------
 # the reference: masks built turn by turn with the tokenizer
@@ -306,8 +315,8 @@ def test_read_file_rows_jsonl_and_parquet(tmp_path):
     (table,) = read_file_rows(path, Columns(), MODE_CHAT)
     got = table.to_pylist()
     assert [r["reject"] for r in got] == [None, None, "null messages",
-                                          "messages[0] has unknown role 'tool' (expected system, user or assistant; "
-                                          "ShareGPT: human or gpt)", "missing column 'messages'",
+                                          ("messages[0] has unknown role 'tool' (expected system, user or assistant; "
+                                           "ShareGPT: human or gpt)"), "missing column 'messages'",
                                           "not a JSON object (list)"]
     assert got[0]["messages"] == got[1]["messages"] == CONV
     assert got[2]["messages"] is None and got[0]["text"] is None
