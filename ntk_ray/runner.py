@@ -18,7 +18,6 @@ started only when a stage has to run, so a rerun of a complete run starts no Ray
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,8 +25,9 @@ from typing import Callable
 from ntk_ray.config import MIN_DOMAIN_ROWS, FeaturesConfig, ScoreConfig, SelectConfig
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.io.fs import redact
+from ntk_ray.io.location import rmtree
 from ntk_ray.io.markers import is_done, mark_done
-from ntk_ray.io.outdir import open_out_dir, releases_out_locks
+from ntk_ray.io.outdir import open_out_dir, releases_out_locks, work_location
 from ntk_ray.progress import Progress
 from ntk_ray.stages.base import Context, Stage, load_result, save_result
 
@@ -208,8 +208,11 @@ class Runner:
 
 
 def run_plan(cfg, plan: list[Stage], out: Path, inputs, progress: Progress, executor=None,
-             make_executor: Callable | None = None) -> dict[str, object]:
-    ctx = Context(cfg=cfg, work=out / "_work", out=out, executor=executor, progress=progress, inputs=inputs)
+             make_executor: Callable | None = None, work=None) -> dict[str, object]:
+    """``work``: where the stages keep their state (default ``out/_work``; a ``UriPath`` for
+    ``--work-dir s3://...``, ``io.outdir.work_location``)."""
+    ctx = Context(cfg=cfg, work=out / "_work" if work is None else work, out=out, executor=executor, progress=progress,
+                  inputs=inputs)
     return Runner(ctx, make_executor or executor_factory(cfg)).run(plan)
 
 
@@ -233,10 +236,15 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     # inputs: the files as they are now against the ones this directory's run read (a changed
     # file or a glob that matches other files is refused, the finished run included)
     out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log, inputs=inputs.paths)
+    work = work_location(out, cfg.work_dir if remote else None)  # a URI --work-dir: the stages' state is there
     plan = plan_for(cfg, publish_to=cfg.out if remote else None)
     plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish
     last = [s for s in plan if s.resumable][-1].name  # the report is not saved: it reruns with the plan
-    if is_done(out / "_work" / last) and (out / "manifest.json").exists():
+    if work != out / "_work" and is_done(work / "write") and not (out / "manifest.json").exists():
+        # a driver on another machine (or a cleared scratch): the result files are written again
+        # from the saved stages (write is cheap), then published
+        (work / "write" / "_SUCCESS").unlink(missing_ok=True)
+    if is_done(work / last) and (out / "manifest.json").exists():
         if remote:
             from ntk_ray.io.storage import is_published, publish
 
@@ -252,7 +260,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
         manifest = json.loads((out / "manifest.json").read_text())
         # a run killed while its report was built, or finished before reports existed
         return manifest if "report" in manifest else build_and_record(out, manifest, progress.log)
-    results = run_plan(cfg, plan, out, inputs, progress, executor, make_executor)
+    results = run_plan(cfg, plan, out, inputs, progress, executor, make_executor, work=work)
     # the plan ended with write (and publish, for a URI): only now, with the results published,
     # are the intermediate shards (embed/, features/) dropped; a run killed before this point
     # resumes from them
@@ -260,11 +268,11 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     if cfg.keep_features and selector.keeps_features:
         from ntk_ray.stages.features_job import export_features
 
-        export_features(Context(cfg, out / "_work", out, None, progress), results["warmup"],
+        export_features(Context(cfg, work, out, None, progress), results["warmup"],
                         results["validate"].usable_domain, results["features"])
     else:
         for stage in ("embed", "features"):
-            shutil.rmtree(out / "_work" / stage, ignore_errors=True)
+            rmtree(work / stage)
     return results["report"].manifest
 
 
@@ -314,5 +322,6 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     inputs = check_score_inputs(cfg)
     identity = {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer}
     out, remote = open_out_dir(cfg.out, cfg.work_dir, identity, overwrite, progress.log)
-    results = run_plan(cfg, score_plan(publish_to=cfg.out if remote else None), out, inputs, progress, executor)
+    results = run_plan(cfg, score_plan(publish_to=cfg.out if remote else None), out, inputs, progress, executor,
+                       work=work_location(out, cfg.work_dir if remote else None))
     return results["write"].manifest

@@ -37,8 +37,8 @@ class Warm:
     projector_spec: dict
     lora_parameters: int
     adam_moments: str | None = None
-    dtype: str = "float32"  # the model's dtype, resolved from --dtype on the warm-up's worker
     checkpoints: list = field(default_factory=list)  # --checkpoints K > 1: the K warm-up adapters, oldest first
+    dtype: str = "float32"  # the model's dtype, resolved from --dtype on the warm-up's worker
 
 
 @dataclass
@@ -108,7 +108,13 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
                 progress=None) -> dict:
     """Runs on a model worker; plain torch from here on. ``progress`` (the driver's
     ``Progress.spec()``): its batches and epoch lines are printed live, here (Ray forwards a
-    worker's output to the driver)."""
+    worker's output to the driver). A URI ``stage_dir`` (``--work-dir s3://...``): everything is
+    written to a local temporary directory on this worker, then uploaded there, and the paths
+    returned are URIs (the embed/features workers copy the adapter back, ``local_copy``)."""
+    from ntk_ray.io.location import is_uri
+
+    if is_uri(stage_dir):
+        return _warmup_to_uri(cfg, stage_dir, ids, seqs, loss_masks, score_masks, device, less, progress)
     import torch
 
     from ntk_ray.core.features import FeatureComputer, mean_pooled_embeddings
@@ -169,6 +175,25 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
             "projector_spec": spec, "lora_parameters": computer.projector.grad_dim, "checkpoints": checkpoints,
             "adapter_dir": str(adapter_dir), "adam_moments": str(moments) if moments.exists() else None,
             "dtype": dtype}
+
+
+def _warmup_to_uri(cfg, stage_dir: str, *args) -> dict:
+    import tempfile
+
+    from ntk_ray.io.location import UriPath
+
+    remote = UriPath(stage_dir)
+    with tempfile.TemporaryDirectory(prefix="ntk-ray-warmup-") as local:
+        result = warmup_task(cfg, local, *args)
+        remote.upload(Path(local))
+
+    def moved(path: str) -> str:
+        return str(remote / Path(path).relative_to(local).as_posix())
+
+    result["adapter_dir"] = moved(result["adapter_dir"])
+    result["adam_moments"] = moved(result["adam_moments"]) if result.get("adam_moments") else None
+    result["checkpoints"] = [moved(d) for d in result.get("checkpoints") or []]
+    return result
 
 
 class WarmupStage(Stage):
@@ -262,7 +287,7 @@ def featurize_checkpoints(ctx: Context, tokens_dir: str, target: Path, rows: pl.
     in place of the final one, into ``target/checkpoint-<i>/``); then each shard's K feature
     blocks are combined into ``target/<shard>`` (``combine_checkpoint_shard``) and the
     per-checkpoint shards are removed. Cost: K times the features stage."""
-    import shutil
+    from ntk_ray.io.location import rmtree
 
     dirs = []
     for i, adapter in enumerate(warmup.checkpoints):
@@ -272,7 +297,7 @@ def featurize_checkpoints(ctx: Context, tokens_dir: str, target: Path, rows: pl.
         name = Path(path).name
         combine_checkpoint_shard([str(d / name) for d in dirs], target / name, warmup.projector_spec)
     for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+        rmtree(d)
 
 
 def combine_checkpoint_shard(paths: list[str], out: Path, spec: dict) -> None:

@@ -1,0 +1,280 @@
+"""Object-store work dirs and outputs against a real S3 server on 127.0.0.1 (moto's server mode,
+started here): ``io.location`` does the same operations on a local directory and on a URI; a
+``select`` with ``--out s3://`` and ``--work-dir s3://`` completes and ranks as a local run;
+``--out s3://`` with the default local work dir too; a driver SIGKILLed after some stages
+finished is resumed by a driver with an empty local cache (another pod) from the URI work dir;
+the work dir's lock object and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+
+BUCKET = "ntk-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free 127.0.0.1 port, the AWS_* variables pointing at it (pyarrow's
+    ``FileSystem.from_uri`` honours AWS_ENDPOINT_URL; the bare ``S3FileSystem()`` does not), and one bucket; yields its ``s3://`` root."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3  # moto's own dependency
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    try:
+        yield f"s3://{BUCKET}"
+    finally:
+        from ntk_ray.io import location
+
+        location._FS_CACHE.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def select_args(data: Path, out, model: Path, *extra) -> list[str]:
+    args = ["select", "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.jsonl"), "--budget", "5",
+            "--out", str(out), "--model", str(model), "--max-length", "32", "--executor", "local",
+            "--selector", "ntk", "--proj-dim", "64", "--coarse-factor", "2", "--warmup-epochs", "1"]
+    return args + list(extra)
+
+
+def select(*args) -> int:
+    from ntk_ray.cli import main
+
+    return main(select_args(*args))
+
+
+def read_uri(uri: str) -> bytes:
+    from ntk_ray.io.location import UriPath
+
+    return UriPath(uri).read_bytes()
+
+
+def ranking(data: bytes | Path) -> list[tuple]:
+    table = pq.read_table(pa.BufferReader(data) if isinstance(data, bytes) else data)
+    return list(zip(table.column("id").to_pylist(), table.column("rank").to_pylist(),
+                    table.column("selected").to_pylist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# io.location: the same operations on a local directory and on a URI
+@pytest.mark.parametrize("kind", ["local", "uri"])
+def test_location_operations_agree_on_a_local_dir_and_a_uri(kind, s3, tmp_path):
+    from dataclasses import dataclass
+
+    from ntk_ray.io.atomic import write_json_atomic
+    from ntk_ray.io.location import location, rmtree
+    from ntk_ray.io.markers import is_done, mark_done, read_marker
+    from ntk_ray.io.outdir import read_stamp
+    from ntk_ray.io.shards import list_shards, read_shards, write_table_atomic
+    from ntk_ray.stages.base import load_result, save_result
+
+    base = location(str(tmp_path / "w") if kind == "local" else f"{s3}/ops-{time.time_ns()}")
+    d = base / "tokens"
+    d.mkdir(parents=True, exist_ok=True)
+    assert read_stamp(base / "config.json") == (False, None)
+    for i in range(3):
+        write_table_atomic(pa.table({"id": [f"r{i}"], "x": [i]}), d / f"00000{i}.parquet")
+    write_table_atomic(pa.table({"id": ["no"], "x": [9]}), d / "_result.parquet")  # not a shard
+    (d / ".000009.parquet.tmp-1-abcdef12").write_bytes(b"partial")  # an interrupted local temp name
+    shards = list_shards(str(d))
+    assert [Path(s).name for s in shards] == ["000000.parquet", "000001.parquet", "000002.parquet"]
+    assert all(s.startswith("s3://") for s in shards) == (kind == "uri")
+    assert read_shards(str(d), ["id", "x"])["x"].to_list() == [0, 1, 2]
+    assert not is_done(str(d)) and not is_done(str(d), "000001")
+    mark_done(str(d), "000001", {"rows": 1})
+    mark_done(str(d))
+    assert is_done(str(d)) and read_marker(str(d), "000001") == {"rows": 1}
+    (d / "_done" / "000002.json").write_bytes(b"")  # a truncated marker: not done
+    assert not is_done(str(d), "000002")
+    write_json_atomic({"fingerprint": "abc"}, base / "config.json")
+    assert read_stamp(base / "config.json") == (True, "abc")
+    assert sorted(p.name for p in d.glob("00000*.parquet")) == ["000000.parquet", "000001.parquet", "000002.parquet"]
+    (d / "000000.parquet").unlink(missing_ok=True)
+    (d / "000000.parquet").unlink(missing_ok=True)
+    assert [Path(s).name for s in list_shards(str(d))] == ["000001.parquet", "000002.parquet"]
+
+    @dataclass
+    class Result:
+        frame: pl.DataFrame
+        array: np.ndarray
+        note: dict
+
+    saved = Result(pl.DataFrame({"a": [1, 2]}), np.arange(6, dtype=np.float32).reshape(2, 3), {"k": [1, "x"]})
+    save_result(saved, base / "stage")
+    loaded = load_result(Result, base / "stage")
+    assert loaded.frame.equals(saved.frame) and np.array_equal(loaded.array, saved.array) and loaded.note == saved.note
+    rmtree(d)
+    assert list_shards(str(d)) == [] and not is_done(str(d))
+
+
+def test_an_unfinished_multipart_upload_is_never_a_shard(s3):
+    """An S3 writer killed mid-upload leaves an incomplete multipart upload: no object, so no
+    shard in a listing and no marker."""
+    import boto3
+
+    from ntk_ray.io.shards import list_shards
+
+    client = boto3.client("s3")
+    prefix = f"mpu-{time.time_ns()}"
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/000000.parquet", Body=b"whole")
+    upload = client.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/000001.parquet")
+    client.upload_part(Bucket=BUCKET, Key=f"{prefix}/000001.parquet", UploadId=upload["UploadId"], PartNumber=1,
+                       Body=b"x" * (5 << 20))
+    assert [Path(s).name for s in list_shards(f"{s3}/{prefix}")] == ["000000.parquet"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the work dir's lock object
+def test_uri_work_dir_lock_refuses_a_live_run_and_takes_over_a_stale_one(s3, monkeypatch):
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.location import UriPath
+    from ntk_ray.io.outdir import URI_LOCK, prepare_uri_work_dir, releases_out_locks
+
+    uri = f"{s3}/lock-{time.time_ns()}"
+    lock = UriPath(uri) / "_work" / URI_LOCK
+    other = {"owner": "x", "pid": 4242, "host": "another-pod", "started": "then", "heartbeat": time.time()}
+    lock.write_bytes(json.dumps(other).encode())
+    with pytest.raises(UsageError, match="in use by another ntk-ray run .pid 4242 on host another-pod"):
+        prepare_uri_work_dir(uri, {"a": 1}, overwrite=False)
+    lock.write_bytes(json.dumps(other | {"heartbeat": time.time() - 3600}).encode())  # a driver gone for an hour
+
+    @releases_out_locks
+    def run() -> dict:
+        prepare_uri_work_dir(uri, {"a": 1}, overwrite=False)
+        return json.loads(lock.read_text())
+
+    held = run()
+    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
+    assert not lock.exists()  # released with the entry point
+    with pytest.raises(UsageError, match="holds a run with a different config"):
+        prepare_uri_work_dir(uri, {"a": 2}, overwrite=False)
+
+
+def test_a_credential_in_a_work_dir_uri_is_refused_in_one_line(s3):
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.outdir import prepare_uri_work_dir
+
+    with pytest.raises(UsageError) as e:
+        prepare_uri_work_dir(f"s3://AKIAEXAMPLE:s3cr3t@{BUCKET}/w", {"a": 1}, overwrite=False)
+    assert "s3cr3t" not in str(e.value) and "from the environment" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# select end to end
+def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data, tiny_model_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    from ntk_ray.io.location import UriPath
+
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    assert select(tiny_data, tmp_path / "local", tiny_model_dir) == 0
+    local = ranking(tmp_path / "local" / "ranked.parquet")
+    run = f"{s3}/run-{time.time_ns()}"
+    work = f"{s3}/work-{time.time_ns()}"
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    assert ranking(read_uri(f"{run}/ranked.parquet")) == local
+    for name in ("selected.parquet", "rejects.parquet", "manifest.json"):
+        assert UriPath(f"{run}/{name}").is_file()
+    state = UriPath(work) / "_work"
+    for stage in ("read", "warmup", "coarse", "score", "write"):
+        assert (state / stage / "_SUCCESS").is_file(), stage
+    assert [p.name for p in (state / "tokens" / "pool").glob("*.parquet")]
+    assert UriPath(str(state / "warmup" / "adapter")).is_dir()  # uploaded by the warm-up task
+    assert not (state / "embed").exists() and not (state / "features").exists()  # dropped once published
+    assert not (state / "_lock.json").exists()
+    from ntk_ray.io.storage import default_work_dir
+
+    scratch = default_work_dir(run)
+    assert not (scratch / "_work" / "tokens").exists()  # no shard on the driver's disk
+    # a rerun is complete at once
+    capsys.readouterr()
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    assert "already complete" in capsys.readouterr().err
+
+
+def test_select_with_s3_out_and_the_default_local_work_dir(s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    from ntk_ray.io.storage import default_work_dir
+
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    run = f"{s3}/plain-{time.time_ns()}"
+    assert select(tiny_data, run, tiny_model_dir) == 0
+    work = default_work_dir(run)
+    assert (work / "_work" / "read" / "_SUCCESS").is_file()
+    for name in ("ranked.parquet", "selected.parquet", "rejects.parquet", "manifest.json"):
+        assert read_uri(f"{run}/{name}") == (work / name).read_bytes()
+
+
+def test_a_driver_sigkilled_mid_run_is_resumed_from_the_uri_work_dir_by_another_driver(
+        s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The driver is SIGKILLed right after the coarse stage's marker reached the URI work dir;
+    a driver with an empty local cache (another pod) reuses read, warm-up, embed and coarse from
+    the URI, takes over the dead driver's lock, and ranks as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    run = f"{s3}/killed-{time.time_ns()}"
+    work = f"{s3}/killed-work-{time.time_ns()}"
+    mark = tmp_path / "marked.txt"
+    driver = (
+        "import os, sys, time\n"
+        "from ntk_ray.io import markers\n"
+        "real = markers.mark_done\n"
+        "def slow(directory, unit=None, info=None):\n"
+        "    real(directory, unit, info)\n"
+        "    if unit is None and str(directory).endswith('/coarse'):\n"
+        "        open(os.environ['MARK'], 'a').write(str(directory) + '\\n')\n"
+        "        time.sleep(120)\n"
+        "markers.mark_done = slow\n"
+        "import ntk_ray.runner\n"
+        "ntk_ray.runner.mark_done = slow\n"
+        "from ntk_ray.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, MARK=str(mark), NTK_RAY_CACHE=str(tmp_path / "cache-pod-1"))
+    args = select_args(tiny_data, run, tiny_model_dir, "--work-dir", work)
+    proc = subprocess.Popen([sys.executable, "-c", driver] + args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 120
+    while not (mark.exists() and mark.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    from ntk_ray.io.location import UriPath
+
+    assert (UriPath(work) / "_work" / "_lock.json").is_file()  # the dead driver's lock is still there
+    assert not UriPath(f"{run}/manifest.json").exists()
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache-pod-2"))  # a new pod: nothing local
+    capsys.readouterr()
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    err = capsys.readouterr().err
+    for stage in ("read", "warmup", "embed", "coarse"):
+        assert f"{stage}: reusing the finished" in err, err
+    assert "features: reusing" not in err
+    assert select(tiny_data, tmp_path / "local", tiny_model_dir) == 0
+    assert ranking(read_uri(f"{run}/ranked.parquet")) == ranking(tmp_path / "local" / "ranked.parquet")
