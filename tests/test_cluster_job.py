@@ -1,10 +1,15 @@
-"""End to end on a real (local) multi-node Ray cluster: `ray job submit ... python jobs/ntk_ray_select.py`.
+"""End to end on a real (local) multi-node Ray cluster that grows while the job runs:
+`ray job submit ... python jobs/ntk_ray_select.py`.
 
-A head node (1 CPU) and a worker node (2 CPUs) are started as separate `ray start` processes on
-this machine, each with its own free ports and a short temp dir (AF_UNIX paths must stay under
-107 bytes). The job is submitted with the repository as working_dir, exactly as on a real
-cluster, so it also checks that jobs/ntk_ray_select.py finds the uploaded package and that
-``pipeline.init_ray`` joins the cluster (RAY_ADDRESS set by the job) instead of starting its own.
+A head node (1 CPU) is started as a `ray start` process on this machine and the job is
+submitted to it with ``--min-actors 2 --max-actors 3``: more model actors than the head alone
+can hold. Once the job's first stage runs, a worker node (2 CPUs) joins with its own `ray
+start`, as an autoscaler's new node would; the model stages' actor pools take it in, and the
+test checks with Ray's state API that the new node ran model work, then that every row is
+accounted for. Each node has its own free ports and a short temp dir (AF_UNIX paths must stay
+under 107 bytes). The job is submitted with the repository as working_dir, exactly as on a real
+cluster, so it also checks that jobs/ntk_ray_select.py finds the uploaded package and that the
+job joins the cluster (RAY_ADDRESS set by the job) instead of starting its own.
 
 Teardown never uses `ray stop` (that stops every Ray on the machine, including other people's):
 it terminates, by pid, the processes whose command line names this test's temp dir and their
@@ -100,7 +105,7 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -108,14 +113,22 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_ray_job_on_a_cluster_that_gains_a_node_mid_run(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The tiny random Llama of conftest (a directory both nodes of this machine can read): the
-    cluster path is what is tested here; the demo model's runs are in test_select_e2e."""
+    cluster path is what is tested here; the demo model's runs are in test_select_e2e. The pool
+    is four files, so each model stage has four token shards to hand out."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_nodes, list_tasks
+
     from ntk_ray.demo import make_demo_split
 
     t0 = time.time()
     data = tmp_path / "data"
     make_demo_split(data, n_domain=8, n_pool=60, seed=0)
+    pool = pl.read_parquet(data / "pool.parquet")
+    (data / "pool").mkdir()
+    for k in range(4):
+        pool.slice(15 * k, 15).write_parquet(data / "pool" / f"part-{k}.parquet")
     out = tmp_path / "out"
 
     temp_dir = f"/tmp/ntkr-{os.getpid()}"
@@ -124,40 +137,47 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path, tiny_model_dir: Pa
      wk_agent, wk_grpc, wk_rt, wk_metrics) = _free_ports(11)
     env = _env()
     ray = str(BIN / "ray")
+    address = f"http://127.0.0.1:{dash}"
     # one temp dir per node: nodes sharing one would share runtime_resources/, and a node's
     # runtime-env agent would delete the working_dir copy the other node's job driver runs in
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--object-store-memory={200 * 2**20}",
               "--num-gpus=0"]
+
+    def alive_nodes() -> list:
+        return [n for n in list_nodes(address=address, raise_on_missing_output=False) if n.state == "ALIVE"]
+
     try:
         _run([ray, "start", "--head", "--num-cpus=1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
               f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
               f"--dashboard-agent-listen-port={head_agent}", f"--dashboard-agent-grpc-port={head_grpc}",
               f"--runtime-env-agent-port={head_rt}", f"--metrics-export-port={head_metrics}",
               f"--temp-dir={temp_dir}/h", *common], env, 120)
-        _run([ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
-              f"--dashboard-agent-listen-port={wk_agent}", f"--dashboard-agent-grpc-port={wk_grpc}",
-              f"--runtime-env-agent-port={wk_rt}", f"--metrics-export-port={wk_metrics}",
-              f"--temp-dir={temp_dir}/w", *common], env, 120)
         t_cluster = time.time()
-
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        address = f"http://127.0.0.1:{dash}"
         client_api = JobSubmissionClient(address)
-        deadline = time.time() + 60
-        while True:  # wait until both nodes are registered
-            nodes = json.loads(_run([ray, "list", "nodes", f"--address={address}", "--format=json"], env, 60).stdout)
-            if sum(n.get("state") == "ALIVE" for n in nodes) == 2 or time.time() > deadline:
-                break
-            time.sleep(1)
-        assert sum(n.get("state") == "ALIVE" for n in nodes) == 2, nodes
+        head = [n.node_id for n in alive_nodes()]
+        assert len(head) == 1, head
 
         job_id = f"ntkr-{os.getpid()}"
         _run([ray, "job", "submit", f"--address={address}", f"--working-dir={REPO}", f"--submission-id={job_id}",
               "--no-wait", "--", "python", "jobs/ntk_ray_select.py",
-              "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool.parquet"), "--budget", "5",
+              "--domain", str(data / "domain.jsonl"), "--pool", str(data / "pool"), "--budget", "5",
               "--out", str(out), "--max-length", "48", "--warmup-epochs", "0.5", "--proj-dim", "256",
-              "--model", str(tiny_model_dir)], env, 120)
+              "--model", str(tiny_model_dir), "--min-actors", "2", "--max-actors", "3"], env, 120)
+
+        def finished():
+            return client_api.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+
+        deadline = time.time() + 300
+        while not (out / "_work" / "tokens").exists() and not finished() and time.time() < deadline:
+            time.sleep(0.5)  # the job's first stage (read) has started on the 1-CPU head alone
+        assert (out / "_work" / "tokens").exists(), client_api.get_job_logs(job_id)[-6000:]
+        t_read = time.time()
+        _run([ray, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
+              f"--dashboard-agent-listen-port={wk_agent}", f"--dashboard-agent-grpc-port={wk_grpc}",
+              f"--runtime-env-agent-port={wk_rt}", f"--metrics-export-port={wk_metrics}",
+              f"--temp-dir={temp_dir}/w", *common], env, 120)
+        t_join = time.time()
+
         status = None
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -168,16 +188,31 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path, tiny_model_dir: Pa
         logs = client_api.get_job_logs(job_id)
         assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n{logs[-6000:]}"
         t_job = time.time()
+        workers = [n.node_id for n in alive_nodes() if n.node_id not in head]
+        assert len(workers) == 1, workers
+        # where our workers' calls ran (Ray Data runs each as MapWorker(MapBatches(<class>)).submit)
+        ran: dict[str, set] = {}
+        for t in list_tasks(address=address, filters=[("state", "=", "FINISHED")], limit=10000, detail=True,
+                            raise_on_missing_output=False):
+            for name in ("ReadAndTokenize", "Embedder", "Featurizer"):
+                if f"({name}))" in t.name and t.name.endswith(".submit"):
+                    ran.setdefault(name, set()).add(t.node_id)
     finally:
         _teardown(temp_dir)
     t_down = time.time()
     assert not _cluster_processes(temp_dir)
 
-    # the job joined the 3-CPU cluster rather than starting an embedded Ray on the head
-    assert "ray: 3 CPUs, 0 GPUs" in logs, logs[-3000:]
-    # ... and ran the package uploaded as working_dir, not an installed copy
+    # the job joined the 1-CPU head rather than starting an embedded Ray, and planned a pool of
+    # 2 to 3 actors it could not start until a node joined
+    assert "ray: 1 CPUs, 0 GPUs" in logs, logs[-3000:]
+    assert "executor: 2-3 x (CPU)" in logs, logs[-3000:]
+    assert "ray: 2 model actors need 2 CPUs and the cluster has 1" in logs, logs[-3000:]
+    # ... ran the package uploaded as working_dir, not an installed copy
     origin = next(line for line in logs.splitlines() if line.startswith("[jobs/ntk_ray_select.py] ntk_ray"))
     assert "working_dir_files" in origin and str(REPO) not in origin, origin
+    # ... and the node that joined mid-run did model work, and so did the head (actors on both)
+    assert workers[0] in ran.get("Embedder", set()) and workers[0] in ran.get("Featurizer", set()), ran
+    assert head[0] in set().union(*ran.values()), ran
     ranked = pl.read_parquet(out / "ranked.parquet")
     rejects = pl.read_parquet(out / "rejects.parquet")
     selected = pl.read_parquet(out / "selected.parquet")
@@ -190,6 +225,8 @@ def test_ray_job_submit_on_a_two_node_cluster(tmp_path: Path, tiny_model_dir: Pa
     assert set(selected["id"]) == set(ranked.filter(pl.col("rank") <= 5)["id"])
     assert manifest["counts"]["selected"] == 5 and manifest["counts"]["pool_rows"] == 60
     assert manifest["coarse"]["skipped"] is False  # 60 rows > M = 4 x 5: the kNN-vote stage ran
+    assert (manifest["actors"]["size"], manifest["actors"]["max_size"]) == (2, 3)
     print("\nstage seconds:", manifest["stage_seconds"])
-    print(f"cluster job test: data + cluster start {t_cluster - t0:.1f}s, job {t_job - t_cluster:.1f}s, "
-          f"teardown {t_down - t_job:.1f}s")
+    print(f"cluster job test: data + head start {t_cluster - t0:.1f}s, submit to read stage {t_read - t_cluster:.1f}s, "
+          f"worker start {t_join - t_read:.1f}s, rest of the job {t_job - t_join:.1f}s, teardown {t_down - t_job:.1f}s; "
+          f"nodes that ran each worker class: { {k: len(v) for k, v in ran.items()} }")
