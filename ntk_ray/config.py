@@ -316,8 +316,10 @@ class SelectConfig:
     read_unit_mb: float = opt(READ_UNIT_MB, "input per read worker task: a bigger uncompressed JSONL or Parquet file is read "
                               "by many workers in parts of this size (speed only: not part of the result)",
                               metavar="MIB", group=X, gt=0, max=1e7)
-    work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state); on a "
-                               "multi-node cluster a path every node mounts, e.g. a PVC", metavar="DIR", group=X,
+    work_dir: str | None = opt(None, "with a URI --out: where the stages write their shards (resume state): a local "
+                               "directory (on a multi-node cluster one every node mounts, e.g. a PVC) or an "
+                               "object-store URI (s3://bucket/work: no shared volume; credentials from the "
+                               "environment)", metavar="DIR_OR_URI", group=X,
                                shown_default="~/.cache/ntk-ray/runs/<out>")
 
     def identity(self) -> dict:
@@ -375,7 +377,8 @@ class ScoreConfig:
                    "--work-dir and copied there at the end", metavar="DIR_OR_URI", required=True)
     scorer: str = opt("cosine", "how kernel values against the anchors become one score (see `select --help`)",
                       choices=_scorers)
-    work_dir: str | None = opt(None, "working directory when --out is a URI", metavar="DIR",
+    work_dir: str | None = opt(None, "working directory when --out is a URI: a local directory or an object-store URI",
+                               metavar="DIR_OR_URI",
                                shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
     ray_address: str | None = _ray_address()
     executor: str = _executor()
