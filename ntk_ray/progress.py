@@ -205,7 +205,8 @@ class _LogLines(tqdm):
         return " ".join(self.format_meter(**d, per_second=per_second(rate, d["unit"])).split())
 
     def display(self, msg=None, pos=None):
-        if self.n or self._closing:
+        done = self.total and self.n >= self.total  # the last line (close) follows at once: say it once
+        if self._closing or (self.n and not done):
             self._log(self.line())
         return True
 

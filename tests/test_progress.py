@@ -129,14 +129,20 @@ def test_training_batches_are_tracked_from_the_start_with_the_loss(tiny_model):
     assert [c[0] for c in calls] == list(range(1, total + 1)) and all(c[1] == total for c in calls)
     assert total > 2
     lines = [m.groupdict() for m in LINE.finditer(stream.getvalue())]
-    assert [int(m["n"]) for m in lines] == list(range(1, total + 1))
+    assert [int(m["n"]) for m in lines] == list(range(1, total))  # total/total: said by the last line
     assert all(m["unit"] == "batches" and float(m["rate"]) == pytest.approx(0.5, abs=0.01) for m in lines)
     assert re.search(r"warmup: 1/\d+ batches .*, loss=\d", stream.getvalue())
     assert LAST.search(stream.getvalue())["n"] == str(total)
 
 
 def _select_argv(tiny_data, tiny_model_dir, out, *extra):
-    return ["select", "--domain", str(tiny_data / "domain.jsonl"), "--pool", str(tiny_data / "pool.jsonl"),
+    """The tiny pool in 3 files: 3 read units and 3 token shards, so progress has lines before the last."""
+    lines = (tiny_data / "pool.jsonl").read_text().splitlines(keepends=True)
+    pool = tiny_data / "pool"
+    pool.mkdir(exist_ok=True)
+    for i in range(3):
+        (pool / f"part-{i}.jsonl").write_text("".join(lines[10 * i:10 * (i + 1)]))
+    return ["select", "--domain", str(tiny_data / "domain.jsonl"), "--pool", str(pool),
             "--budget", "4", "--out", str(out), "--model", str(tiny_model_dir), "--executor", "local",
             "--proj-dim", "64", "--coarse-factor", "2", "--max-length", "32", *extra]
 
@@ -151,9 +157,12 @@ def test_select_prints_progress_and_nothing_alarming(tiny_data, tiny_model_dir, 
     assert main(_select_argv(tiny_data, tiny_model_dir, tmp_path / "out")) == 0
     captured = capsys.readouterr()
     err = captured.err
-    found = {m["name"]: m.groupdict() for m in LINE.finditer(err)}
-    assert {"read domain", "read pool", "warmup", "embed", "features"} <= set(found), err
+    found = {m["name"]: m.groupdict() for m in LINE.finditer(err)}  # lines with rows/s and ETA
+    last = {m["name"]: m.groupdict() for m in LAST.finditer(err)}  # each one's last line: its average rate
+    assert {"read pool", "warmup", "embed", "features"} <= set(found), err
+    assert {"read domain", "read pool", "warmup", "embed", "features"} <= set(last), err
     assert found["read pool"]["total"] == "30" and found["embed"]["total"] == "30" and found["features"]["total"] == "8"
+    assert int(found["embed"]["n"]) < 30 and last["embed"]["n"] == "30" and last["features"]["n"] == "8"
     assert found["warmup"]["unit"] == "batches"
     assert "warmup: epoch 1: loss" in err
     for bad in ("Loading weights", "ERROR", "Traceback", "Warning", "\r"):
