@@ -847,3 +847,36 @@ def test_embed_layer_max_tokens_and_system_prompt(data, tiny_chat_model_dir, tmp
     got = pl.read_parquet(f / "_work" / "tokens" / "*.parquet").sort("id")["n_tokens"].to_list()
     assert got == lengths["none"] and json.loads((f / "_manifest.json").read_text())["config"]["system_prompt"] == "none"
     assert len(features_of(f)) == 30
+
+
+@covers("select", "--quiet", "--verbose")
+@covers("features", "--quiet", "--verbose")
+@covers("score", "--quiet", "--verbose")
+@covers("demo", "--quiet", "--verbose")
+def test_quiet_and_verbose_set_the_run_s_verbosity(monkeypatch, tmp_path, capsys):
+    """--quiet / --verbose reach the Progress each command runs with (the runner functions stubbed:
+    what each verbosity prints is checked in tests/test_progress.py); the default is normal, and
+    both at once is a usage error."""
+    from ntk_ray import runner
+    from ntk_ray.io.accounting import UsageError
+
+    seen = []
+
+    def stub(cfg, overwrite=False, progress=None, **kwargs):
+        seen.append(progress.verbosity)
+        raise UsageError("stubbed")
+
+    for name in ("run_select", "run_features", "run_score"):
+        monkeypatch.setattr(runner, name, stub)
+    argvs = {"select": ["--domain", "d.jsonl", "--pool", "p.jsonl", "--budget", 1, "--out", tmp_path / "s"],
+             "features": ["--data", "d.jsonl", "--out", tmp_path / "f"],
+             "score": ["--features", "f", "--anchors", "a", "--budget", 1, "--out", tmp_path / "o"],
+             "demo": ["--out", tmp_path / "demo", "--n-pool", 40, "--n-domain", 8]}
+    for command, argv in argvs.items():
+        for flag in ([], ["--quiet"], ["--verbose"]):
+            seen.clear()
+            rc, _, err = run(capsys, command, *argv, *flag)
+            assert rc == 2 and err.strip() == "ntk-ray: error: stubbed", (command, flag, err)
+            assert seen == [flag[0][2:] if flag else "normal"], (command, flag)
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, *map(str, argv), "--quiet", "--verbose"])
