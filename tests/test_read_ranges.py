@@ -207,8 +207,9 @@ def shard_contents(directory) -> dict:
     return {p.name: pq.read_table(p).to_pylist() for p in sorted(directory.glob("*.parquet"))}
 
 
-def test_read_files_same_shards_any_unit_size_and_resume(tmp_path, tiny_model_dir, tiny_data):
+def test_read_files_same_shards_any_unit_size_and_resume(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
     from ntk_ray.runtime.local import LocalExecutor
+    from ntk_ray.stages import read
     from ntk_ray.stages.read import read_files
     from ntk_ray.stages.workers import ReadSpec
 
@@ -218,39 +219,34 @@ def test_read_files_same_shards_any_unit_size_and_resume(tmp_path, tiny_model_di
     spec = ReadSpec("pool", "text", COLS, str(tiny_model_dir), 32, "truncate")
     ex = LocalExecutor()
     whole, tiny = tmp_path / "whole", tmp_path / "tiny"
-    import ntk_ray.stages.read as read
-
-    read.CHUNK_ROWS = 4
-    try:
-        units_whole = read_files(ex, files, spec, whole, unit_mb=64)
-        units_tiny = read_files(ex, files, spec, tiny, unit_mb=100 / 2**20)
-        assert len(units_whole) == 2 and len(units_tiny) > 6
-        assert shard_contents(whole) == shard_contents(tiny)
-        rows = [r for t in shard_contents(tiny).values() for r in t]
-        assert len(rows) == count_rows(files) == 6 + 31 and rows[-1]["reject"].startswith("broken JSON")
-        markers = sorted(p.stem for p in (tiny / "_done").glob("*.json"))
-        assert markers == sorted(u["unit"] for u in units_tiny) and "000001-000000-000001" in markers
-        # resume: a unit without its marker (killed half-way) is redone, the others are not touched
-        victim = units_tiny[3]
-        (tiny / "_done" / f"{victim['unit']}.json").unlink()
-        first, end = (int(x) for x in victim["unit"].split("-")[1:])
-        for c in range(first, end):
-            (tiny / f"000001-{c:06d}.parquet").unlink()
-        before = {p.name: p.stat().st_mtime_ns for p in tiny.glob("*.parquet")}
-        read_files(ex, files, spec, tiny, unit_mb=100 / 2**20)
-        after = {p.name: p.stat().st_mtime_ns for p in tiny.glob("*.parquet")}
-        assert {k: v for k, v in after.items() if k in before} == before and len(after) == len(before) + end - first
-        assert shard_contents(tiny) == shard_contents(whole)
-        # another unit size on top of a finished read: the same shards
-        read_files(ex, files, spec, tiny, unit_mb=250 / 2**20)
-        assert shard_contents(tiny) == shard_contents(whole)
-    finally:
-        read.CHUNK_ROWS = 2048
+    monkeypatch.setattr(read, "CHUNK_ROWS", 4)
+    units_whole = read_files(ex, files, spec, whole, unit_mb=64)
+    units_tiny = read_files(ex, files, spec, tiny, unit_mb=100 / 2**20)
+    assert len(units_whole) == 2 and len(units_tiny) > 6
+    assert shard_contents(whole) == shard_contents(tiny)
+    rows = [r for t in shard_contents(tiny).values() for r in t]
+    assert len(rows) == count_rows(files) == 6 + 31 and rows[-1]["reject"].startswith("broken JSON")
+    markers = sorted(p.stem for p in (tiny / "_done").glob("*.json"))
+    assert markers == sorted(u["unit"] for u in units_tiny) and "000001-000000-000001" in markers
+    # resume: a unit without its marker (killed half-way) is redone, the others are not touched
+    victim = units_tiny[3]
+    (tiny / "_done" / f"{victim['unit']}.json").unlink()
+    first, end = (int(x) for x in victim["unit"].split("-")[1:])
+    for c in range(first, end):
+        (tiny / f"000001-{c:06d}.parquet").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in tiny.glob("*.parquet")}
+    read_files(ex, files, spec, tiny, unit_mb=100 / 2**20)
+    after = {p.name: p.stat().st_mtime_ns for p in tiny.glob("*.parquet")}
+    assert {k: v for k, v in after.items() if k in before} == before and len(after) == len(before) + end - first
+    assert shard_contents(tiny) == shard_contents(whole)
+    # another unit size on top of a finished read: the same shards
+    read_files(ex, files, spec, tiny, unit_mb=250 / 2**20)
+    assert shard_contents(tiny) == shard_contents(whole)
 
 
 def test_select_ranks_the_same_with_tiny_read_units(tmp_path, tiny_model_dir, tiny_data, capsys, monkeypatch):
     from ntk_ray.cli import main
-    import ntk_ray.stages.read as read
+    from ntk_ray.stages import read
 
     monkeypatch.setattr(read, "CHUNK_ROWS", 4)
     ranked = {}
