@@ -153,7 +153,8 @@ def test_missing_columns_name_the_flag_and_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         check_columns([path], Columns(), "--pool")
     assert str(info.value) == (f"--pool: {path} has no column 'text' (--text-column) nor 'prompt' "
-                               f"(--prompt-column) and 'response' (--response-column); columns found: body, id")
+                               f"(--prompt-column) and 'response' (--response-column) nor 'messages'/'conversations' "
+                               f"(--messages-column); columns found: body, id")
     with pytest.raises(InputError, match="has no column 'uid' \\(--id-column\\)"):
         check_columns([path], Columns(text="body", id="uid"), "--pool")
 
