@@ -33,6 +33,8 @@ SMOKE_TESTS = {
     "benchmarks/bench_features.py": "tests/test_scripts.py::test_bench_features_smoke",
     "benchmarks/bench_scale.py": "tests/test_scripts.py::test_bench_scale_smoke",
     "benchmarks/bench_features_gpu.sh": "tests/test_scripts.py::test_bench_features_gpu_sh_is_valid",
+    "benchmarks/bench_coarse.py": "tests/test_scripts.py::test_bench_coarse_smoke",
+    "benchmarks/gpu_check.sh": "tests/test_scripts.py::test_gpu_check_sh_smoke",
     "scripts/demo_lifts.py": "tests/test_scripts.py::test_demo_lifts_smoke",
     "scripts/build_demo_corpus.py": "tests/test_scripts.py::test_build_demo_corpus_smoke",
     "scripts/check_claims.py": "tests/test_claims.py::test_every_number_in_the_readmes_is_backed",
@@ -163,6 +165,50 @@ def test_bench_features_gpu_sh_is_valid():
     assert flags, "no flags found"
     for flag in flags:
         assert flag in help_text, f"bench_features_gpu.sh passes {flag}, which bench_features.py does not have"
+
+
+def test_bench_coarse_smoke(tiny_model_dir, tmp_path):
+    """The speed rows of bench_coarse (floors and every Embedder option) on the tiny model and
+    random-token rows; the demo rows, the template accounting and the quality columns run in
+    the gpu_check smoke and in the benchmark itself."""
+    report = tmp_path / "coarse.md"
+    run = _run(["benchmarks/bench_coarse.py", "--model", str(tiny_model_dir), "--synthetic", "24", "--max-length", "16",
+                "--repeats", "1", "--layers", "1", "--max-tokens", "4", "--threads", "1", "--out", str(report)])
+    md = report.read_text()
+    for row in ("floor: backbone", "floor: model()", "Embedder (default", "--embed-layer 1", "--embed-max-tokens 4",
+                "padding:", "Embedder / floor"):
+        assert row in md, row
+    assert json.loads(run.stdout.strip().splitlines()[-1])["ratio"] > 0
+
+
+def test_gpu_check_sh_smoke(tmp_path):
+    """gpu_check.sh: valid bash; every flag it passes to a benchmark exists; and ``--smoke --parts
+    setup`` (the tiny models and rows on the CPU) runs through the script's own machinery (each part
+    is the script again under ``timeout``, its summary rewritten after every part). The whole
+    ``--smoke`` (every part, tiny, on the CPU: about 8 ntk-ray processes) takes minutes on a 2-core
+    machine, too long for CI: run it by hand, ``bash benchmarks/gpu_check.sh --smoke``."""
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for bench in ("bench_features.py", "bench_coarse.py"):
+        assert f"benchmarks/{bench}" in text
+    help_text = {b: _run([f"benchmarks/{b}", "--help"], timeout=120).stdout for b in ("bench_features.py", "bench_coarse.py")}
+    for name, bench in (("FEATURES_ARGS", "bench_features.py"), ("COARSE_ARGS", "bench_coarse.py")):
+        for block in re.findall(rf"{name}=\((.*?)\)", text, re.DOTALL):
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", block):
+                assert flag in help_text[bench], f"gpu_check.sh passes {flag} to {bench}, which does not have it"
+    results = tmp_path / "results"
+    run = subprocess.run(["bash", str(script), "--smoke", "--parts", "setup", "--results", str(results)], cwd=ROOT,
+                         capture_output=True, check=False, text=True, timeout=600, env=dict(ENV, TMPDIR=str(tmp_path)))
+    summary = (results / "gpu_check.md").read_text()
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{summary}"
+    assert re.search(r"^\| setup \| ok \| \d+ \| `\{\"domain\": 8, \"pool\": 200", summary, re.MULTILINE), summary
+    assert "precision" not in summary.split("| part |")[1] and "total:" in run.stdout
+    work = next(tmp_path.glob("gpu_check.*"))
+    assert (work / "small" / "config.json").is_file() and (work / "big").resolve() == (work / "small").resolve()
+    assert len((work / "bigrows" / "pool.jsonl").read_text().splitlines()) == 200
+    bad = subprocess.run(["bash", str(script), "--no-such-flag"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown argument --no-such-flag" in bad.stderr
 
 
 def test_bench_scale_smoke(tmp_path):
