@@ -240,10 +240,16 @@ def run_select(cfg: SelectConfig, overwrite: bool = False, progress: Progress | 
     plan = plan_for(cfg, publish_to=cfg.out if remote else None)
     plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish
     last = [s for s in plan if s.resumable][-1].name  # the report is not saved: it reruns with the plan
-    if work != out / "_work" and is_done(work / "write") and not (out / "manifest.json").exists():
-        # a driver on another machine (or a cleared scratch): the result files are written again
-        # from the saved stages (write is cheap), then published
-        (work / "write" / "_SUCCESS").unlink(missing_ok=True)
+    if work != out / "_work" and not (out / "manifest.json").exists():
+        # a URI work dir and a driver on another machine (or a cleared scratch): a published run's
+        # files are fetched back from --out; otherwise the result files are written again from
+        # the saved stages (write is cheap) and published
+        from ntk_ray.io.storage import fetch_published
+
+        if not (is_done(work / last) and fetch_published(cfg.out, out)):
+            names = [s.name for s in plan]
+            for name in names[names.index("write"):]:
+                (work / name / "_SUCCESS").unlink(missing_ok=True)
     if is_done(work / last) and (out / "manifest.json").exists():
         if remote:
             from ntk_ray.io.storage import is_published, publish

@@ -206,7 +206,7 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
     local = local_ranking(tiny_data, tiny_model_dir, tmp_path / "local")
     run = f"{s3}/run-{time.time_ns()}"
     work = f"{s3}/work-{time.time_ns()}"
-    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work, "--keep-features") == 0
     assert ranking(read_uri(f"{run}/ranked.parquet")) == local
     for name in ("selected.parquet", "rejects.parquet", "manifest.json"):
         assert UriPath(f"{run}/{name}").is_file()
@@ -215,7 +215,11 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
         assert (state / stage / "_SUCCESS").is_file(), stage
     assert [p.name for p in (state / "tokens" / "pool").glob("*.parquet")]
     assert UriPath(str(state / "warmup" / "adapter")).is_dir()  # uploaded by the warm-up task
-    assert not (state / "embed").exists() and not (state / "features").exists()  # dropped once published
+    from ntk_ray.io.feature_files import read_spec
+
+    features = [p for p in (state / "features").glob("*.parquet")]  # --keep-features: kept at the URI
+    assert features and read_spec(str(features[0])).get("adapter_sha256")
+    assert read_spec(str(state / "anchor_features" / "anchors.parquet")).get("adapter_sha256")
     assert not (state / "_lock.json").exists()
     from ntk_ray.io.storage import default_work_dir
 
@@ -223,7 +227,7 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
     assert not (scratch / "_work" / "tokens").exists()  # no shard on the driver's disk
     # a rerun is complete at once
     capsys.readouterr()
-    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work, "--keep-features") == 0
     assert "already complete" in capsys.readouterr().err
 
 
@@ -243,7 +247,8 @@ def test_a_driver_sigkilled_mid_run_is_resumed_from_the_uri_work_dir_by_another_
         s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """The driver is SIGKILLed right after the coarse stage's marker reached the URI work dir;
     a driver with an empty local cache (another pod) reuses read, warm-up, embed and coarse from
-    the URI, takes over the dead driver's lock, and ranks as an uninterrupted run."""
+    the URI, takes over the dead driver's lock, and ranks as an uninterrupted run; a third driver
+finds the run complete."""
     import signal
     import subprocess
     import sys
@@ -287,4 +292,13 @@ def test_a_driver_sigkilled_mid_run_is_resumed_from_the_uri_work_dir_by_another_
     for stage in ("read", "warmup", "embed", "coarse"):
         assert f"{stage}: reusing the finished" in err, err
     assert "features: reusing" not in err
+    state = UriPath(work) / "_work"
+    assert not (state / "embed").exists() and not (state / "features").exists()  # dropped once published
     assert ranking(read_uri(f"{run}/ranked.parquet")) == local_ranking(tiny_data, tiny_model_dir, tmp_path / "local")
+    # a third driver, again with nothing local: the finished run is fetched back, nothing recomputed
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache-pod-3"))
+    manifest = read_uri(f"{run}/manifest.json")
+    capsys.readouterr()
+    assert select(tiny_data, run, tiny_model_dir, "--work-dir", work) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert read_uri(f"{run}/manifest.json") == manifest

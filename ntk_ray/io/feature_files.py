@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.io.atomic import write_atomic
+from ntk_ray.io.location import location
 from ntk_ray.io.shards import list_shards, parquet_options
 
 SPEC_KEY = b"ntk_ray.projector"  # the projector spec in a feature shard's Parquet metadata
@@ -19,8 +20,10 @@ SPEC_KEY = b"ntk_ray.projector"  # the projector spec in a feature shard's Parqu
 
 def adapter_hash(adapter_dir: str | Path) -> str:
     """sha256 of the adapter's weight files: features from different adapters don't mix."""
+    from ntk_ray.io.location import local_copy
+
     h = hashlib.sha256()
-    for f in sorted(Path(adapter_dir).glob("adapter_model.*")):
+    for f in sorted(Path(local_copy(str(adapter_dir))).glob("adapter_model.*")):  # a URI work dir's: a local copy
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -37,7 +40,7 @@ def stamp_adapter(shards: list[str], digest: str) -> None:
         spec["adapter_sha256"] = digest
         meta[SPEC_KEY] = json.dumps(spec).encode()
         table = table.replace_schema_metadata(meta)
-        write_atomic(Path(path), lambda f: pq.write_table(table, f, **parquet_options(table.schema)))
+        write_atomic(location(path), lambda f: pq.write_table(table, f, **parquet_options(table.schema)))
 
 
 def read_spec(path: str) -> dict:

@@ -4,8 +4,11 @@
 The stages write their shards and completion markers into a local (or shared, e.g. a
 Kubernetes PVC) working directory, ``--work-dir`` (default: under ``~/.cache/ntk-ray/runs/``),
 which is what makes a rerun resume; when the run is complete, the four result files are copied
-to the URI. On a multi-node cluster the working directory must be on storage that every node
-mounts at the same path (the actors write their shards there).
+to the URI. On a multi-node cluster a local working directory must be on storage that every node
+mounts at the same path (the actors write their shards there); or ``--work-dir`` is itself an
+object-store URI (``io.location``, ``io.outdir.prepare_uri_work_dir``): the state lives there and
+only the result files are staged locally (``default_work_dir``), and a driver on another machine
+fetches a finished run's files back (``fetch_published``).
 
 Before any work the location is probed (a ``_ntk-ray-probe-<uuid>`` object written and
 deleted) and stamped with the run's config (``_ntk_ray_stamp.json``). Publishing is
@@ -148,6 +151,25 @@ def is_published(local_dir: str | Path, uri: str) -> bool:
     except (OSError, FileNotFoundError):
         return False
     return remote == local and all(_exists(fs, f"{root}/{n}") for n in DATA_FILES)
+
+
+def fetch_published(uri: str, local_dir: str | Path) -> bool:
+    """Copy a complete published run (``manifest.json`` and every data file, plus
+    ``report.html`` when there) from ``uri`` into ``local_dir``: a driver that resumes a finished
+    run from a URI work dir on another machine. False (nothing copied) when it is not complete."""
+    fs, root = uri_filesystem(uri)
+    names = list(DATA_FILES) + ["manifest.json"]
+    if not all(_exists(fs, f"{root}/{n}") for n in names):
+        return False
+    if _exists(fs, f"{root}/report.html"):
+        names.insert(0, "report.html")
+    from ntk_ray.io.atomic import write_bytes_atomic
+
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    for name in names:  # manifest.json last: a local manifest means a complete copy
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            write_bytes_atomic(f.read(), Path(local_dir) / name)
+    return True
 
 
 def publish(local_dir: str | Path, uri: str, names=RESULT_FILES) -> list[str]:
