@@ -196,6 +196,27 @@ def test_a_credential_in_a_work_dir_uri_is_refused_in_one_line(s3):
     assert "s3cr3t" not in str(e.value) and "from the environment" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_uri_work_dir_that_is_not_a_run_is_refused_and_overwrite_clears_only_work(s3):
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.location import UriPath
+    from ntk_ray.io.outdir import prepare_uri_work_dir, releases_out_locks
+
+    foreign = f"{s3}/foreign-{time.time_ns()}"
+    (UriPath(foreign) / "data.csv").write_bytes(b"a,b\n")
+    with pytest.raises(UsageError, match="is not an ntk-ray working directory .data.csv is there"):
+        prepare_uri_work_dir(foreign, {"a": 1}, overwrite=True)
+    assert (UriPath(foreign) / "data.csv").is_file()
+
+    uri = f"{s3}/over-{time.time_ns()}"
+    prepare = releases_out_locks(prepare_uri_work_dir)
+    work = prepare(uri, {"a": 1}, overwrite=False)
+    (work / "read" / "_SUCCESS").write_bytes(b"{}")
+    (UriPath(uri) / "ranked.parquet").write_bytes(b"published")  # --work-dir == --out: a published file
+    prepare(uri, {"a": 2}, overwrite=True)
+    assert not (work / "read" / "_SUCCESS").exists() and (UriPath(uri) / "ranked.parquet").is_file()
+    assert json.loads((work / "config.json").read_text())["config"] == {"a": 2}
+
+
 # ---------------------------------------------------------------------------------------------
 # select end to end
 def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data, tiny_model_dir, tmp_path,
