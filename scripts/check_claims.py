@@ -59,6 +59,10 @@ ALLOW = [
     (r"\b(?:top|Top)-\d[\d,]*", "a setting: the top-k"),
     (r"\b(?:SmolLM2-135M(?:-Instruct)?|Llama-3\.1-8B(?:-Instruct)?|0\.88B)\b", "a model name"),
     (r"\bH200\b|\bx86_64\b", "hardware name"),
+    (r"cut to \d+ characters|\d+ MinHash values|\d+ bands of \d+|>= 0\.8\b", "a setting of the report (ntk_ray/report.py)"),
+    (r"#\d+\b", "an issue or pull-request number"),
+    (r"max_restarts > 0", "Ray's own message, quoted"),
+    (r"\b135M\b", "a model size in its name (SmolLM2-135M)"),
     (r"1\.5x (?:target|of)|within 1\.5x|>= 10x|<= 1\.5x|10x the", "a target (stated by the issue), not a measurement"),
     (r"\(the paper reports > 0\.99\)|> 0\.99", "the paper's own figure, quoted"),
 ]
