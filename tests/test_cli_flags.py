@@ -379,6 +379,33 @@ def test_select_joins_the_session_ray(ray_session, data, tiny_model_dir, tmp_pat
     assert ray_session.is_initialized() and ray_session.get_runtime_context().gcs_address == address
 
 
+@pytest.mark.ray
+@covers("select", "--min-actors", "--max-actors", "--read-unit-mb")
+@covers("features", "--min-actors", "--max-actors")
+def test_pools_that_may_grow_and_read_units_on_the_session_ray(ray_session, data, tiny_model_dir, tmp_path, capsys):
+    """--min-actors/--max-actors: a pool of 1 that may grow to 2 (recorded as size/max_size);
+    --read-unit-mb: recorded, and ranks as the default does (units are cut at 2,048-row chunks, so a
+    30-row file stays one unit here; tests/test_read_ranges.py cuts files with a smaller chunk)."""
+    address = ray_session.get_runtime_context().gcs_address
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    argv = select_argv(data["text"], out, tiny_model_dir, "--ray-address", address, "--min-actors", 1,
+                       "--max-actors", 2, "--read-unit-mb", 0.0005, "--accelerator", "cpu", "--selector", "bm25")
+    argv[argv.index("--executor") + 1] = "ray"
+    rc, _, err = run(capsys, *argv)
+    assert rc == 0, err
+    m = manifest(out)
+    assert (m["actors"]["size"], m["actors"]["max_size"]) == (1, 2) and m["config"]["read_unit_mb"] == 0.0005
+    rc, _, err = run(capsys, *select_argv(data["text"], whole, tiny_model_dir, "--selector", "bm25"))
+    assert rc == 0, err
+    assert pl.read_parquet(out / "ranked.parquet")["id"].to_list() == pl.read_parquet(whole / "ranked.parquet")["id"].to_list()
+    feats = tmp_path / "feats"
+    rc, _, err = run(capsys, "features", "--data", data["text"] / "pool.jsonl", "--out", feats, "--model",
+                     tiny_model_dir, "--proj-dim", 32, "--ray-address", address, "--min-actors", 1, "--max-actors", 2)
+    assert rc == 0, err
+    summary = json.loads((feats / "_manifest.json").read_text())
+    assert (summary["actors"]["size"], summary["actors"]["max_size"]) == (1, 2) and len(features_of(feats)) == 30
+
+
 @covers("select", "--save-hf")
 def test_select_save_hf(data, tiny_model_dir, tmp_path, capsys):
     """--save-hf DIR: the rows of selected.parquet as a datasets save_to_disk directory (read here
