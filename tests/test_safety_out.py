@@ -129,6 +129,8 @@ def test_overwrite_refuses_places_it_must_never_delete(case, tiny_data, tiny_mod
     line = one_error_line(capsys)
     if case == "empty string":
         assert "--out is empty" in line
+    elif case in ("holds inputs", "root"):  # refused before --overwrite is looked at: inputs under --out
+        assert "is inside --out" in line and "keep inputs and outputs apart" in line
     else:
         assert "--overwrite never deletes there" in line
     assert tree(tmp_path) == before
@@ -394,7 +396,7 @@ def test_a_run_killed_while_publishing_recovers_without_recomputing(tiny_data, t
     monkeypatch.setattr(storage, "_upload", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         select(tiny_data, uri, tiny_model_dir, "--budget", "4", "--overwrite")
-    assert [Path(d).name for d in uploads] == ["ranked.parquet"]
+    assert [Path(d).name for d in uploads] == ["report.html"]  # the first file up (data files next, manifest last)
     # a reader never takes the URI for a complete run: the earlier manifest went first
     assert not (remote / "manifest.json").exists()
     monkeypatch.setattr(storage, "_upload", real)
@@ -520,7 +522,7 @@ def test_a_driver_sigkilled_while_publishing_recovers_without_recomputing(tiny_d
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stderr.close()
-    assert [Path(line).name for line in mark.read_text().split()] == ["ranked.parquet"]
+    assert [Path(line).name for line in mark.read_text().split()] == ["report.html"]  # the first file up
     assert not (remote / "manifest.json").exists()  # a reader never takes the URI for a complete run
     capsys.readouterr()
     assert select(tiny_data, uri, tiny_model_dir) == 0
