@@ -193,6 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--proj-dim", type=int, default=None, help="d of every projection (default: select's)")
     ap.add_argument("--mc", action="store_true", help="also multiple-choice accuracy (4 choices per eval row; "
                     "several times the cost of the loss)")
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="the base model of every job and fine-tune (default: the bundled demo model; the CI smoke "
+                         "test passes a tiny random Llama: the harness is what it checks, not the numbers)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared 2-core machine)")
     ap.add_argument("--out", default=None, help=f"results directory (default {DEFAULT_OUT.relative_to(ROOT)}; "
                     "with --smoke runs/bench_decide/smoke)")
@@ -323,6 +326,8 @@ def _select_fields(overrides: dict, args, seed: int) -> dict:
     """The SelectConfig fields of a select job of the benchmark (paths filled in later)."""
     base = {"budget": args.budget, "max_length": args.max_length, "seed": seed, "proj_dim": args.proj_dim,
             "executor": "local"}
+    if getattr(args, "model", None):  # only when given: the demo model's fingerprints stay as they were
+        base["model"] = args.model
     return {**base, **{k: _resolve(v, args) for k, v in overrides.items()}}
 
 
@@ -377,7 +382,10 @@ def plan_condition(name: str, args, seed: int) -> Plan:
     if why:
         return Plan(name, "pending", why=why)
     if cond.select is None and cond.score is None:
-        return Plan(name, "none", fp=_hash({"split": split_settings(args), "kind": "none"}))
+        none = {"split": split_settings(args), "kind": "none"}
+        if getattr(args, "model", None):  # only when given (the demo model's fingerprints stay as they were)
+            none["model"] = args.model
+        return Plan(name, "none", fp=_hash(none))
     if cond.score is not None:
         base = plan_condition(cond.base, args, seed)
         if base.kind != "select":
@@ -1099,11 +1107,11 @@ def _run(args, cache: Cache, clock: Clock) -> int:
             clock.log(f"{phase} {domain} seed {seed}: cached")
             continue
         if base is None:
-            base = load_model(None)
+            base = load_model(args.model)
             for p in base.parameters():
                 p.requires_grad_(False)
-            tokenizer = load_tokenizer(None)
-            clock.log("demo model loaded")
+            tokenizer = load_tokenizer(args.model)
+            clock.log(f"model loaded: {args.model or 'the bundled demo model'}")
         run_cell(phase, domain, seed, args, base, tokenizer, cache, clock)
         write_results(cache, args, time.time() - clock.start)
     text = write_results(cache, args, time.time() - clock.start)

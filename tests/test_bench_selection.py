@@ -47,13 +47,16 @@ def _table(md: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.demo
-def test_smoke_run_writes_a_complete_table_and_plot(tmp_path, capsys):
+def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, capsys):
+    """The whole harness at smoke size on the tiny random Llama of conftest (the demo model made
+    this the slowest test of the suite; the harness, not the numbers, is what it checks)."""
     bench = _load_bench()
     out, cache = tmp_path / "out", tmp_path / "cache.jsonl"
     # the suite runs one test at a time, so the benchmark may use two cores (its default of one
     # thread is for a machine shared with other work); --threads is not part of the fingerprints
     threads = ["--threads", str(min(2, os.cpu_count() or 1))]
-    assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), *threads]) == 0
+    assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), "--model", str(tiny_model_dir),
+                       *threads]) == 0
     assert (out / "work").is_dir(), "--smoke puts the jobs under <out>/work"
 
     md = (out / "decide.md").read_text()
@@ -113,7 +116,8 @@ def test_smoke_run_writes_a_complete_table_and_plot(tmp_path, capsys):
     # a rerun resumes from the cache: no model is loaded, nothing is recomputed
     capsys.readouterr()
     lines_before = len(cache.read_text().splitlines())
-    assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), *threads]) == 0
+    assert bench.main(["--smoke", "--out", str(out), "--cache", str(cache), "--model", str(tiny_model_dir),
+                       *threads]) == 0
     printed = capsys.readouterr().out
     assert "cached" in printed and "demo model loaded" not in printed
     assert len(cache.read_text().splitlines()) == lines_before
