@@ -179,6 +179,13 @@ def test_bench_coarse_smoke(tiny_model_dir, tmp_path):
                 "padding:", "Embedder / floor"):
         assert row in md, row
     assert json.loads(run.stdout.strip().splitlines()[-1])["ratio"] > 0
+    # --project: the paper's setting from the committed results files, every stage and the total
+    projection = tmp_path / "projection.md"
+    _run(["benchmarks/bench_coarse.py", "--project", "--project-out", str(projection), "--gpus", "4"])
+    md = projection.read_text()
+    for row in ("read + tokenize", "warm-up", "embed (coarse forward)", "coarse kNN votes", "features", "**total**"):
+        assert row in md, row
+    assert "G = 4 GPUs" in md and "no GPU number is measured" in md
 
 
 def test_gpu_check_sh_smoke(tmp_path):
