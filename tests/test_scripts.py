@@ -35,6 +35,8 @@ SMOKE_TESTS = {
     "benchmarks/bench_features_gpu.sh": "tests/test_scripts.py::test_bench_features_gpu_sh_is_valid",
     "benchmarks/bench_coarse.py": "tests/test_scripts.py::test_bench_coarse_smoke",
     "benchmarks/gpu_check.sh": "tests/test_scripts.py::test_gpu_check_sh_smoke",
+    "benchmarks/bench_read.py": "tests/test_scripts.py::test_bench_read_smoke",
+    "benchmarks/bench_report.py": "tests/test_scripts.py::test_bench_report_smoke",
     "scripts/demo_lifts.py": "tests/test_scripts.py::test_demo_lifts_smoke",
     "scripts/build_demo_corpus.py": "tests/test_scripts.py::test_build_demo_corpus_smoke",
     "scripts/check_claims.py": "tests/test_claims.py::test_every_number_in_the_readmes_is_backed",
@@ -255,3 +257,21 @@ def test_build_demo_corpus_smoke(tmp_path):
     sub = pl.read_parquet(small)
     assert 20 <= sub.height < 160 and set(sub["label"]) == set(df["label"])
     assert build.main(["--wordnet-dir", str(tmp_path / "missing"), "--out", str(small)]) == 2
+
+
+def test_bench_report_smoke(tmp_path):
+    """bench_report at a tiny size: a synthetic output directory, one report build in a fresh process."""
+    results = tmp_path / "report.md"
+    _run(["benchmarks/bench_report.py", "--rows", "2000", "--budget", "20", "--repeats", "1", "--dir",
+          str(tmp_path / "data"), "--results", str(results)])
+    md = results.read_text()
+    assert "peak RSS" in md and "selected 20 of" in md, md[:2000]
+
+
+def test_bench_read_smoke(tmp_path):
+    """bench_read at a tiny size: one JSONL file, the floor beside the read stage with one actor."""
+    out = tmp_path / "read.md"
+    _run(["benchmarks/bench_read.py", "--rows", "3000", "--actors", "1", "--formats", "jsonl", "--dir",
+          str(tmp_path / "data"), "--out", str(out)])
+    md = out.read_text()
+    assert "floor" in md and "read stage, 1 actor" in md, md[:2000]
