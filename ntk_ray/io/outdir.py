@@ -345,6 +345,46 @@ def local_out_path(out: str | Path, flag: str = "--out") -> Path:
     return Path(os.path.expanduser(text))
 
 
+def _reuse_or_start_over(previous, fingerprint: str, overwrite: bool, *, flag: str, shown: str, stamp: str, work,
+                         inputs: dict | None, where: str, clear) -> None:
+    """The rule for a directory that holds a run (local OUT or a URI work dir; the caller holds
+    its lock): an unreadable stamp or another config is refused unless ``overwrite``, which then
+    ``clear()``s it; the same config over changed input files (``io.fingerprint``) is refused in
+    one line naming the file, or with ``overwrite`` started over; else the run resumes."""
+    from ntk_ray.io.fingerprint import check_unchanged
+    from ntk_ray.io.fs import InputError
+
+    if previous is None and not overwrite:
+        raise UsageError(f"{flag} {shown}: its run stamp {stamp} cannot be read (truncated or edited), so its "
+                         f"finished stages cannot be trusted; pass --overwrite to delete ntk-ray's files there and "
+                         f"run again, or choose another {flag}")
+    if previous not in (None, fingerprint) and not overwrite:
+        raise UsageError(f"{flag} {shown} holds a run with a different config; pass --overwrite to replace it or "
+                         f"choose another {flag}")
+    if overwrite and previous != fingerprint:
+        clear()
+    elif inputs is not None:
+        try:
+            check_unchanged(work, inputs, where)
+        except InputError as e:
+            if not overwrite:
+                raise UsageError(str(e)) from None
+            clear()  # the same config over other files: start over
+
+
+def _record_and_stamp(work, stamp, inputs: dict | None, fingerprint: str, identity: dict) -> None:
+    """Record the input files (unless a resumed run already did) and stamp the run: the stamp last."""
+    from ntk_ray.io.fingerprint import record
+    from ntk_ray.io.fs import InputError
+
+    if inputs is not None:
+        try:
+            record(work, inputs)
+        except InputError as e:
+            raise UsageError(str(e)) from None
+    write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, stamp)
+
+
 def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str = "--out",
                     inputs: dict | None = None, where: str | None = None) -> Path:
     """Create OUT, lock it, stamp it. The same config resumes (finished stages are reused);
@@ -355,9 +395,6 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
     the run there read them (``io.fingerprint``) is refused in one line naming the file, or
     with ``overwrite`` started over; the files are recorded in ``_work/inputs.json``. ``where``
     names the run in that message (default: OUT)."""
-    from ntk_ray.io.fingerprint import check_unchanged, record
-    from ntk_ray.io.fs import InputError
-
     out = local_out_path(out, flag)
     fingerprint = fingerprint_of(identity)
     if overwrite:
@@ -370,22 +407,8 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
             raise UsageError(f"{flag} {out} exists and is not an ntk-ray run directory; choose a new or empty "
                              f"directory for the run")
         lock_out_dir(out, flag)  # before anything is deleted: never under a run in progress
-        if previous is None and not overwrite:
-            raise UsageError(f"{flag} {out}: its run stamp {out / STAMP} cannot be read (truncated or edited), so its "
-                             f"finished stages cannot be trusted; pass --overwrite to delete ntk-ray's files there and "
-                             f"run again, or choose another {flag}")
-        if previous not in (None, fingerprint) and not overwrite:
-            raise UsageError(f"{flag} {out} holds a run with a different config; pass --overwrite to replace it or "
-                             f"choose another {flag}")
-        if overwrite and previous != fingerprint:
-            _clear_run(out)
-        elif inputs is not None:
-            try:
-                check_unchanged(out / "_work", inputs, where or str(out))
-            except InputError as e:
-                if not overwrite:
-                    raise UsageError(str(e)) from None
-                _clear_run(out)  # the same config over other files: start over
+        _reuse_or_start_over(previous, fingerprint, overwrite, flag=flag, shown=str(out), stamp=str(out / STAMP),
+                             work=out / "_work", inputs=inputs, where=where or str(out), clear=lambda: _clear_run(out))
     try:
         (out / "_work").mkdir(parents=True, exist_ok=True)
         if not os.access(out / "_work", os.W_OK | os.X_OK):
@@ -394,12 +417,7 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
     except OSError as e:
         raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
                          f"choose another {flag}") from None
-    if inputs is not None:
-        try:
-            record(out / "_work", inputs)
-        except InputError as e:
-            raise UsageError(str(e)) from None
-    write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, out / STAMP)
+    _record_and_stamp(out / "_work", out / STAMP, inputs, fingerprint, identity)
     return out
 
 
@@ -487,8 +505,6 @@ def prepare_uri_work_dir(uri: str, identity: dict, overwrite: bool, flag: str = 
     then deletes only ``<uri>/_work/``'s objects), check and record the input files, stamp it.
     A credential in the URI is refused: the URIs of a work dir are stored in its saved results.
     Returns the ``UriPath`` of ``<uri>/_work``."""
-    from ntk_ray.io.fingerprint import check_unchanged, record
-    from ntk_ray.io.fs import InputError
     from ntk_ray.io.location import UriPath, rmtree
 
     if redact(uri) != uri:
@@ -521,26 +537,7 @@ def prepare_uri_work_dir(uri: str, identity: dict, overwrite: bool, flag: str = 
 
     fingerprint = fingerprint_of(identity)
     if exists:
-        if previous is None and not overwrite:
-            raise UsageError(f"{flag} {shown}: its run stamp {redact(str(stamp))} cannot be read (truncated or edited), "
-                             f"so its finished stages cannot be trusted; pass --overwrite to delete ntk-ray's files "
-                             f"there and run again, or choose another {flag}")
-        if previous not in (None, fingerprint) and not overwrite:
-            raise UsageError(f"{flag} {shown} holds a run with a different config; pass --overwrite to replace it or "
-                             f"choose another {flag}")
-        if overwrite and previous != fingerprint:
-            clear()
-        elif inputs is not None:
-            try:
-                check_unchanged(work, inputs, where or shown)
-            except InputError as e:
-                if not overwrite:
-                    raise UsageError(str(e)) from None
-                clear()
-    if inputs is not None:
-        try:
-            record(work, inputs)
-        except InputError as e:
-            raise UsageError(str(e)) from None
-    write_json_atomic({"fingerprint": fingerprint, "config": redact(identity)}, stamp)
+        _reuse_or_start_over(previous, fingerprint, overwrite, flag=flag, shown=shown, stamp=redact(str(stamp)),
+                             work=work, inputs=inputs, where=where or shown, clear=clear)
+    _record_and_stamp(work, stamp, inputs, fingerprint, identity)
     return work
