@@ -13,13 +13,12 @@ import socket
 import time
 from pathlib import Path
 
+import moto.server as moto_server  # moto[server] is in the test extra: missing it fails, never skips the S3 tests
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
 
 BUCKET = "ntk-test"
 
