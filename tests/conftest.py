@@ -14,6 +14,35 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+#: after the last test, the interpreter must be gone within this many seconds (Ray's shutdown
+#: included): past it every thread's stack is printed and the process exits 1, so a hang at exit
+#: (seen once: pyarrow's S3 shutdown, apache/arrow#50188) fails CI with a stack instead of
+#: running into its time limit
+EXIT_WATCHDOG_S = 180
+
+
+def pytest_unconfigure(config):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(EXIT_WATCHDOG_S, exit=True, file=sys.__stderr__)
+
+
+@pytest.fixture(autouse=True)
+def _no_output_lock_outlives_its_test():
+    """Every output lock a test takes is released by the end of that test (a held URI lock keeps
+    a heartbeat thread and an object-store file system alive until exit)."""
+    from ntk_ray.io import outdir
+
+    before, before_uri = set(outdir._HELD), set(outdir._URI_HELD)
+    yield
+    leaked = (set(outdir._HELD) - before) | (set(outdir._URI_HELD) - before_uri)
+    for key in set(outdir._HELD) - before:
+        outdir.release_out_lock(key)
+    for key in set(outdir._URI_HELD) - before_uri:
+        outdir.release_uri_lock(key)
+    assert not leaked, f"output locks still held after the test: {sorted(leaked)}"
+
 
 def build_tiny_lora_model(seed: int = 0, targets=("q_proj", "k_proj", "v_proj", "o_proj"), vocab: int = 97,
                           lm_head_bias: bool = False):

@@ -216,6 +216,64 @@ def test_a_uri_work_dir_that_is_not_a_run_is_refused_and_overwrite_clears_only_w
     assert json.loads((work / "config.json").read_text())["config"] == {"a": 2}
 
 
+def test_a_refused_prepare_leaves_no_lock_held(s3):
+    """A refusal after the lock was taken (another config's run, no --overwrite) releases it: the
+    lock object is gone and this process holds nothing (a held lock keeps a heartbeat thread and
+    an S3 file system alive until exit)."""
+    from ntk_ray.io import outdir
+    from ntk_ray.io.accounting import UsageError
+    from ntk_ray.io.location import UriPath
+
+    uri = f"{s3}/refused-{time.time_ns()}"
+    outdir.releases_out_locks(outdir.prepare_uri_work_dir)(uri, {"a": 1}, overwrite=False)
+    with pytest.raises(UsageError, match="holds a run with a different config"):
+        outdir.prepare_uri_work_dir(uri, {"a": 2}, overwrite=False)
+    assert not outdir._URI_HELD and not (UriPath(uri) / "_work" / outdir.URI_LOCK).exists()
+
+
+def test_at_exit_uri_locks_are_released_and_file_systems_dropped(s3):
+    """The exit hook (``location._close_filesystems``, run before pyarrow's own S3 shutdown):
+    releases the URI locks still held (their objects deleted, heartbeats stopped) and drops
+    every cached file system, so pyarrow's ``ensure_s3_finalized`` never waits on a live one
+    (apache/arrow#50188: a process that never exits). Called here on copies of the module
+    state: the real hook must stay usable by later tests."""
+    from ntk_ray.io import location, outdir
+    from ntk_ray.io.location import UriPath
+
+    uri = f"{s3}/atexit-{time.time_ns()}"
+    work = outdir.prepare_uri_work_dir(uri, {"a": 1}, overwrite=False)  # no entry point: the lock stays held
+    lock = work / outdir.URI_LOCK
+    (_, _, thread, _), = outdir._URI_HELD.values()
+    assert lock.exists() and thread.is_alive() and location._FS_CACHE and location._REGISTERED
+    finalized = []
+    saved = dict(location._FS_CACHE)
+    real = location.pafs.finalize_s3
+    location.pafs.finalize_s3 = lambda: finalized.append(True)
+    try:
+        location._close_filesystems()
+    finally:
+        location.pafs.finalize_s3 = real
+        location._FS_CACHE.update(saved)
+    assert not outdir._URI_HELD and not thread.is_alive() and not lock.exists()
+    assert finalized == [True]
+
+
+def test_a_process_that_used_s3_exits(s3, tmp_path):
+    """A driver that wrote to S3 and still holds a URI lock and a cached file system ends within
+    seconds (the exit hook releases both before pyarrow shuts the AWS SDK down)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "use_s3.py"
+    script.write_text(
+        "from ntk_ray.io.outdir import prepare_uri_work_dir\n"
+        f"work = prepare_uri_work_dir({s3 + '/exits-' + str(time.time_ns())!r}, {{'a': 1}}, overwrite=False)\n"
+        "(work / 'x').write_bytes(b'1')\nprint('done', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # select end to end
 def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data, tiny_model_dir, tmp_path,

@@ -36,6 +36,50 @@ import pyarrow.fs as pafs
 
 _FS_CACHE: dict[str, pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
+_BEFORE_EXIT: list = []  # callables run at exit before the cached file systems are dropped
+
+
+def before_exit(fn) -> None:
+    """Run ``fn`` at interpreter exit while the object-store file systems still work (``io.outdir``
+    releases its URI work-dir locks there); then :func:`_close_filesystems` runs."""
+    if fn not in _BEFORE_EXIT:
+        _BEFORE_EXIT.append(fn)
+
+
+def _close_filesystems() -> None:
+    """At exit: run the ``before_exit`` callables, drop every cached file system, then shut the
+    AWS SDK down ourselves. pyarrow's own exit hook (``ensure_s3_finalized``) can deadlock in
+    ``Aws::ShutdownAPI`` waiting for the SDK's threads while an ``S3FileSystem`` is still
+    referenced (apache/arrow#50188; seen here as a test process that printed its summary and
+    never exited). Registered after pyarrow's hook, so it runs before it (atexit is LIFO)."""
+    import gc
+
+    for fn in list(_BEFORE_EXIT):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - at exit nothing may stop the rest of the shutdown
+            pass
+    with _FS_LOCK:
+        used_s3 = any(k.lower().startswith("s3://") for k in _FS_CACHE)
+        _FS_CACHE.clear()
+    gc.collect()
+    if used_s3:
+        try:
+            pafs.finalize_s3()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+_REGISTERED = False
+
+
+def _register_exit_hook() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        import atexit
+
+        atexit.register(_close_filesystems)
+        _REGISTERED = True
 
 
 def is_uri(text) -> bool:
@@ -55,6 +99,7 @@ def _filesystem(head: str, query: str) -> tuple[pafs.FileSystem, str]:
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
     if fs is None:
+        _register_exit_hook()
         fs, _ = pafs.FileSystem.from_uri(key)
         with _FS_LOCK:
             _FS_CACHE[key] = fs

@@ -236,6 +236,16 @@ def lock_uri_work(work, flag: str = "--work-dir", shown: str | None = None) -> N
     thread = threading.Thread(target=beat, name="ntk-ray-lock-heartbeat", daemon=True)
     thread.start()
     _URI_HELD[key] = (me["owner"], stop, thread, lock)
+    from ntk_ray.io.location import before_exit
+
+    before_exit(release_uri_locks)
+
+
+def release_uri_locks() -> None:
+    """Release every URI work-dir lock this process holds (at exit: a process that ends without
+    its entry point returning, e.g. an embedding caller's, leaves no lock for 120 s)."""
+    for key in list(_URI_HELD):
+        release_uri_lock(key)
 
 
 def release_uri_lock(key: str) -> None:
@@ -401,24 +411,30 @@ def prepare_out_dir(out: str | Path, identity: dict, overwrite: bool, flag: str 
         _never_overwrite(out, identity, flag)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is an existing file, not a directory; choose a directory")
-    if out.is_dir() and not _is_empty(out):
-        exists, previous = read_stamp(out / STAMP)
-        if not exists:
-            raise UsageError(f"{flag} {out} exists and is not an ntk-ray run directory; choose a new or empty "
-                             f"directory for the run")
-        lock_out_dir(out, flag)  # before anything is deleted: never under a run in progress
-        _reuse_or_start_over(previous, fingerprint, overwrite, flag=flag, shown=str(out), stamp=str(out / STAMP),
-                             work=out / "_work", inputs=inputs, where=where or str(out), clear=lambda: _clear_run(out))
+    held_before = set(_HELD)
     try:
-        (out / "_work").mkdir(parents=True, exist_ok=True)
-        if not os.access(out / "_work", os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable")
-        lock_out_dir(out, flag)
-    except OSError as e:
-        raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
-                         f"choose another {flag}") from None
-    _record_and_stamp(out / "_work", out / STAMP, inputs, fingerprint, identity)
-    return out
+        if out.is_dir() and not _is_empty(out):
+            exists, previous = read_stamp(out / STAMP)
+            if not exists:
+                raise UsageError(f"{flag} {out} exists and is not an ntk-ray run directory; choose a new or empty "
+                                 f"directory for the run")
+            lock_out_dir(out, flag)  # before anything is deleted: never under a run in progress
+            _reuse_or_start_over(previous, fingerprint, overwrite, flag=flag, shown=str(out), stamp=str(out / STAMP),
+                                 work=out / "_work", inputs=inputs, where=where or str(out), clear=lambda: _clear_run(out))
+        try:
+            (out / "_work").mkdir(parents=True, exist_ok=True)
+            if not os.access(out / "_work", os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable")
+            lock_out_dir(out, flag)
+        except OSError as e:
+            raise UsageError(f"{flag} {out}: cannot write there ({e.strerror or type(e).__name__}); "
+                             f"choose another {flag}") from None
+        _record_and_stamp(out / "_work", out / STAMP, inputs, fingerprint, identity)
+        return out
+    except BaseException:
+        for key in set(_HELD) - held_before:  # a refusal leaves no lock behind
+            release_out_lock(key)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +521,7 @@ def prepare_uri_work_dir(uri: str, identity: dict, overwrite: bool, flag: str = 
     then deletes only ``<uri>/_work/``'s objects), check and record the input files, stamp it.
     A credential in the URI is refused: the URIs of a work dir are stored in its saved results.
     Returns the ``UriPath`` of ``<uri>/_work``."""
-    from ntk_ray.io.location import UriPath, rmtree
+    from ntk_ray.io.location import UriPath
 
     if redact(uri) != uri:
         raise UsageError(f"{flag} {redact(uri)}: a URI work directory takes its credentials from the environment "
@@ -527,7 +543,18 @@ def prepare_uri_work_dir(uri: str, identity: dict, overwrite: bool, flag: str = 
     except OSError as e:
         raise UsageError(f"{flag} {shown}: cannot read this location ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    held_before = str(work / URI_LOCK) in _URI_HELD
     lock_uri_work(work, flag, shown)
+    try:
+        return _prepare_locked_uri_work(work, stamp, exists, previous, identity, overwrite, flag, shown, inputs, where)
+    except BaseException:
+        if not held_before:  # a refusal leaves no lock behind (not only when an entry point releases it)
+            release_uri_lock(str(work / URI_LOCK))
+        raise
+
+
+def _prepare_locked_uri_work(work, stamp, exists, previous, identity, overwrite, flag, shown, inputs, where):
+    from ntk_ray.io.location import rmtree
 
     def clear() -> None:
         for p in work.iterdir():
