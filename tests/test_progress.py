@@ -263,6 +263,27 @@ def test_the_stderr_filter_drops_only_the_expected_ray_line(tmp_path):
     assert passed == b"kept 1\n[2026-12-01 03:17:42,000 E 1 1] core_worker.cc:99: a real error\n\rbar 50%"
 
 
+def test_closing_the_stderr_filter_twice_closes_no_one_elses_descriptor():
+    """The exit hook calls ``close`` again after an explicit close: by then the numbers of the
+    filter's descriptors may belong to another library (the AWS SDK's wake-up fd once: a hang at
+    exit). The second call closes nothing."""
+    from ntk_ray.runtime.ray_executor import _StderrFilter
+
+    read, write = os.pipe()
+    f = _StderrFilter(fd=write)
+    f.close()
+    os.close(write)
+    os.close(read)
+    other_r, other_w = os.pipe()
+    os.dup2(other_r, f.target)  # someone else now owns the number the filter closed
+    try:
+        f.close()
+        os.fstat(f.target)  # still open
+    finally:
+        for fd in (f.target, other_r, other_w):
+            os.close(fd)
+
+
 def test_workers_get_the_quiet_library_environment():
     from ntk_ray.progress import library_env
 

@@ -129,6 +129,7 @@ class _StderrFilter:
         os.dup2(write, fd)
         os.close(write)
         self.read = read
+        self.closed = False
         self.thread = threading.Thread(target=self._pump, name="ntk-ray-stderr", daemon=True)
         self.thread.start()
         atexit.register(self.close)
@@ -163,13 +164,20 @@ class _StderrFilter:
 
     def close(self) -> None:
         """Put the original ``fd`` back (unless something else has replaced our pipe there since,
-        e.g. a test's output capture) and wait for the pump to drain."""
+        e.g. a test's output capture) and wait for the pump to drain. Once only: a second call
+        (the exit hook after an explicit close) must not close ``self.target``'s number again,
+        which by then may be another library's descriptor (it once was the AWS SDK's event-loop
+        wake-up fd: the process then hung at exit in pyarrow's S3 shutdown)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
         try:
             sys.stderr.flush()
             if os.fstat(self.fd).st_ino == self.pipe:
                 os.dup2(self.target, self.fd)  # the pipe's write end is gone: the pump drains it and stops
         except (OSError, ValueError):
-            return
+            pass
         self.thread.join(timeout=2)
         try:
             os.close(self.target)
