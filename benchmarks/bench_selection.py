@@ -89,7 +89,9 @@ EVAL_BATCH_TOKENS = 2048  # padded tokens per eval batch (memory: the logits of 
 BOOTSTRAP = {"resamples": 10_000, "seed": 0, "level": 0.95}
 MIN_CELLS_TO_CALL = 4  # a bootstrap over fewer cells is too coarse to call anything
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
-DEFAULT_CACHE = ROOT / "runs" / "bench_decide" / "cache.jsonl"
+# committed with the results: every session starts from a new checkout, and a run of days only
+# gets done if each session's finished pieces reach the next one (commit it as cells finish)
+DEFAULT_CACHE = ROOT / "benchmarks" / "results" / "decide_cache.jsonl"
 DEFAULT_WORK = ROOT / "runs" / "bench_decide" / "work"
 # the smallest cell where every check of tests/test_bench_selection.py still means something:
 # 12 pool rows keep one domain-label row and more rows than the coarse cut M = 4 x budget = 8;
@@ -906,7 +908,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
          f"{', '.join(sorted({r.get('commit') or '?' for r in rep.results + rep.selections})) or '(none yet)'}; "
          "a run of days is best started from a git worktree at a fixed commit (`git worktree add --detach "
          "runs/bench_decide/run_tree`), with --out/--cache/--work pointing back, so that edits to the working tree "
-         "do not reach it"),
+         "do not reach it; the cache (`benchmarks/results/decide_cache.jsonl`) is committed as cells finish, so a "
+         "later session on a new checkout resumes where this one stopped"),
         f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores shared "
         f"with other work, {args.threads} torch thread); executor `{args.executor}`"
         + (f"; a main cell took {np.mean(cell_s) / 60:.0f} min on average ({len(cell_s)} cells)" if cell_s else ""),
