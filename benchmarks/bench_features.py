@@ -112,11 +112,11 @@ def demo_workload(args, device):
     from ntk_ray.core.tokenize import tokenize_batch
 
     start = time.perf_counter()
-    model = load_model(None, device=device)
+    model = load_model(args.model, device=device)
     model = attach_lora(model, r=16, alpha=32, seed=args.seed)
     randomise_lora_b(model, args.lora_b_std, args.seed)
     model.to(device)
-    tokenizer = load_tokenizer(None)
+    tokenizer = load_tokenizer(args.model)
     n_rows = max(args.samples, args.less_samples, args.dense_samples, args.error_samples) + args.anchors
     rows = load_corpus().sample(n_rows, seed=args.seed, shuffle=True)
     tok = tokenize_batch(tokenizer, prompts=rows["prompt"].to_list(), responses=rows["response"].to_list(),
@@ -126,7 +126,8 @@ def demo_workload(args, device):
     seqs = [tok.input_ids[i] for i in keep]
     masks = [tok.score_mask[i] for i in keep]
     rows = rows[keep]
-    info = {"model": "SmolLM2-135M-Instruct (bundled demo model, converted GGUF Q4_1 -> float32)",
+    info = {"model": (f"{args.model} (--model)" if args.model else
+                      "SmolLM2-135M-Instruct (bundled demo model, converted GGUF Q4_1 -> float32)"),
             "data": f"bundled WordNet corpus, {len(seqs)} random rows (seed {args.seed}), chat template, "
                     f"max_length {args.max_length}"}
     return model, seqs, masks, rows, setup, info
@@ -231,6 +232,8 @@ def cli_rate(args, rows, n: int) -> dict | None:
         rows[:n].select("id", "prompt", "response").write_ndjson(data)
         cmd = [exe, "features", "--data", str(data), "--out", str(Path(tmp) / "feats"), "--max-length", str(args.max_length),
                "--proj-dim", str(args.dim), "--projector", "kron", "--batch-tokens", str(args.max_tokens)]
+        cmd += ["--model", str(args.model)] if args.model else []
+        cmd += ["--executor", args.cli_executor]
         start = time.perf_counter()
         run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
         wall = time.perf_counter() - start
@@ -444,6 +447,12 @@ def main(argv=None) -> int:
                    help="rows / sections to leave out")
     p.add_argument("--quick", action="store_true", help="skip the slow rows (less, dense, cli, error) and use 10k pool rows")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one kron feature pass to stderr")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="the model of every row and of the CLI row (default: the bundled demo model; the CI smoke test "
+                        "passes a tiny random Llama: it checks that every row runs, not the numbers)")
+    p.add_argument("--cli-executor", choices=("ray", "local"), default="ray",
+                   help="the CLI row's --executor (default ray: a fresh process with an embedded Ray, what the row "
+                        "measures; local: the same command in-process, for the smoke test)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (as the pipeline does on GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -558,7 +567,8 @@ def main(argv=None) -> int:
         log("ntk-ray features CLI")
         cli = cli_rate(args, rows, args.samples)
         if cli and "wall" in cli:
-            record("cli", "`ntk-ray features` CLI, kron (fresh process, embedded Ray)", args.samples, tokens(args.samples),
+            record("cli", f"`ntk-ray features` CLI, kron (fresh process, "
+                          f"{'embedded Ray' if args.cli_executor == 'ray' else '--executor local'})", args.samples, tokens(args.samples),
                    cli["wall"], note=json.dumps(cli.get("summary", {}).get("seconds", {})), cpu=float("nan"))
 
     scoring_text = ""

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--proj-dim", type=int, default=SelectConfig().proj_dim)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, metavar="DIR",
+                    help="the model of every job (default: select's, the bundled demo model; the CI smoke test passes a "
+                         "tiny random Llama: it checks that every job runs, not the lifts)")
     ap.add_argument("--executor", choices=("local", "ray"), default="local",
                     help="local: runtime.local.LocalExecutor (in this process, no Ray); ray: the runner's RayExecutor")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in this process (local executor; 0: torch's default)")
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
         def config(selector: str, out: Path, **extra) -> SelectConfig:
             return SelectConfig(domain=[str(split["domain_path"])], pool=[str(split["pool_path"])], budget=args.budget,
                                 out=str(out), selector=selector, max_length=args.max_length,
-                                warmup_epochs=args.warmup_epochs, proj_dim=args.proj_dim, seed=args.seed, **extra)
+                                warmup_epochs=args.warmup_epochs, proj_dim=args.proj_dim, seed=args.seed,
+                                **({"model": args.model} if args.model else {}), **extra)
 
         t0 = time.time()
         run_select(config("ntk", base / "select", keep_features=True), executor=executor)

@@ -69,7 +69,8 @@ def test_killed_driver_and_killed_actor_resume_to_the_same_ranking_with_other_ba
         ray_session, tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
     d, model = tiny_data, tiny_model_dir
     reference_out = tmp_path / "reference"
-    assert main(select_args(d, model, reference_out)) == 0
+    # the reference in-process (LocalExecutor: the same stages, ranking equal to Ray's, test_runner.py)
+    assert main(select_args(d, model, reference_out, "--executor", "local")) == 0
     out = tmp_path / "killed"
     # 1. the driver, in its own process with its own embedded Ray (which dies with it), is
     #    SIGKILLed with its whole process group as soon as the coarse stage has written its first shard

@@ -96,14 +96,15 @@ def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.demo
-def test_demo_lifts_smoke(tmp_path):
+def test_demo_lifts_smoke(tmp_path, tiny_model_dir):
     """Every job of demo_lifts at the least size with a coarse stage (12 pool rows > M = 8)."""
     from ntk_ray.config import SelectConfig
     from ntk_ray.core.scoring import SCORERS
 
     out = tmp_path / "lifts"
     _run(["scripts/demo_lifts.py", "--domains", "noun.food", "--out", str(out), "--n-domain", "4", "--n-eval", "0",
-          "--n-pool", "12", "--budget", "2", "--max-length", "48", "--proj-dim", "256", "--threads", "1"])
+          "--n-pool", "12", "--budget", "2", "--max-length", "48", "--proj-dim", "256", "--threads", "1",
+          "--model", str(tiny_model_dir)])
     lines = (out / "lifts.md").read_text().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == (["domain", "pool share", "select seconds"] + [f"ntk {s}" for s in SCORERS]
@@ -126,10 +127,11 @@ def test_demo_lifts_smoke(tmp_path):
 
 
 @pytest.mark.demo
-def test_bench_features_smoke(tmp_path):
-    """Every row of the feature benchmark (LESS-style, dense, CLI, scoring, projection error)."""
+def test_bench_features_smoke(tmp_path, tiny_model_dir):
+    """Every row of the feature benchmark (LESS-style, dense, CLI, scoring, projection error), on
+    the tiny model (the rows' code, not their numbers; the demo model took 53 s of CI here)."""
     report = tmp_path / "features.md"
-    _run(["benchmarks/bench_features.py", "--samples", "4", "--less-samples", "2", "--dense-samples", "2", "--anchors", "2",
+    _run(["benchmarks/bench_features.py", "--model", str(tiny_model_dir), "--cli-executor", "local", "--samples", "4", "--less-samples", "2", "--dense-samples", "2", "--anchors", "2",
           "--dim", "64", "--max-length", "64", "--max-tokens", "512", "--error-samples", "2", "--error-dims", "32,64",
           "--error-seeds", "1", "--pool-rows", "200", "--score-anchors", "4", "--topk", "10", "--repeats", "1",
           "--threads", "1", "--out", str(report)])

@@ -38,8 +38,13 @@ def _pool_tokens(out) -> pl.DataFrame:
     return df.filter(pl.col("reject").is_null())
 
 
+#: the model-free baselines in-process: their math is what is checked here (Ray and the in-process
+#: executor rank alike: test_runner.py; the Ray path of the whole job: test_select_e2e.py)
+LOCAL = ("--executor", "local")
+
+
 @pytest.mark.parametrize("selector", ["random", "bm25"])
-def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, selector):
+def test_model_free_baselines_rank_as_their_math_says(demo_data, selector):
     from ntk_ray.core.lexical import bm25_scores, bm25_stats
     from ntk_ray.core.selectors import random_scores
 
@@ -47,16 +52,16 @@ def test_model_free_baselines_rank_as_their_math_says(ray_session, demo_data, se
     out = d / f"sel-{selector}"
     if selector == "random":  # also: --out as a URI (pyarrow.fs), the stages in --work-dir
         uri = f"file://{d}/bucket/{selector}"
-        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
+        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out), *LOCAL) == 0
         published = d / "bucket" / selector
         assert sorted(p.name for p in published.iterdir()) == sorted([*RESULT_FILES, "report.html",
                                                                       "_ntk_ray_stamp.json"])
         assert pl.read_parquet(published / "ranked.parquet").equals(pl.read_parquet(out / "ranked.parquet"))
         (published / "ranked.parquet").unlink()  # a rerun finds the complete run and publishes again
-        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out)) == 0
+        assert run_select(d, uri, "--selector", selector, "--seed", "3", "--work-dir", str(out), *LOCAL) == 0
         assert (published / "ranked.parquet").exists()
     else:
-        assert run_select(d, out, "--selector", selector, "--seed", "3") == 0
+        assert run_select(d, out, "--selector", selector, "--seed", "3", *LOCAL) == 0
     ranked, manifest = _check_contract(out, selector)
     assert "warmup" not in manifest["stage_seconds"] and manifest["adapter"] is None
     tokens = _pool_tokens(out).join(ranked.select("id"), on="id", how="semi").unique("id", keep="first")
