@@ -23,8 +23,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/ntk-ray demo --out runs/demo $(ARGS)
 
+# 2 pytest-xdist workers, one test file per worker at a time (a file's session fixtures are built
+# once); TEST_WORKERS=0 runs everything in one process
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

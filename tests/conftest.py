@@ -12,7 +12,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# one torch thread per pytest-xdist worker (`make test` runs 2 on 2 cores), both cores otherwise
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 #: after the last test, the interpreter must be gone within this many seconds (Ray's shutdown
 #: included): past it every thread's stack is printed and the process exits 1, so a hang at exit

@@ -8,7 +8,9 @@ import pytest
 from conftest import BUDGET, run_select
 from ntk_ray.cli import main
 
-pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
+# one xdist worker for the whole module: its session fixture (first_run: the demo model through Ray)
+# is computed once, not once per worker
+pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900), pytest.mark.xdist_group("e2e")]
 
 
 def test_outputs_follow_the_contract(first_run):
