@@ -8,9 +8,7 @@ import pytest
 from conftest import BUDGET, run_select
 from ntk_ray.cli import main
 
-# one xdist worker for the whole module: its session fixture (first_run: the demo model through Ray)
-# is computed once, not once per worker
-pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900), pytest.mark.xdist_group("e2e")]
+pytestmark = [pytest.mark.ray, pytest.mark.demo, pytest.mark.timeout(900)]
 
 
 def test_outputs_follow_the_contract(first_run):
