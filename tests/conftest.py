@@ -227,3 +227,23 @@ def first_run(ray_session, demo_data):
     return out
 
 
+def kill_driver_when_marked(patch: str, args: list[str], mark, env: dict, wait_s: float = 120) -> None:
+    """Run ``ntk-ray ARGS`` as a separate driver process with ``patch`` (Python source) executed
+    first; the patch appends to the file ``$MARK`` at the moment to kill and then sleeps. As soon
+    as ``mark`` holds a line the driver is SIGKILLed (a real kill: no cleanup of any kind runs)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    driver = "import os, sys, time\n" + patch + "\nfrom ntk_ray.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    proc = subprocess.Popen([sys.executable, "-c", driver, *map(str, args)], env=dict(os.environ, MARK=str(mark), **env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + wait_s
+    while not (mark.exists() and mark.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()

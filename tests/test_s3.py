@@ -238,7 +238,6 @@ def test_at_exit_uri_locks_are_released_and_file_systems_dropped(s3):
     (apache/arrow#50188: a process that never exits). Called here on copies of the module
     state: the real hook must stay usable by later tests."""
     from ntk_ray.io import location, outdir
-    from ntk_ray.io.location import UriPath
 
     uri = f"{s3}/atexit-{time.time_ns()}"
     work = outdir.prepare_uri_work_dir(uri, {"a": 1}, overwrite=False)  # no entry point: the lock stays held
@@ -327,15 +326,12 @@ def test_a_driver_sigkilled_mid_run_is_resumed_from_the_uri_work_dir_by_another_
     a driver with an empty local cache (another pod) reuses read, warm-up, embed and coarse from
     the URI, takes over the dead driver's lock, and ranks as an uninterrupted run; a third driver
 finds the run complete."""
-    import signal
-    import subprocess
-    import sys
+    from conftest import kill_driver_when_marked
 
     run = f"{s3}/killed-{time.time_ns()}"
     work = f"{s3}/killed-work-{time.time_ns()}"
     mark = tmp_path / "marked.txt"
-    driver = (
-        "import os, sys, time\n"
+    patch = (
         "from ntk_ray.io import markers\n"
         "real = markers.mark_done\n"
         "def slow(directory, unit=None, info=None):\n"
@@ -345,20 +341,9 @@ finds the run complete."""
         "        time.sleep(120)\n"
         "markers.mark_done = slow\n"
         "import ntk_ray.runner\n"
-        "ntk_ray.runner.mark_done = slow\n"
-        "from ntk_ray.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    env = dict(os.environ, MARK=str(mark), NTK_RAY_CACHE=str(tmp_path / "cache-pod-1"))
-    args = select_args(tiny_data, run, tiny_model_dir, "--work-dir", work)
-    proc = subprocess.Popen([sys.executable, "-c", driver] + args, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.time() + 120
-    while not (mark.exists() and mark.read_text().strip()) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+        "ntk_ray.runner.mark_done = slow\n")
+    kill_driver_when_marked(patch, select_args(tiny_data, run, tiny_model_dir, "--work-dir", work), mark,
+                            {"NTK_RAY_CACHE": str(tmp_path / "cache-pod-1")})
     from ntk_ray.io.location import UriPath
 
     assert (UriPath(work) / "_work" / "_lock.json").is_file()  # the dead driver's lock is still there

@@ -486,11 +486,7 @@ def test_a_driver_sigkilled_while_publishing_recovers_without_recomputing(tiny_d
                                                                           monkeypatch, capsys):
     """A real SIGKILL of the driver process after its first result file reached the URI: the
     rerun reuses every saved stage, publishes all four files, manifest last."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    from conftest import kill_driver_when_marked
     from ntk_ray.io import storage
 
     cache = tmp_path / "cache"
@@ -498,8 +494,7 @@ def test_a_driver_sigkilled_while_publishing_recovers_without_recomputing(tiny_d
     uri = f"file://{tmp_path}/remote/run"
     remote = tmp_path / "remote" / "run"
     mark = tmp_path / "uploaded.txt"
-    driver = (
-        "import os, sys, time\n"
+    patch = (
         "from ntk_ray.io import storage\n"
         "real = storage._upload\n"
         "def slow(fs, source, dest):\n"
@@ -508,20 +503,8 @@ def test_a_driver_sigkilled_while_publishing_recovers_without_recomputing(tiny_d
         "        open(os.environ['MARK'], 'a').write(dest + '\\n')\n"
         "        time.sleep(120)\n"
         "    return result\n"
-        "storage._upload = slow\n"
-        "from ntk_ray.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    args = select_args(tiny_data, uri, tiny_model_dir)
-    env = dict(os.environ, MARK=str(mark), NTK_RAY_CACHE=str(cache))
-    proc = subprocess.Popen([sys.executable, "-c", driver] + args, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.time() + 120
-    while not (mark.exists() and mark.read_text().strip()) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
+        "storage._upload = slow\n")
+    kill_driver_when_marked(patch, select_args(tiny_data, uri, tiny_model_dir), mark, {"NTK_RAY_CACHE": str(cache)})
     assert [Path(line).name for line in mark.read_text().split()] == ["report.html"]  # the first file up
     assert not (remote / "manifest.json").exists()  # a reader never takes the URI for a complete run
     capsys.readouterr()
