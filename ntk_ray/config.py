@@ -58,6 +58,11 @@ def _projectors():
     return PROJECTORS
 
 
+def _objectives():
+    from ntk_ray.core.features import OBJECTIVES
+    return OBJECTIVES
+
+
 def _allocations():
     from ntk_ray.core.selectors import ALLOCATIONS
     return ALLOCATIONS
@@ -285,6 +290,11 @@ class SelectConfig:
     scorer: str = opt("cosine", "how kernel values against the anchors become one score: cosine (mean cosine, best on "
                       "the bundled corpus), mean (the paper's mean inner product), max, round-robin",
                       choices=_scorers, group=N)
+    objective: str = opt("summed-logits", "what each row's gradient differentiates: summed-logits (the paper's F(x), the "
+                         "sum of the logits over the response positions: the kernel of the model's outputs), loss (the "
+                         "row's mean cross-entropy over its response tokens, as LESS and TRAK-for-LMs use; through the "
+                         "LM head's vocabulary-sized logits, so slower). Anchors and candidates alike (ntk selector)",
+                         choices=_objectives, group=N)
     projector: str = _projector(N)
     proj_dim: int = _proj_dim(N)
     allocation: str = opt("score", "how the budget is picked from the scored candidates: score (the top N by --scorer), "
@@ -322,12 +332,20 @@ class SelectConfig:
                                "environment)", metavar="DIR_OR_URI", group=X,
                                shown_default="~/.cache/ntk-ray/runs/<out>")
 
+    #: fields added after runs were made, with the default that gives those runs' results: left out
+    #: of the identity at that default, so a run (or a benchmark cache) from before the field
+    #: existed keeps its fingerprint and resumes after an upgrade
+    ADDED_LATER = {"objective": "summed-logits"}
+
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""
         d = asdict(self)
         for k in ("out", "actors", "min_actors", "max_actors", "accelerator", "wait_for_resources", "ray_address",
                   "executor", "keep_features", "batch_tokens", "work_dir", "save_hf", "read_unit_mb"):
             d.pop(k)
+        for k, default in self.ADDED_LATER.items():
+            if d.get(k) == default:
+                d.pop(k)
         return d
 
     def fingerprint(self) -> str:

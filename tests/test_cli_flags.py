@@ -281,6 +281,22 @@ def test_select_fresh_warmup_given_adapter_and_a_baseline(data, tiny_model_dir, 
     assert set(ranked["stage"]) == {"random"} and manifest(rnd)["selector"] == "random" and ranked.height == 30
 
 
+@covers("select", "--objective")
+def test_select_objective_loss(data, tiny_model_dir, tmp_path, capsys):
+    """--objective loss: recorded, part of the run's identity (another run than the default's);
+    the default is left out of the identity, so runs from before the flag keep their fingerprint
+    (the features themselves: tests/test_selectors_recompute.py)."""
+    from ntk_ray.config import SelectConfig
+
+    out = tmp_path / "loss"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--objective", "loss"))
+    assert rc == 0, err
+    assert manifest(out)["config"]["objective"] == "loss"
+    assert "objective" not in SelectConfig().identity()
+    assert SelectConfig(objective="loss").identity()["objective"] == "loss"
+    assert SelectConfig(objective="loss").fingerprint() != SelectConfig().fingerprint()
+
+
 @covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k", "--center")
 def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path, capsys):
     """The issue-16 options (reference tests in tests/test_improvements.py)."""

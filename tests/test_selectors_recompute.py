@@ -172,23 +172,27 @@ def test_ntk_scorers_rank_by_their_plain_formula(tiny_data, tiny_model_dir, tmp_
     np.testing.assert_allclose([got[i] for i in ids], expected, rtol=1e-6, atol=0)
 
 
-def test_ntk_features_are_the_saved_adapters_gradients(tiny_data, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["summed-logits", "loss"])
+def test_ntk_features_are_the_saved_adapters_gradients(tiny_data, tiny_model_dir, tmp_path, objective):
     """With ``--projector none`` the kept pool features and the anchors are exactly the gradients
-    of the summed-logit objective under the warmed-up adapter: recomputed one row at a time by
-    plain autograd over the full vocabulary (``reference.reference_gradient``)."""
+    of the objective (``--objective``: the summed logits over the score mask, or the mean loss
+    over the loss mask) under the warmed-up adapter: recomputed one row at a time by plain
+    autograd over the full vocabulary (``reference.reference_gradient``)."""
     from ntk_ray.io.shards import read_vectors
     from ntk_ray.reference import reference_gradient
 
     out = tmp_path / "exact"
-    ranked, manifest = _run(tiny_data, out, tiny_model_dir, projector="none", keep_features=True, coarse_factor=2)
+    _, manifest = _run(tiny_data, out, tiny_model_dir, projector="none", keep_features=True, coarse_factor=2,
+                       objective=objective)
     assert manifest["projector"]["type"] == "none"
     model = _adapted(tiny_model_dir, out / "_work" / "warmup" / "adapter", trainable=True)
+    mask_column = "loss_mask" if objective == "loss" else "score_mask"
     for role, path in (("pool", sorted((out / "_work" / "features").glob("*.parquet"))),
                        ("domain", [out / "_work" / "anchor_features" / "anchors.parquet"])):
         tokens = _tokens(out, role)
-        rows = {i: (ids, mask) for i, ids, mask in zip(tokens["id"], tokens["input_ids"], tokens["score_mask"])}
+        rows = {i: (ids, mask) for i, ids, mask in zip(tokens["id"], tokens["input_ids"], tokens[mask_column])}
         for f in path:
             table, x = read_vectors(str(f), "feature", ("id",))
             for i, feature in zip(table.column("id").to_pylist(), x):
-                g = reference_gradient(model, *rows[i]).numpy()
+                g = reference_gradient(model, *rows[i], objective).numpy()
                 np.testing.assert_allclose(feature, g, rtol=1e-4, atol=1e-5 * np.abs(g).max())

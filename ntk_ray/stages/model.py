@@ -154,15 +154,17 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     model.eval()
     embeddings = mean_pooled_embeddings(model, seqs, cfg.batch_tokens, device, layer=getattr(cfg, "embed_layer", None),
                                         max_row_tokens=getattr(cfg, "embed_max_tokens", None)).numpy()  # as the pool's
-    options = {"objective": "loss"} if less else {}  # LESS anchors: plain loss gradients
+    objective = "loss" if less else getattr(cfg, "objective", "summed-logits")  # LESS anchors: plain loss gradients
+    options = {"objective": objective} if objective != "summed-logits" else {}
+    anchor_masks = loss_masks if objective == "loss" else score_masks  # the positions the objective reads
     computer = FeatureComputer(model, projector=cfg.projector, dim=cfg.proj_dim, seed=cfg.seed, device=device,
                                **options)
-    feats = computer.features(seqs, loss_masks if less else score_masks, cfg.batch_tokens)
+    feats = computer.features(seqs, anchor_masks, cfg.batch_tokens)
     spec, checkpoints = computer.projector.spec(), []
     if n_checkpoints > 1:  # anchors under every checkpoint, combined (core.selectors.combine_checkpoint_features)
         if saver is None or len(saver.saved) != n_checkpoints:
             raise ValueError(f"--checkpoints {n_checkpoints} needs a trained warm-up with at least one step")
-        feats, spec = saver.anchor_features(computer, seqs, score_masks, cfg.batch_tokens, spec)
+        feats, spec = saver.anchor_features(computer, seqs, anchor_masks, cfg.batch_tokens, spec)
         checkpoints = [d for d, _ in saver.saved]
         history["checkpoints"] = {"steps": saver.steps, "weights": spec["checkpoint_weights"]}
     finite = np.isfinite(feats.feature.numpy()).all(axis=1)
@@ -272,7 +274,7 @@ class FeaturesStage(Stage):
         rows = candidates[self.candidates_from].candidates if self.candidates_from else pool_rows(validate)
         args = (cfg.model, warmup.adapter_dir, cfg.projector, cfg.proj_dim, cfg.seed, cfg.batch_tokens,
                 ctx.executor.plan.device)
-        args += ("loss", warmup.adam_moments) if self.less else ("summed-logits", None)
+        args += ("loss", warmup.adam_moments) if self.less else (getattr(cfg, "objective", "summed-logits"), None)
         args += (warmup.dtype,)  # resolved by the warm-up: every worker runs the model in the same dtype
         target = ctx.stage_dir(self.name)
         if warmup.checkpoints:  # --checkpoints K: psi under each warm-up checkpoint, combined
