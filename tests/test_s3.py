@@ -306,6 +306,18 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
     capsys.readouterr()
     assert select(tiny_data, run, tiny_model_dir, "--work-dir", work, "--keep-features") == 0
     assert "already complete" in capsys.readouterr().err
+    # `ntk-ray score` on the kept features at the URI, its own state in a URI work dir, its output
+    # at a URI: the same ntk ranking of the candidates as the select job's
+    from ntk_ray.cli import main
+
+    scored, score_work = f"{s3}/score-{time.time_ns()}", f"{s3}/score-work-{time.time_ns()}"
+    assert main(["score", "--features", str(state / "features"), "--anchors", str(state / "anchor_features"),
+                 "--budget", "5", "--out", scored, "--work-dir", score_work, "--executor", "local"]) == 0
+    rescored = pq.read_table(pa.BufferReader(read_uri(f"{scored}/ranked.parquet")))
+    ntk_rows = [(i, r) for i, r, stage in zip(*(pq.read_table(pa.BufferReader(read_uri(f"{run}/ranked.parquet")))
+                                               .column(c).to_pylist() for c in ("id", "rank", "stage"))) if stage == "ntk"]
+    assert rescored.column("id").to_pylist() == [i for i, _ in ntk_rows]
+    assert (UriPath(score_work) / "_work" / "config.json").is_file()
 
 
 def test_select_with_s3_out_and_the_default_local_work_dir(s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
