@@ -61,10 +61,30 @@ def check_model(cfg, lora_targets=None) -> str:
         check_model_files(cfg.model)  # no config.json; no weight files
         if lora_targets is not None:
             check_lora_targets(cfg.model, lora_targets)
+        _check_embed_layer(cfg, model)
     except ModelError as e:
         message = str(e)
         raise UsageError(message if message.startswith("--") else f"--model: {message}") from None
     return model
+
+
+def _check_embed_layer(cfg, model: str) -> None:
+    """--embed-layer K names hidden_states[K]: K may be 0 (the token embeddings) up to the number
+    of decoder layers. Checked here from the model's config, not in a worker after the warm-up."""
+    layer = getattr(cfg, "embed_layer", None)
+    if layer is None:
+        return
+    from transformers import AutoConfig
+
+    from ntk_ray.models import ModelError
+
+    try:
+        layers = getattr(AutoConfig.from_pretrained(model), "num_hidden_layers", None)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read the config of {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if layers is not None and layer > layers:
+        raise UsageError(f"--embed-layer {layer}: the model has {layers} decoder layers; choose 0 (the token "
+                         f"embeddings) to {layers}, or leave it out for the final layer")
 
 
 def _check_out_outside_inputs(cfg, inputs: dict) -> None:

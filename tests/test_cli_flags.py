@@ -824,6 +824,17 @@ def test_finetune_and_evaluate_dtype_device_and_schedule(data, tiny_model_dir, t
 # ------------------------------------------------------------------------------------------------
 # the coarse stage's cheaper embeddings and the chat template's default system turn
 
+def test_an_embed_layer_past_the_models_layers_is_refused_up_front(data, tiny_model_dir, tmp_path, capsys):
+    """The tiny model has 2 decoder layers: --embed-layer 3 is one line before any work (it used
+    to fail in a worker, after the warm-up)."""
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--embed-layer", 3))
+    assert rc == 2 and "--embed-layer 3: the model has 2 decoder layers" in err
+    assert not (out / "_work" / "warmup").exists()
+    rc, _, err = run(capsys, *select_argv(data["text"], tmp_path / "ok", tiny_model_dir, "--embed-layer", 2))
+    assert rc == 0, err
+
+
 @covers("select", "--embed-layer", "--embed-max-tokens", "--system-prompt")
 @covers("features", "--system-prompt")
 def test_embed_layer_max_tokens_and_system_prompt(data, tiny_chat_model_dir, tmp_path, capsys):
