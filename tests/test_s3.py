@@ -320,6 +320,37 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
     assert (UriPath(score_work) / "_work" / "config.json").is_file()
 
 
+def test_a_model_directory_in_s3_is_copied_once_per_machine_and_ranks_as_the_local_one(
+        s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--model s3://.../tiny: the objects are copied into the cache (one copy per URI, named by a
+    hash, no secret in it), the run ranks as with the local directory, a second use downloads
+    nothing, a re-uploaded model is copied again; an empty prefix is one line."""
+    from ntk_ray.io.location import UriPath
+    from ntk_ray.models import resolve_model
+    from ntk_ray.models.remote import REMOTE_FILE
+
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    model = f"{s3}/models-{time.time_ns()}/tiny"
+    UriPath(model).upload(tiny_model_dir)
+    local = local_ranking(tiny_data, tiny_model_dir, tmp_path / "local")
+    run = tmp_path / "from-s3"
+    assert select(tiny_data, run, model) == 0
+    assert ranking(run / "ranked.parquet") == local
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["model"]["source"] == "uri" and manifest["model"]["name"] == model
+    copy = Path(resolve_model(model))
+    assert copy.parent == tmp_path / "cache" / "models" and copy.name.startswith("uri-")
+    assert sorted(p.name for p in copy.iterdir()) == sorted([p.name for p in tiny_model_dir.iterdir()] + [REMOTE_FILE])
+    stamp = (copy / REMOTE_FILE).stat().st_mtime_ns
+    assert Path(resolve_model(model)) == copy and (copy / REMOTE_FILE).stat().st_mtime_ns == stamp  # nothing fetched
+    (UriPath(model) / "README.md").write_bytes(b"re-uploaded")
+    assert (Path(resolve_model(model)) / "README.md").read_bytes() == b"re-uploaded"
+    capsys.readouterr()
+    assert select(tiny_data, tmp_path / "none", f"{s3}/no-such-model-{time.time_ns()}") == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "no objects under this prefix" in err[0], err
+
+
 def test_select_with_s3_out_and_the_default_local_work_dir(s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
     from ntk_ray.io.storage import default_work_dir
 

@@ -1,7 +1,8 @@
 """Resolving and loading a model and its tokenizer, and what the manifest records about it.
 
 ``--model`` is one of: nothing (the bundled demo model, via its cached converted copy), a
-``.gguf`` file (its cached converted copy), a local model directory, or a Hugging Face hub id.
+``.gguf`` file (its cached converted copy), a local model directory, a model directory in an
+object store (``s3://...``: its cached local copy, ``models.remote``), or a Hugging Face hub id.
 ``resolve_model`` turns it into something ``from_pretrained`` accepts; ``load_model`` and
 ``load_tokenizer`` load from that, turning library errors into one-line ``ModelError``s; and
 ``model_identity`` describes the model (source, file hashes, architecture, size) for the manifest.
@@ -46,13 +47,18 @@ def resolve_model(model: str | None) -> str:
     """Something ``from_pretrained`` accepts.
 
     ``None`` -> the cached converted demo model (converted on first use); a ``.gguf`` file ->
-    its cached converted copy; a local directory or a hub id -> returned as is.
+    its cached converted copy; a URI (``s3://bucket/models/NAME``) -> its cached local copy
+    (``models.remote``); a local directory or a hub id -> returned as is.
     """
     if model is None:
         return str(converted_gguf_dir(demo_gguf_path(), demo=True))
     model = str(model)
     if not model.strip():
         raise ModelError("--model is empty")
+    if "://" in model:  # an object store: a per-machine cached copy (models.remote)
+        from ntk_ray.models.remote import cached_model_copy
+
+        return str(cached_model_copy(model))
     path = Path(model).expanduser()
     if path.exists() or _is_local_looking(model):
         if not path.exists():
@@ -197,6 +203,10 @@ def model_identity(model: str | None) -> dict:
     src = read_source(local) if local.is_dir() else None
     if model is None:
         ident["source"] = "bundled-gguf"
+    elif "://" in str(model):
+        from ntk_ray.io.fs import redact
+
+        ident["name"], ident["source"] = redact(str(model)), "uri"
     elif src is not None:
         ident["source"] = "gguf"
     elif local.is_dir():
