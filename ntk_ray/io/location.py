@@ -47,11 +47,13 @@ def before_exit(fn) -> None:
 
 
 def _close_filesystems() -> None:
-    """At exit: run the ``before_exit`` callables, drop every cached file system, then shut the
-    AWS SDK down ourselves. pyarrow's own exit hook (``ensure_s3_finalized``) can deadlock in
+    """At exit (a Python atexit hook, so before pyarrow's C-level one): run the ``before_exit``
+    callables, drop every cached file system, then shut the AWS SDK down ourselves while nothing
+    references it. pyarrow's own hook (``ensure_s3_finalized``) can deadlock in
     ``Aws::ShutdownAPI`` waiting for the SDK's threads while an ``S3FileSystem`` is still
-    referenced (apache/arrow#50188; seen here as a test process that printed its summary and
-    never exited). Registered after pyarrow's hook, so it runs before it (atexit is LIFO)."""
+    referenced (apache/arrow#50188). The hang CI once saw there had another cause (a descriptor
+    of the SDK closed under it: ``runtime.ray_executor._StderrFilter.close``); this is the
+    defensive half."""
     import gc
 
     for fn in list(_BEFORE_EXIT):
