@@ -133,8 +133,18 @@ def check_inputs(cfg: SelectConfig) -> CheckedInputs:
         selector.check(cfg)
     if cfg.on_too_long not in ("truncate", "reject"):
         raise UsageError(f"--on-too-long {cfg.on_too_long!r}: choose truncate or reject")
-    if cfg.adapter and not (Path(cfg.adapter).expanduser() / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {cfg.adapter}: no adapter_config.json (not a saved LoRA adapter)")
+    if cfg.adapter:  # a local directory or an object-store prefix (copied where it is loaded)
+        from ntk_ray.io.fs import is_uri, redact
+        from ntk_ray.io.location import location
+
+        where = location(cfg.adapter) if is_uri(str(cfg.adapter)) else Path(cfg.adapter).expanduser()
+        try:
+            found = (where / "adapter_config.json").is_file()
+        except OSError as e:
+            raise UsageError(f"--adapter {redact(str(cfg.adapter))}: cannot read it ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not found:
+            raise UsageError(f"--adapter {redact(str(cfg.adapter))}: no adapter_config.json (not a saved LoRA adapter)")
     cols = columns_of(cfg)
     try:
         domain = resolve_paths(cfg.domain, "--domain")

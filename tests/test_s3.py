@@ -351,6 +351,21 @@ def test_a_model_directory_in_s3_is_copied_once_per_machine_and_ranks_as_the_loc
     assert len(err) == 1 and "no objects under this prefix" in err[0], err
 
 
+def test_an_adapter_in_s3_ranks_as_the_same_adapter_on_disk(s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
+    """select --adapter s3://.../adapter (a warmed-up adapter kept in an object store) ranks as
+    --adapter with the same directory on disk."""
+    from ntk_ray.io.location import UriPath
+
+    monkeypatch.setenv("NTK_RAY_CACHE", str(tmp_path / "cache"))
+    local_ranking(tiny_data, tiny_model_dir, tmp_path / "local")
+    adapter = tmp_path / "local" / "_work" / "warmup" / "adapter"
+    remote = f"{s3}/adapters-{time.time_ns()}/a"
+    UriPath(remote).upload(adapter)
+    assert select(tiny_data, tmp_path / "disk", tiny_model_dir, "--adapter", str(adapter)) == 0
+    assert select(tiny_data, tmp_path / "uri", tiny_model_dir, "--adapter", remote) == 0
+    assert ranking(tmp_path / "uri" / "ranked.parquet") == ranking(tmp_path / "disk" / "ranked.parquet")
+
+
 def test_select_with_s3_out_and_the_default_local_work_dir(s3, tiny_data, tiny_model_dir, tmp_path, monkeypatch):
     from ntk_ray.io.storage import default_work_dir
 

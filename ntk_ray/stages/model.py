@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ntk_ray.io.fs import redact
+from ntk_ray.io.location import local_copy
 from ntk_ray.io.shards import list_shards
 from ntk_ray.stages.base import Context, Stage
 from ntk_ray.stages.read import Accounting, Tokens, domain_tokens
@@ -132,8 +134,8 @@ def warmup_task(cfg, stage_dir: str, ids, seqs, loss_masks, score_masks, device:
     base = load_model(cfg.model, dtype=dtype, device=device)
     moments = Path(stage_dir) / "adam_moments.pt"
     if cfg.adapter:
-        model = load_adapter(base, cfg.adapter)
-        history = {"source": cfg.adapter}
+        model = load_adapter(base, local_copy(cfg.adapter))  # an adapter at a URI: copied here first
+        history = {"source": redact(str(cfg.adapter))}
     else:
         model = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
         if cfg.warmup == "train":
