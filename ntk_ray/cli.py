@@ -158,7 +158,7 @@ def _progress(args):
 #: the subcommands whose flags are generated from a config dataclass
 CONFIG_COMMANDS = {"select": SelectConfig, "features": FeaturesConfig, "score": ScoreConfig}
 MODEL_FIELDS = ("model", "max_length", "on_too_long", "text_column", "prompt_column", "response_column", "id_column",
-                "messages_column", "assistant_turns")
+                "messages_column", "assistant_turns", "system_prompt")
 
 
 class ConfigError(ValueError):
@@ -377,7 +377,8 @@ def _tokenized(paths, args):
     files = resolve_paths(paths, flag)
     mode = check_columns(files, cols, flag)
     reader = ReadAndTokenize.__new__(ReadAndTokenize)
-    reader.spec = ReadSpec("data", mode, cols, args.model, args.max_length, args.on_too_long)
+    reader.spec = ReadSpec("data", mode, cols, args.model, args.max_length, args.on_too_long,
+                           system_prompt=args.system_prompt)
     reader.tokenizer = load_tokenizer(args.model)
     seqs, masks, rejected = [], [], 0
     for path in files:
@@ -439,7 +440,7 @@ def cmd_finetune(args) -> int:
              "warmup_ratio": args.warmup_ratio, "grad_accum_steps": args.grad_accum_steps,
              "batch_tokens": args.train_batch_tokens}
     (Path(args.out) / "ntk_ray_train.json").write_text(
-        json.dumps({"rows": len(seqs), "rejected": rejected, **setup, **history}, indent=2))
+        json.dumps({"rows": len(seqs), "tokens": sum(map(len, seqs)), "rejected": rejected, **setup, **history}, indent=2))
     print(json.dumps({"adapter": args.out, "rows": len(seqs), "rejected": rejected, "final_loss": history["epoch_loss"][-1],
                       "steps": history["steps"], "device": device, "dtype": dtype}))
     return 0
@@ -472,7 +473,8 @@ def cmd_evaluate(args) -> int:
                            text_column=args.text_column, prompt_column=args.prompt_column,
                            response_column=args.response_column, choices_column=args.choices_column,
                            answer_column=args.answer_column, on_too_long=args.on_too_long,
-                           messages_column=args.messages_column, assistant_turns=args.assistant_turns)
+                           messages_column=args.messages_column, assistant_turns=args.assistant_turns,
+                           system_prompt=args.system_prompt)
     result.pop("predictions", None)
     print(json.dumps(result | {"unreadable": unreadable, "adapter": args.adapter, "device": device, "dtype": dtype}))
     return 0

@@ -835,6 +835,37 @@ def test_an_embed_layer_past_the_models_layers_is_refused_up_front(data, tiny_mo
     assert rc == 0, err
 
 
+@covers("finetune", "--system-prompt")
+@covers("evaluate", "--system-prompt")
+def test_finetune_and_evaluate_system_prompt(data, tiny_chat_model_dir, tmp_path, capsys):
+    """--system-prompt none in finetune and evaluate, as in select: a template that writes a
+    default system turn loses it, so every row is shorter by that turn's tokens (evaluate counts
+    only response tokens, so its token count is the same and its loss may differ)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}system : the word is food\n{% endif %}" + tok.chat_template
+    tok.save_pretrained(str(model))
+    qa = ("--prompt-column", "q", "--response-column", "a", "--max-length", 48)
+    pool = data["qa"] / "pool.jsonl"
+    trained, scored = {}, {}
+    for prompt in ("default", "none"):
+        rc, printed, err = run(capsys, "finetune", "--train", pool, "--out", tmp_path / f"ft-{prompt}", "--model", model,
+                               "--epochs", 1, "--system-prompt", prompt, *qa)
+        assert rc == 0, err
+        trained[prompt] = json.loads((tmp_path / f"ft-{prompt}" / "ntk_ray_train.json").read_text())
+        rc, printed, err = run(capsys, "evaluate", "--data", pool, "--model", model, "--system-prompt", prompt, *qa)
+        assert rc == 0, err
+        scored[prompt] = json.loads(printed.splitlines()[-1])
+    assert trained["none"]["rows"] == trained["default"]["rows"] == 30
+    assert trained["none"]["tokens"] < trained["default"]["tokens"]
+    assert scored["none"]["tokens"] == scored["default"]["tokens"] and scored["none"]["loss"] != scored["default"]["loss"]
+
+
 @covers("select", "--embed-layer", "--embed-max-tokens", "--system-prompt")
 @covers("features", "--system-prompt")
 def test_embed_layer_max_tokens_and_system_prompt(data, tiny_chat_model_dir, tmp_path, capsys):

@@ -103,7 +103,7 @@ def sequence_log_likelihoods(model, sequences: list[list[int]], masks: list[list
 
 
 def choice_log_likelihoods(model, tokenizer, prompts: list[str], choices: list[list[str]], max_length: int,
-                           device="cpu", batch_tokens: int = 8192) -> list[np.ndarray | None]:
+                           device="cpu", batch_tokens: int = 8192, system_prompt: str = "default") -> list[np.ndarray | None]:
     """Per row, ll(c) = mean log-likelihood per token of each choice given the prompt (float64, one
     per choice, module docstring), or None when the row cannot be scored (a choice does not fit in
     ``max_length`` tokens). ValueError on malformed rows (non-string prompt, fewer than 2 choices,
@@ -118,6 +118,7 @@ def choice_log_likelihoods(model, tokenizer, prompts: list[str], choices: list[l
             raise ValueError(f"row {row}: prompt must be a string, not {type(p).__name__}")
     flat_rows = [r for r, opts in enumerate(choices) for _ in opts]
     tok = tokenize_batch(tokenizer, prompts=[prompts[r] for r in flat_rows], responses=[c for opts in choices for c in opts],
+                         system_prompt=system_prompt,
                          max_length=max_length, on_too_long="reject")
     tail = _tail_length(tokenizer)
     bad_rows = {r for r, reason in zip(flat_rows, tok.reject) if reason is not None}
@@ -147,7 +148,7 @@ def choice_log_likelihoods(model, tokenizer, prompts: list[str], choices: list[l
 
 
 def choice_accuracy(model, tokenizer, prompts: list[str], choices: list[list[str]], answers: list, max_length: int,
-                    device="cpu", batch_tokens: int = 8192) -> dict:
+                    device="cpu", batch_tokens: int = 8192, system_prompt: str = "default") -> dict:
     """Multiple-choice accuracy: predict argmax_c ll(c) (``choice_log_likelihoods``; the first
     choice on ties), accuracy = fraction of scored rows where the prediction is the answer.
 
@@ -161,7 +162,8 @@ def choice_accuracy(model, tokenizer, prompts: list[str], choices: list[list[str
     _check_choices(choices)
     choices = [list(c) for c in choices]
     gold = resolve_answers(choices, answers)  # before the model runs: bad labels fail fast
-    lls = choice_log_likelihoods(model, tokenizer, prompts, choices, max_length, device=device, batch_tokens=batch_tokens)
+    lls = choice_log_likelihoods(model, tokenizer, prompts, choices, max_length, device=device, batch_tokens=batch_tokens,
+                                 system_prompt=system_prompt)
     predictions, correct, scored, n_choices = [], 0, 0, 0
     for r, ll in enumerate(lls):
         if ll is None:
@@ -196,7 +198,7 @@ def _as_columns(rows) -> dict[str, list]:
 def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str = "text", prompt_column: str = "prompt",
                   response_column: str = "response", choices_column: str = "choices", answer_column: str = "answer",
                   on_too_long: str = "truncate", device="cpu", batch_tokens: int = 8192,
-                  messages_column: str | None = None, assistant_turns: str = "all") -> dict:
+                  messages_column: str | None = None, assistant_turns: str = "all", system_prompt: str = "default") -> dict:
     """What ``ntk-ray evaluate`` reports for a set of rows (a list of dicts or a polars DataFrame).
 
     Loss/perplexity (``training.mean_token_loss``) over the rows' response tokens: prompt +
@@ -233,11 +235,13 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
     chats = cols.get(messages_column) if messages_column else cols.get("messages", cols.get("conversations"))
     if chats is not None and (messages_column or not (texts is not None or (prompts is not None and responses is not None))):
         tok = tokenize_batch(tokenizer, messages=chats, assistant_turns=assistant_turns, max_length=max_length,
-                             on_too_long=on_too_long)
+                             on_too_long=on_too_long, system_prompt=system_prompt)
     elif prompts is not None and responses is not None:
-        tok = tokenize_batch(tokenizer, prompts=prompts, responses=responses, max_length=max_length, on_too_long=on_too_long)
+        tok = tokenize_batch(tokenizer, prompts=prompts, responses=responses, max_length=max_length, on_too_long=on_too_long,
+                             system_prompt=system_prompt)
     elif texts is not None:
-        tok = tokenize_batch(tokenizer, texts=texts, max_length=max_length, on_too_long=on_too_long)
+        tok = tokenize_batch(tokenizer, texts=texts, max_length=max_length, on_too_long=on_too_long,
+                             system_prompt=system_prompt)
     else:
         raise ValueError(f"--data: rows need a {text_column!r} column or {prompt_column!r} and {response_column!r} columns"
                          f" (or {prompt_column!r}, {choices_column!r} and {answer_column!r})")
@@ -249,7 +253,8 @@ def evaluate_rows(model, tokenizer, rows, *, max_length: int, text_column: str =
         result = {"loss": None, "perplexity": None, "tokens": 0, "rows": 0}
     result["rejected"] = len(tok.reject) - len(keep)
     if mc:
-        acc = choice_accuracy(model, tokenizer, prompts, choices, gold, max_length, device=device, batch_tokens=batch_tokens)
+        acc = choice_accuracy(model, tokenizer, prompts, choices, gold, max_length, device=device, batch_tokens=batch_tokens,
+                              system_prompt=system_prompt)
         result |= {"accuracy": acc["accuracy"], "accuracy_rows": acc["rows"], "choices_per_row": acc["choices_per_row"],
                    "accuracy_skipped": acc["skipped"]}
     return result
