@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_features.py                      # demo model, writes the table
     .venv/bin/python benchmarks/bench_features.py --samples 16 --quick # a quick look
-    .venv/bin/python benchmarks/bench_features.py --random-arch --device cuda --bf16   # GPU (see bench_features_gpu.sh)
+    .venv/bin/python benchmarks/bench_features.py --random-arch --device cuda --bf16   # GPU, bf16 weights (bench_features_gpu.sh)
 
 Every row runs on the same model, the same samples and the same machine, in this one process,
 so the ratios are measured side by side (absolute rates on a shared machine are noisy; the
@@ -112,8 +112,8 @@ def demo_workload(args, device):
     from ntk_ray.core.tokenize import tokenize_batch
 
     start = time.perf_counter()
-    model = load_model(args.model, device=device)
-    model = attach_lora(model, r=16, alpha=32, seed=args.seed)
+    model = load_model(args.model, device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    model = attach_lora(model, r=16, alpha=32, seed=args.seed)  # LoRA weights float32, as in the product
     randomise_lora_b(model, args.lora_b_std, args.seed)
     model.to(device)
     tokenizer = load_tokenizer(args.model)
@@ -149,6 +149,8 @@ def random_arch_workload(args, device):
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
+    if args.bf16:  # the weights in bfloat16, as `--dtype bfloat16` loads them (no autocast)
+        model = model.to(torch.bfloat16)
     model = attach_lora(model.eval(), r=16, alpha=32, seed=args.seed)
     randomise_lora_b(model, args.lora_b_std, args.seed)
     model.to(device)
@@ -454,7 +456,9 @@ def main(argv=None) -> int:
                    help="the CLI row's --executor (default ray: a fresh process with an embedded Ray, what the row "
                         "measures; local: the same command in-process, for the smoke test)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the model (as the pipeline does on GPU)")
+    p.add_argument("--bf16", action="store_true", help="the model's weights in bfloat16, as `--dtype bfloat16` (and "
+                   "`auto` on a GPU that supports it) runs them: forward and backward in bf16, no autocast; LoRA "
+                   "weights, gradients and projections float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-b-std", type=float, default=0.01, help="std of the random LoRA B factors (default 0.01)")
@@ -477,7 +481,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.bf16 else None
+    dtype = None  # no autocast: --bf16 loads the weights in bfloat16, as the product does
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         f"features_{'gpu' if device.type == 'cuda' else 'cpu'}{'_random-arch' if args.random_arch else ''}.md")
 
@@ -615,7 +619,7 @@ def main(argv=None) -> int:
     report = [f"# Feature-path benchmark (`benchmarks/bench_features.py`, {time.strftime('%Y-%m-%d')})", "",
               f"- machine: {mach}; load average at the end of each row in the `load` column",
               f"- model: {info['model']}, LoRA r=16 alpha=32 on q/k/v/o ({fc.projector.grad_dim:,} parameters, "
-              f"B ~ N(0, {args.lora_b_std}^2)), {'bf16 autocast' if dtype else 'float32'}",
+              f"B ~ N(0, {args.lora_b_std}^2)), {'bf16 weights (as --dtype bfloat16)' if args.bf16 else 'float32'}",
               f"- data: {info['data']}; {args.samples} samples = {tokens(args.samples):,} tokens "
               f"({padded:,} padded in {len(batches)} batches of <= {args.max_tokens} tokens)",
               f"- rates: wall time, best of {args.repeats} interleaved runs for the floor/kron/sketch/logits/none/JVP rows, one "

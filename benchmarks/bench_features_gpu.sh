@@ -6,7 +6,7 @@
 # Runs benchmarks/bench_features.py with --random-arch: a ~0.88B-parameter Llama built from its
 # config with random weights (hidden 1536, 24 layers, intermediate 6144, 12 heads, 4 kv heads,
 # vocab 32000, tied head; no download), LoRA r=16 on q/k/v/o, random-token rows of 256..512
-# tokens, bf16 autocast (as the pipeline runs on GPU), on ONE GPU: the samples/s and tokens/s in
+# tokens, bf16 weights (as --dtype auto runs the product on a bf16 GPU), on ONE GPU: the samples/s and tokens/s in
 # the table are per GPU. Writes benchmarks/results/features_gpu_random-arch.md (and prints it).
 # With DEMO=1, then also the demo model (SmolLM2-135M) on the GPU, when it is installed there
 # (a second run of up to 5 minutes: together more than one 10-minute device command).

@@ -142,15 +142,16 @@ def test_bench_features_smoke(tmp_path, tiny_model_dir):
 
 
 def test_bench_features_random_arch_smoke(tmp_path):
-    """The --random-arch path that bench_features_gpu.sh runs, on CPU with a tiny architecture."""
+    """The --random-arch --bf16 path that bench_features_gpu.sh and gpu_check.sh run (bf16 weights,
+    as --dtype bfloat16), on CPU with a tiny architecture."""
     report = tmp_path / "features.md"
     _run(["benchmarks/bench_features.py", "--random-arch", "--arch-hidden", "32", "--arch-layers", "2",
           "--arch-intermediate", "64", "--arch-heads", "4", "--arch-kv-heads", "2", "--arch-vocab", "128",
           "--samples", "4", "--less-samples", "2", "--dense-samples", "2", "--anchors", "2", "--dim", "64",
           "--max-length", "32", "--max-tokens", "256", "--pool-rows", "200", "--score-anchors", "4", "--topk", "10",
-          "--repeats", "1", "--threads", "1", "--skip", "error", "--out", str(report)])
+          "--repeats", "1", "--threads", "1", "--skip", "error", "--bf16", "--out", str(report)])
     md = report.read_text()
-    assert "LESS-style" in md and "random" in md.lower()
+    assert "LESS-style" in md and "random" in md.lower() and "bf16 weights" in md
 
 
 def test_bench_features_gpu_sh_is_valid():
