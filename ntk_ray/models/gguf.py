@@ -207,17 +207,23 @@ def convert_gguf(gguf: Path, target: Path, extra: dict) -> None:
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2, sort_keys=True))
         _make_readable(tmp)
-        old = None
-        if target.exists():  # stale copy: move aside, then swap in
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_into_place(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     log.warning("converted %s in %.1f s", gguf.name, time.perf_counter() - t0)
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``target``; a stale ``target`` is moved aside
+    first and deleted after, so a reader never finds a half-written directory there."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def converted_gguf_dir(gguf: Path, *, demo: bool = False) -> Path:

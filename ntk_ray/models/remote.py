@@ -50,7 +50,7 @@ def cached_model_copy(uri: str, what: str = "--model") -> Path:
     """The local directory holding the objects under ``uri`` (see the module docstring)."""
     from ntk_ray.io.fs import redact
     from ntk_ray.io.location import UriPath
-    from ntk_ray.models.gguf import cache_root, file_lock
+    from ntk_ray.models.gguf import cache_root, file_lock, swap_into_place
 
     shown = redact(uri)
     try:
@@ -71,13 +71,7 @@ def cached_model_copy(uri: str, what: str = "--model") -> Path:
                 try:
                     UriPath(uri).download(tmp)
                     (tmp / REMOTE_FILE).write_text(json.dumps({"uri": shown, "objects": listing}, indent=1))
-                    old = None
-                    if target.exists():  # a stale copy: moved aside, then swapped
-                        old = root / f".{key}.old-{uuid.uuid4().hex[:8]}"
-                        os.rename(target, old)
-                    os.rename(tmp, target)
-                    if old is not None:
-                        shutil.rmtree(old, ignore_errors=True)
+                    swap_into_place(tmp, target)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
     except PermissionError as e:
