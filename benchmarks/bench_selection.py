@@ -49,7 +49,8 @@ Statistics (``decide.md``): per condition mean ± std over cells; for ntk minus 
 cells that have both, with a 95% percentile bootstrap interval (cells resampled, 10,000
 resamples, fixed seed); a difference is called only where the interval excludes zero (and at
 least :data:`MIN_CELLS_TO_CALL` cells). Label lift = the domain label's share among the picks /
-its share of the pool. Cost = the job's ``manifest.json`` stage seconds per 1,000 pool rows
+its share of the pool. Cost = the median over cells of the job's ``manifest.json`` stage seconds
+per 1,000 pool rows
 (a borrowed warm-up counted as its lender's). The results file and plot are rewritten after
 every finished cell: ``<out>/decide.md``, ``<out>/decide.png``.
 """
@@ -445,6 +446,12 @@ class Cache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.records: dict[tuple, dict] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the records other workers (processes running the same command) appended since:
+        each record is one ``write`` of one line to a file opened for appending, so lines of two
+        processes never interleave."""
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -462,10 +469,14 @@ class Cache:
 
     def add(self, rec: dict) -> dict:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            cut = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a line cut by a kill: start a new one
+            os.write(fd, (("\n" if cut else "") + json.dumps(rec) + "\n").encode())  # one write: atomic against other appenders
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.records[self.key(rec)] = rec
         return rec
 
@@ -596,7 +607,7 @@ def run_job(plan: Plan, plans: dict, args, data: dict, cell_dir: Path, keep: boo
     from ntk_ray.runner import run_score, run_select
 
     out = job_dir(cell_dir, plan)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     if plan.kind == "select":
         fields = dict(plan.cfg, domain=[data["domain"]], pool=[data["pool"]], out=str(out), keep_features=keep,
                       executor=args.executor, batch_tokens=2048)
@@ -608,7 +619,8 @@ def run_job(plan: Plan, plans: dict, args, data: dict, cell_dir: Path, keep: boo
         cfg = ScoreConfig(features=str(base / "_work" / "features"), anchors=str(base / "_work" / "anchor_features"),
                           out=str(out), executor=args.executor, **plan.cfg)
         manifest = run_score(cfg, progress=Progress(), executor=executor)
-    return {"ids": picked_ids(out), "seconds": time.time() - t0, "run": _rel(out),
+    return {"ids": picked_ids(out), "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
+            "run": _rel(out),
             "parts": {k: float(v) for k, v in manifest.get("stage_seconds", {}).items()}}
 
 
@@ -698,7 +710,7 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         labels = [label_of[i] for i in sel["ids"]]
         share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
         cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp,
-                   "ids": sel["ids"], "seconds": sel["seconds"], "parts": sel["parts"], "run": sel["run"],
+                   "ids": sel["ids"], "seconds": sel["seconds"], "cpu_seconds": sel["cpu_seconds"], "parts": sel["parts"], "run": sel["run"],
                    "borrows": p.borrows, "label_share": share, "pool_share": pool_share,
                    "lift": share / pool_share if pool_share else float("nan"), "commit": git_commit()})
         clock.log(f"{label}: {name} picked {len(sel['ids'])} in {sel['seconds']:.0f}s ({p.kind} job; lift "
@@ -790,6 +802,13 @@ def mean_std(values) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
 
 
+def median_n(values) -> tuple[float, float, int]:
+    """(median, 0, n): the cost column's statistic; a job's wall seconds grow with whatever else
+    the shared machine runs (and with a pause of the run), which a median over cells shrugs off."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    return (float(np.median(v)), 0.0, int(v.size)) if v.size else (float("nan"), float("nan"), 0)
+
+
 def _pm(m: float, s: float, fmt: str = ".4f") -> str:
     return "-" if not np.isfinite(m) else f"{m:{fmt}} ± {s:{fmt.lstrip('+')}}"
 
@@ -874,7 +893,7 @@ class Report:
         dloss = mean_std([self.loss[(d, s, name)] - self.loss[(d, s, "domain-only")] for d, s in cells_
                           if (d, s, name) in self.loss and (d, s, "domain-only") in self.loss])
         lift = mean_std([self.sel[(d, s, name)]["lift"] for d, s in cells_ if (d, s, name) in self.sel])
-        cost = mean_std([self.cost(name, d, s) for d, s in cells_ if (d, s, name) in self.sel])
+        cost = median_n([self.cost(name, d, s) for d, s in cells_ if (d, s, name) in self.sel])
         return {"loss": loss, "dloss": dloss, "lift": lift, "cost": cost}
 
 
@@ -912,7 +931,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
          "later session on a new checkout resumes where this one stopped"),
         f"- model: SmolLM2-135M-Instruct (bundled), float32, CPU ({platform.machine()}, {os.cpu_count()} cores shared "
         f"with other work, {args.threads} torch thread); executor `{args.executor}`"
-        + (f"; a main cell took {np.mean(cell_s) / 60:.0f} min on average ({len(cell_s)} cells)" if cell_s else ""),
+        + (f"; a main cell took {np.median(cell_s) / 60:.0f} min (median of {len(cell_s)} cells)" if cell_s else ""),
         (f"- **fine-tune of every condition** (fixed before any evaluation, identical for all; in every result's "
         f"fingerprint): fresh LoRA r={LORA['r']}, alpha={LORA['alpha']}, {', '.join(LORA['targets'])}; "
         f"`train_lora` {ft['epochs']:g} epoch(s), lr {ft['lr']:g}, AdamW without weight decay, at most "
@@ -928,7 +947,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
         f"percentile bootstrap interval (cells resampled, {BOOTSTRAP['resamples']:,} resamples, seed "
         f"{BOOTSTRAP['seed']}); a difference is called only where the interval excludes 0 and at least "
         f"{MIN_CELLS_TO_CALL} cells have both; lift = the domain label's share among the picks / its share of the "
-        f"pool ({args.pool_share:.0%}); cost = the job's stage seconds (`manifest.json`) per 1,000 pool rows, "
+        f"pool ({args.pool_share:.0%}); cost = the median over cells of the job's stage seconds (`manifest.json`) per "
+        "1,000 pool rows, "
         "a borrowed warm-up counted at the lender's warm-up seconds, a score job plus its features job "
         "(seconds on a shared machine: compare within this file only)"),
     ]
@@ -999,12 +1019,12 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
                 parts.setdefault((r["condition"], stage), []).append(v)
     if parts:
         stages = ["setup", "read", "validate", "warmup", "embed", "coarse", "features", "score", "write", "report"]
-        lines += ["", ("## Selection cost breakdown (main cells; mean wall seconds per job, the jobs' `manifest.json` "
+        lines += ["", ("## Selection cost breakdown (main cells; median wall seconds per job, the jobs' `manifest.json` "
                   "stage_seconds; a borrowing job's warm-up is the loading of the lender's adapter)"), "",
                   "| condition | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
         for name in MAIN[1:]:
             if any(k[0] == name for k in parts):
-                cols = [f"{np.mean(parts[(name, st)]):.0f}" if (name, st) in parts else "-" for st in stages]
+                cols = [f"{np.median(parts[(name, st)]):.0f}" if (name, st) in parts else "-" for st in stages]
                 lines.append(f"| {name} | " + " | ".join(cols) + " |")
     # 6. evaluation cost
     res_main = [r for r in rep.results if (r["domain"], int(r["seed"])) in main_cells]
@@ -1033,7 +1053,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     text = "\n".join(lines)
     path = args.out / "decide.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
+    tmp = path.with_suffix(f".md.{os.getpid()}.tmp")  # workers may write at the same moment
     tmp.write_text(text)
     tmp.replace(path)
     write_plot(pairs, abl_pairs, args, args.out / "decide.png", k, n)
@@ -1071,7 +1091,7 @@ def write_plot(pairs: list[dict], abl_pairs: list[dict], args, path: Path, k: in
     fig.suptitle(f"paired differences over cells ({k} of {n} cells done; green/red = interval excludes 0); "
                  f"n_domain={args.n_domain}, pool {args.n_pool}, N={args.budget}, eval {args.n_eval}", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
@@ -1096,6 +1116,24 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads_before)
 
 
+def claim_cell(args, domain: str, seed: int):
+    """An exclusive, non-blocking ``flock`` on the cell's ``claim.lock``: the open file while this
+    process works the cell, ``None`` when another process holds it. Several processes running the
+    same command share the cells this way (each takes the next free one; the lock goes with the
+    process, so a killed worker's cell is free again)."""
+    import fcntl
+
+    path = args.work / _hash(split_settings(args)) / f"{domain}-seed{seed}" / "claim.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 (held while the cell runs: the caller closes it)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def _run(args, cache: Cache, clock: Clock) -> int:
     from ntk_ray.models import load_model, load_tokenizer
 
@@ -1106,7 +1144,17 @@ def _run(args, cache: Cache, clock: Clock) -> int:
     write_results(cache, args, 0.0)  # the status is on disk from the start
     base, tokenizer = None, None
     for phase, domain, seed in cells(args):
+        cache.reload()  # what other workers finished meanwhile
         if not todo(phase, domain, seed, args, cache):
+            clock.log(f"{phase} {domain} seed {seed}: cached")
+            continue
+        claim = claim_cell(args, domain, seed)
+        if claim is None:
+            clock.log(f"{phase} {domain} seed {seed}: another worker has it; next cell")
+            continue
+        cache.reload()  # it may have finished between the check and the claim
+        if not todo(phase, domain, seed, args, cache):
+            claim.close()
             clock.log(f"{phase} {domain} seed {seed}: cached")
             continue
         if base is None:
@@ -1115,8 +1163,13 @@ def _run(args, cache: Cache, clock: Clock) -> int:
                 p.requires_grad_(False)
             tokenizer = load_tokenizer(args.model)
             clock.log(f"model loaded: {args.model or 'the bundled demo model'}")
-        run_cell(phase, domain, seed, args, base, tokenizer, cache, clock)
+        try:
+            run_cell(phase, domain, seed, args, base, tokenizer, cache, clock)
+        finally:
+            claim.close()
+        cache.reload()
         write_results(cache, args, time.time() - clock.start)
+    cache.reload()
     text = write_results(cache, args, time.time() - clock.start)
     print(text, flush=True)
     return 0

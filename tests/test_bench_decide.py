@@ -169,3 +169,38 @@ def test_condition_table_resolution(bench, tmp_path):
     # a different seed is a different job
     assert bench.plans_for(args, 1)["ntk"].fp != plans["ntk"].fp
     assert json.dumps(plans["ntk"].cfg)  # serialisable (written to the cache's fingerprint)
+
+
+def test_workers_share_cells_through_claims_and_the_cache(bench, tmp_path):
+    """Two processes running the same command: a cell one of them holds is refused to the other
+    (flock, per open file, so two opens in one process stand for two processes), free again when
+    released; what one appends to the cache the other sees after ``reload``; a cut line is skipped."""
+    args = bench.parse_args(["--work", str(tmp_path / "work"), "--cache", str(tmp_path / "c.jsonl"),
+                             "--out", str(tmp_path / "out")])
+    first = bench.claim_cell(args, "noun.food", 0)
+    assert first is not None
+    assert bench.claim_cell(args, "noun.food", 0) is None, "a held cell was handed out twice"
+    other = bench.claim_cell(args, "noun.food", 1)
+    assert other is not None, "another cell is free"
+    first.close()
+    again = bench.claim_cell(args, "noun.food", 0)
+    assert again is not None, "a released cell stays locked"
+    again.close(), other.close()
+
+    a, b = bench.Cache(args.cache), bench.Cache(args.cache)
+    rec = {"kind": "result", "domain": "noun.food", "seed": 0, "condition": "ntk", "fp": "x", "loss": 1.5}
+    a.add(rec)
+    with open(args.cache, "a") as f:
+        f.write('{"kind": "result", "dom')  # a line cut by a kill
+    assert b.get("result", "noun.food", 0, "ntk", "x") is None
+    b.reload()
+    assert b.get("result", "noun.food", 0, "ntk", "x") == rec
+    later = dict(rec, condition="bm25")
+    a.add(later)
+    b.reload()
+    assert b.get("result", "noun.food", 0, "bm25", "x") == later, "a record after a cut line was lost"
+
+
+def test_cost_is_the_median_over_cells(bench):
+    assert bench.median_n([10.0, 12.0, 500.0]) == (12.0, 0.0, 3), "one paused job must not set the cost"
+    assert bench.median_n([None, float("nan")])[2] == 0
