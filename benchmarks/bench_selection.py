@@ -159,8 +159,8 @@ CONDITIONS: list[Condition] = [
     Condition("ntk-kmm", "improvement", "kernel-mean-matching greedy allocation over psi",
               {"allocation": "kernel-mean-matching"}),
     Condition("ntk-rrf", "improvement", "reciprocal rank fusion of the NTK and embedding rankings", {"fusion": "rrf"}),
-    Condition("ntk-ckpt4", "improvement", "features over 4 warm-up checkpoints (LESS/TRAK-style)", {"checkpoints": 4}),
     Condition("ntk-center", "improvement", "kernels of candidate-centred features", {"center": "candidates"}),
+    Condition("ntk-ckpt4", "improvement", "features over 4 warm-up checkpoints (LESS/TRAK-style)", {"checkpoints": 4}),
 ]
 BY_NAME = {c.name: c for c in CONDITIONS}
 MAIN = [c.name for c in CONDITIONS if c.group == "main"]
@@ -263,16 +263,28 @@ def eval_settings(args) -> dict:
             "mc": {"choices": N_CHOICES, "max_length": MC_MAX_LENGTH} if args.mc else None}
 
 
+PHASES = ("main", "improvement", "ablation")  # run order: the question, then the tries to win, then the why
+
+
 def conditions_for(args, phase: str) -> list[str]:
-    return MAIN if phase == "main" else list(args.ablations)
+    return MAIN if phase == "main" else [a for a in args.ablations if BY_NAME[a].group == phase]
 
 
 def cells(args) -> list[tuple[str, str, int]]:
     """(phase, domain, seed) in run order: every main cell first (seed-major, so each seed's
-    domains finish together), then the ablation cells."""
+    domains finish together), then the improvement options in every ablation cell, then the
+    ablations in them (the same (domain, seed) cells: a phase is the conditions run there, so the
+    options get numbers over all their cells before the long ablation list starts)."""
     out = [("main", d, s) for s in args.seeds for d in args.domains]
-    out += [("ablation", d, s) for s in args.seeds for d in args.ablation_domains]
+    for phase in PHASES[1:]:
+        if conditions_for(args, phase):
+            out += [(phase, d, s) for s in args.seeds for d in args.ablation_domains]
     return out
+
+
+def ablation_cells(args) -> list[tuple[str, int]]:
+    """The (domain, seed) cells of the ablation table (improvement options and ablations)."""
+    return [(d, s) for s in args.seeds for d in args.ablation_domains]
 
 
 def _rel(path) -> str:
@@ -865,10 +877,9 @@ class Report:
     def status(self) -> tuple[int, int, str]:
         all_cells = cells(self.args)
         done = [c for c in all_cells if self.done(*c)]
-        main = sum(c[0] == "main" for c in done)
-        abl = sum(c[0] == "ablation" for c in done)
-        n_main = sum(c[0] == "main" for c in all_cells)
-        return len(done), len(all_cells), f"main {main} of {n_main}, ablation {abl} of {len(all_cells) - n_main}"
+        split = ", ".join(f"{ph} {sum(c[0] == ph for c in done)} of {sum(c[0] == ph for c in all_cells)}"
+                          for ph in PHASES if ph == "main" or any(c[0] == ph for c in all_cells))
+        return len(done), len(all_cells), split
 
     def cost(self, name: str, d: str, s: int) -> float | None:
         """Seconds of the selection per 1,000 pool rows: the job's stage seconds (a score job:
@@ -900,7 +911,7 @@ class Report:
 def write_results(cache: Cache, args, elapsed: float) -> str:
     rep = Report(cache, args)
     k, n, split = rep.status()
-    main_cells, abl_cells = rep.cells_of("main"), rep.cells_of("ablation")
+    main_cells, abl_cells = rep.cells_of("main"), ablation_cells(args)
     plans0 = rep.plans[args.seeds[0]]
     ft = finetune_settings(args)
     cell_s = [r["seconds"] for r in rep.cell_records if r["condition"] == "main"]

@@ -204,3 +204,20 @@ def test_workers_share_cells_through_claims_and_the_cache(bench, tmp_path):
 def test_cost_is_the_median_over_cells(bench):
     assert bench.median_n([10.0, 12.0, 500.0]) == (12.0, 0.0, 3), "one paused job must not set the cost"
     assert bench.median_n([None, float("nan")])[2] == 0
+
+
+def test_improvement_options_run_before_the_ablations(bench, tmp_path):
+    """Run order: main cells, then the improvement options in every ablation cell, then the
+    ablations there; each phase runs only its own group's conditions; the status counts each."""
+    args = bench.parse_args(["--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c.jsonl"), "--out",
+                             str(tmp_path / "o"), "--domains", "noun.food", "noun.animal", "--seeds", "0", "1",
+                             "--ablations", "ntk-max", "ntk-rrf", "warmup-0"])
+    order = bench.cells(args)
+    assert [ph for ph, _, _ in order] == ["main"] * 4 + ["improvement"] * 4 + ["ablation"] * 4
+    assert bench.conditions_for(args, "improvement") == ["ntk-rrf"]
+    assert bench.conditions_for(args, "ablation") == ["ntk-max", "warmup-0"]
+    assert set(bench.ablation_cells(args)) == {(d, s) for ph, d, s in order if ph != "main"}
+    rep = bench.Report(bench.Cache(args.cache), args)
+    assert rep.status() == (0, 12, "main 0 of 4, improvement 0 of 4, ablation 0 of 4")
+    only = bench.parse_args(["--work", str(tmp_path / "w"), "--ablations", "ntk-max"])
+    assert {ph for ph, _, _ in bench.cells(only)} == {"main", "ablation"}, "a phase without conditions has no cells"
