@@ -159,6 +159,8 @@ CONDITIONS: list[Condition] = [
     Condition("ntk-kmm", "improvement", "kernel-mean-matching greedy allocation over psi",
               {"allocation": "kernel-mean-matching"}),
     Condition("ntk-rrf", "improvement", "reciprocal rank fusion of the NTK and embedding rankings", {"fusion": "rrf"}),
+    Condition("ntk-rrf-bm25", "improvement", "reciprocal rank fusion of the NTK and BM25 rankings",
+              {"fusion": "rrf-bm25"}),
     Condition("ntk-center", "improvement", "kernels of candidate-centred features", {"center": "candidates"}),
     Condition("ntk-ckpt4", "improvement", "features over 4 warm-up checkpoints (LESS/TRAK-style)", {"checkpoints": 4}),
 ]

@@ -306,8 +306,9 @@ class SelectConfig:
                           choices=_allocations, group=N)
     fusion: str = opt("none", "rrf: rank the candidates by reciprocal rank fusion of the NTK ranking and the coarse "
                       "stage's embedding ranking, sum 1/(k + rank) (embeds every pool row when the coarse stage would "
-                      "be skipped); none: the NTK ranking alone", choices=_fusions, group=N)
-    fusion_k: int = opt(60, "k of --fusion rrf (60 in Cormack et al.; larger: flatter weights over ranks)", group=N,
+                      "be skipped); rrf-bm25: the same with the bm25 selector's lexical ranking (BM25 of token ids "
+                      "against the domain rows) instead; none: the NTK ranking alone", choices=_fusions, group=N)
+    fusion_k: int = opt(60, "k of --fusion rrf and rrf-bm25 (60 in Cormack et al.; larger: flatter weights over ranks)", group=N,
                         min=0, max=1 << 20)
     center: str = opt("none", "candidates: every kernel is taken between features minus the candidates' mean feature, "
                       "<psi(x) - m, psi(a) - m>, removing the direction all gradients share (which makes every "

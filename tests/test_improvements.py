@@ -194,6 +194,25 @@ def test_fuse_with_coarse_by_hand():
     assert got["key"].to_list() == [3, 4, 2, 1]
 
 
+def test_fuse_with_bm25_by_hand():
+    from ntk_ray.stages.rank import Scores, fuse_with_bm25
+
+    # NTK ranking: k1 (0.9), k2 (0.5), k3 (0.4), k4 (0.1); k5 rejected; k6 is no candidate
+    scores = pl.DataFrame({"key": [1, 2, 3, 4, 5], "score": [0.9, 0.5, 0.4, 0.1, None],
+                           "reject": [None, None, None, None, "non-finite gradient (NaN/inf)"]},
+                          schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
+    # BM25 of every usable pool row: among the candidates k4 (7.0), k2 = k3 (2.0: key asc), k1 (0.5)
+    bm25 = pl.DataFrame({"key": [1, 2, 3, 4, 5, 6], "score": [0.5, 2.0, 2.0, 7.0, 9.0, 99.0],
+                         "reject": [None] * 6}, schema={"key": pl.Int64, "score": pl.Float64, "reject": pl.String})
+    # k = 1, BM25 ranks k4 1, k2 2, k3 3, k1 4: k1 1/2 + 1/5 = 0.7; k2 1/3 + 1/3 = 0.667;
+    # k3 1/4 + 1/4 = 0.5; k4 1/5 + 1/2 = 0.7 -> k1, k4 (tie: NTK rank), k2, k3
+    order = fuse_with_bm25(Scores(scores), bm25, k=1)
+    assert order["key"].to_list() == [1, 4, 2, 3] and order["order"].to_list() == [0, 1, 2, 3]
+    # BM25 that agrees with NTK changes nothing
+    same = bm25.with_columns(pl.Series("score", [4.0, 3.0, 2.0, 1.0, 0.0, 0.0]))
+    assert fuse_with_bm25(Scores(scores), same, k=1)["key"].to_list() == [1, 2, 3, 4]
+
+
 # ---- end to end on the tiny model --------------------------------------------------------------
 
 def _select(tiny_data, tiny_model_dir, out, **options):
@@ -255,6 +274,36 @@ def test_select_with_facility_location_on_centred_features_picks_the_reference_g
     # the rows after the picks keep the score order
     rest = ranked.filter(~pl.col("selected") & (pl.col("stage") == "ntk"))["score"].to_list()
     assert rest == sorted(rest, reverse=True)
+
+
+def test_select_with_bm25_fusion_fuses_the_bm25_selectors_ranking(tiny_data, tiny_model_dir, tmp_path):
+    """End to end: --fusion rrf-bm25 orders the candidates by 1/(k + NTK rank) + 1/(k + BM25
+    rank), the BM25 ranking being the bm25 selector's own job on the same files (a slow,
+    independent reference: dicts and sorts over the two jobs' ranked.parquet); the rows cut by
+    the coarse stage stay below every candidate; the scores stay the NTK scores."""
+    out = tmp_path / "fused"
+    manifest, ranked = _select(tiny_data, tiny_model_dir, out, fusion="rrf-bm25", fusion_k=2)
+    assert manifest["config"]["fusion"] == "rrf-bm25"
+    _, plain = _select(tiny_data, tiny_model_dir, tmp_path / "plain", fusion="none", adapter=str(
+        out / "_work" / "warmup" / "adapter"))
+    _, lexical = _select(tiny_data, tiny_model_dir, tmp_path / "bm25", selector="bm25")
+    ntk = plain.filter(pl.col("stage") == "ntk")
+    got = ranked.filter(pl.col("stage") == "ntk")
+    assert sorted(got["id"].to_list()) == sorted(ntk["id"].to_list()), "the same candidates"
+    ntk_score = dict(zip(ntk["id"].to_list(), ntk["score"].to_list()))
+    np.testing.assert_allclose([ntk_score[i] for i in got["id"].to_list()], got["score"].to_list(), rtol=1e-6)
+    bm = dict(zip(lexical["id"].to_list(), lexical["score"].to_list()))
+    from ntk_ray.core.scoring import stable_keys
+
+    key = dict(zip(ntk["id"].to_list(), stable_keys(ntk["id"].to_list()).tolist()))
+    ids = ntk["id"].to_list()
+    r_ntk = {i: n + 1 for n, i in enumerate(sorted(ids, key=lambda i: (-ntk_score[i], key[i])))}
+    r_bm = {i: n + 1 for n, i in enumerate(sorted(ids, key=lambda i: (-bm[i], key[i])))}
+    want = sorted(ids, key=lambda i: (-(1 / (2 + r_ntk[i]) + 1 / (2 + r_bm[i])), r_ntk[i], key[i]))
+    assert got["id"].to_list() == want
+    assert ranked["stage"].to_list()[:len(want)] == ["ntk"] * len(want), "cut rows stay below the candidates"
+    assert want[:5] != sorted(ids, key=lambda i: r_ntk[i])[:5] or want[:5] != sorted(ids, key=lambda i: r_bm[i])[:5], \
+        "the fixture cannot tell a fusion from either ranking alone"
 
 
 def test_allocation_with_round_robin_is_a_usage_error(tiny_data, tiny_model_dir, tmp_path):

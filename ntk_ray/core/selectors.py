@@ -254,9 +254,10 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
 
 
 # ----------------------------------------------------------------------------------------------
-# rank fusion of the NTK ranking and the coarse stage's embedding ranking (``select --fusion``)
+# rank fusion of the NTK ranking and a second ranking of the candidates (``select --fusion``):
+# rrf: the coarse stage's embedding ranking; rrf-bm25: the bm25 selector's lexical ranking
 
-FUSIONS = ("none", "rrf")
+FUSIONS = ("none", "rrf", "rrf-bm25")
 
 # ``select --center``: kernels of centred features (``scoring.AnchorKernel(center=...)``),
 #     Theta_c(x, a) = <psi(x) - m, psi(a) - m>,   m = mean of psi over the candidates,

@@ -147,21 +147,28 @@ def kernel_scores(ctx: Context, files: list[str], anchors: np.ndarray, scorer: s
 
 class NtkScoreStage(Stage):
     """Kernel scores of every candidate against the warm-up's anchor features (``--scorer``),
-    ordered by a greedy ``--allocation`` when one is given, and fused with the coarse stage's
-    embedding ranking when ``--fusion rrf`` (``fuse_with_coarse``)."""
+    ordered by a greedy ``--allocation`` when one is given, and fused with a second ranking of
+    the candidates when ``--fusion`` asks: ``rrf`` the coarse stage's embedding ranking
+    (``fuse_with_coarse``), ``rrf-bm25`` the BM25 ranking of the bm25 selector
+    (``fuse_with_bm25``)."""
     name = "score"
     output = Scores
-    needs = ("warmup", "features", "coarse")
+    needs = ("read", "validate", "warmup", "features", "coarse")
 
-    def run(self, ctx: Context, warmup: Warm, features: Shards, coarse: Candidates) -> Scores:
+    def run(self, ctx: Context, read: Tokens, validate: Accounting, warmup: Warm, features: Shards,
+            coarse: Candidates) -> Scores:
         cfg = ctx.cfg
         scores = kernel_scores(ctx, features.files(), warmup.anchor_features, cfg.scorer, cfg.budget,
                                allocation=getattr(cfg, "allocation", "score"), center=getattr(cfg, "center", "none"))
-        if getattr(cfg, "fusion", "none") == "none":
+        fusion = getattr(cfg, "fusion", "none")
+        if fusion == "none":
             return scores
+        if fusion == "rrf-bm25":
+            ctx.progress.log(f"score: NTK ranking fused with the BM25 ranking ({fusion}, k = {cfg.fusion_k})")
+            return Scores(scores.scores, fuse_with_bm25(scores, bm25_pool_scores(ctx, read, validate), cfg.fusion_k))
         if coarse.skipped:
             raise ValueError("--fusion needs the coarse stage's embedding ranking, which was skipped")
-        ctx.progress.log(f"score: NTK ranking fused with the embedding ranking ({cfg.fusion}, k = {cfg.fusion_k})")
+        ctx.progress.log(f"score: NTK ranking fused with the embedding ranking ({fusion}, k = {cfg.fusion_k})")
         return Scores(scores.scores, fuse_with_coarse(scores, coarse.candidates, cfg.fusion_k))
 
 
@@ -172,9 +179,27 @@ def fuse_with_coarse(scores: Scores, candidates: pl.DataFrame, k: float) -> pl.D
     stage's embedding ranking (votes desc, summed similarity desc, key asc). Fused order:
     rrf desc, then NTK rank, then key. Only the candidates move: rows cut by the coarse stage
     stay below every candidate, as without fusion."""
+    return _fuse(scores, candidates.select("key", "coarse_votes", "coarse_sim"), k,
+                 lambda rows: (rows["coarse_votes"].fill_null(0).to_numpy(), rows["coarse_sim"].fill_null(0.0).to_numpy()))
+
+
+def fuse_with_bm25(scores: Scores, bm25: pl.DataFrame, k: float) -> pl.DataFrame:
+    """As ``fuse_with_coarse``, with the BM25 ranking of the candidates (``bm25``: key, score of
+    every usable pool row, ``bm25_pool_scores``: the bm25 selector's scores; BM25 desc, key asc)
+    as the second ranking. Lexical overlap with the domain rows and gradient alignment with them
+    are different evidence; where each alone picks well and they disagree on some picks, the
+    fused order keeps the rows both rank high."""
+    return _fuse(scores, bm25.select("key", pl.col("score").alias("bm25")), k,
+                 lambda rows: (rows["bm25"].fill_null(0.0).to_numpy(),))
+
+
+def _fuse(scores: Scores, other: pl.DataFrame, k: float, other_keys) -> pl.DataFrame:
+    """The fused ``order`` frame of the NTK ranking and ``other``'s (``other_keys(rows)``: the
+    sort keys of the second ranking, each descending; then key asc) over the candidates without
+    a reject."""
     from ntk_ray.core.selectors import ranks_of, reciprocal_rank_fusion
 
-    rows = candidates.select("key", "coarse_votes", "coarse_sim").join(scores.scores, on="key", how="inner")
+    rows = other.join(scores.scores, on="key", how="inner")
     rows = rows.filter(pl.col("reject").is_null() & pl.col("score").is_not_null() & pl.col("score").is_finite())
     if scores.order is not None:
         rows = rows.join(scores.order, on="key", how="left")
@@ -184,9 +209,9 @@ def fuse_with_coarse(scores: Scores, candidates: pl.DataFrame, k: float) -> pl.D
     n = len(keys)
     explicit = rows["order"].fill_null(n).to_numpy().astype(np.float64)  # no explicit place: after every pick
     ntk_rank = ranks_of(keys, explicit, rows["score"].to_numpy(), descending=(False, True))
-    emb_rank = ranks_of(keys, rows["coarse_votes"].fill_null(0).to_numpy(), rows["coarse_sim"].fill_null(0.0).to_numpy(),
-                        descending=(True, True))
-    fused = reciprocal_rank_fusion([ntk_rank, emb_rank], k)
+    sort_keys = other_keys(rows)
+    other_rank = ranks_of(keys, *sort_keys, descending=(True,) * len(sort_keys))
+    fused = reciprocal_rank_fusion([ntk_rank, other_rank], k)
     order = np.lexsort((keys, ntk_rank, -fused))
     return order_frame(keys[order])
 
@@ -232,19 +257,25 @@ class Bm25ScoreStage(Stage):
     needs = ("read", "validate")
 
     def run(self, ctx: Context, read: Tokens, validate: Accounting) -> Scores:
-        from ntk_ray.core.lexical import merge_bm25_stats
-        from ntk_ray.io.shards import list_shards
-        from ntk_ray.stages.read import domain_tokens
+        return Scores(bm25_pool_scores(ctx, read, validate))
 
-        ex = ctx.executor
-        domain_ids = domain_tokens(read, validate.usable_domain.select("key", "source", "row"))[1]
-        shards = list_shards(read.pool)
-        keep = ex.put(validate.usable_pool.select("key", "source", "row").to_arrow())
-        stats = merge_bm25_stats(part for _, part in sorted(ex.map_tasks(bm25_stats_task, shards, keep), key=lambda t: t[0]))
-        parts: list = [None] * len(shards)
-        for i, part in ex.map_tasks(bm25_score_task, shards, keep, ex.put(domain_ids), ex.put(stats)):
-            parts[i] = part
-        return Scores(scores_frame(parts))
+
+def bm25_pool_scores(ctx: Context, read: Tokens, validate: Accounting) -> pl.DataFrame:
+    """(key, score, reject) of every usable pool row: BM25 against the domain rows, term
+    statistics over the usable pool (tasks per token shard, merged in shard order)."""
+    from ntk_ray.core.lexical import merge_bm25_stats
+    from ntk_ray.io.shards import list_shards
+    from ntk_ray.stages.read import domain_tokens
+
+    ex = ctx.executor
+    domain_ids = domain_tokens(read, validate.usable_domain.select("key", "source", "row"))[1]
+    shards = list_shards(read.pool)
+    keep = ex.put(validate.usable_pool.select("key", "source", "row").to_arrow())
+    stats = merge_bm25_stats(part for _, part in sorted(ex.map_tasks(bm25_stats_task, shards, keep), key=lambda t: t[0]))
+    parts: list = [None] * len(shards)
+    for i, part in ex.map_tasks(bm25_score_task, shards, keep, ex.put(domain_ids), ex.put(stats)):
+        parts[i] = part
+    return scores_frame(parts)
 
 
 class EmbeddingScoreStage(Stage):

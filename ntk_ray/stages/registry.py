@@ -88,9 +88,9 @@ def _ntk_check(cfg) -> None:
 
 register(Selector(
     "ntk", "warm-up, coarse kNN votes, NTK kernel scores (default)",
-    # --fusion needs every candidate's embedding rank: embed even when the pool is no larger than M
+    # --fusion rrf needs every candidate's embedding rank: embed even when the pool is no larger than M
     lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(),
-                 EmbedStage(only_if_over_m=getattr(cfg, "fusion", "none") == "none"), CoarseStage(),
+                 EmbedStage(only_if_over_m=getattr(cfg, "fusion", "none") != "rrf"), CoarseStage(),
                  FeaturesStage("coarse"), NtkScoreStage(), WriteStage("ntk", warm=True)],
     check=_ntk_check, keeps_features=True))
 register(Selector(
