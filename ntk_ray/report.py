@@ -690,7 +690,10 @@ def sections(d: dict, fmt: str) -> list[tuple[str, str, list[str], str | None]]:
             ["selected", _num(fun["selected"]), f"budget {_num(ct['budget'])}"]]
     reasons = _table(["reject reason (pool)", "rows"], [[k, _num(n)] for k, n in fun["reasons"]], fmt) \
         if fun["reasons"] else ""
-    out.append(("Funnel", "funnel", [(f"Selector `{m.get('selector', '?')}`; every pool row is ranked or rejected "
+    cfg = m.get("config") or {}
+    who = f"Selector `{m['selector']}`" if m.get("selector") else \
+        f"`ntk-ray score` (scorer `{cfg.get('scorer', '?')}`) of kept features" if "features" in cfg else "Selector `?`"
+    out.append(("Funnel", "funnel", [(f"{who}; every pool row is ranked or rejected "
                                      f"with a reason ({_num(fun['ranked'])} ranked + {_num(fun['rejected'])} rejected "
                                      f"= {_num(fun['ranked'] + fun['rejected'])} of {_num(fun['pool'])} read).")],
                 _table(["step", "rows", "note"], rows, fmt) + reasons))
@@ -780,12 +783,23 @@ def _inline_md(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
+def job_line(m: dict) -> str:
+    """What made the run, in markdown: a select job's model and selector, or an ``ntk-ray score``
+    job's feature directories and scorer (its manifest has no model or selector)."""
+    from ntk_ray.io.fs import redact
+
+    cfg = m.get("config") or {}
+    if not m.get("selector") and "features" in cfg:
+        return (f"`ntk-ray score` of the features in `{redact(str(cfg['features']))}` against the anchors in "
+                f"`{redact(str(cfg.get('anchors')))}`, scorer `{cfg.get('scorer', '?')}`")
+    return f"Model `{(m.get('model') or {}).get('resolved', cfg.get('model'))}`, selector `{m.get('selector', '?')}`"
+
+
 def render_md(d: dict, plots: dict[str, str]) -> str:
     m = d["manifest"]
     lines = [f"# ntk-ray selection report: {d['title']}", "",
              *[f"- {k}" for k in d["key_lines"]], "",
-             (f"Model `{(m.get('model') or {}).get('resolved', (m.get('config') or {}).get('model'))}`, selector "
-             f"`{m.get('selector', '?')}`, budget {d['cut']['budget']:,}. Built by `ntk-ray report` from "
+             (f"{job_line(m)}, budget {d['cut']['budget']:,}. Built by `ntk-ray report` from "
              "`manifest.json`, `ranked.parquet`, `rejects.parquet`, `selected.parquet` and the token shards."), ""]
     for title, plot, paras, table in sections(d, "md"):
         lines += [f"## {title}", ""]
@@ -804,8 +818,7 @@ def render_html(d: dict, pngs: dict[str, bytes]) -> str:
              f"<title>ntk-ray selection report: {html.escape(d['title'])}</title>", f"<style>{CSS}</style>",
              "</head><body>", f"<h1>ntk-ray selection report: {html.escape(d['title'])}</h1>",
              '<ul class="key">' + "".join(f"<li>{html.escape(k)}</li>" for k in d["key_lines"]) + "</ul>",
-             (f'<p class="meta">Model <code>{html.escape(str((m.get("model") or {}).get("resolved", "")))}</code>, '
-             f'selector <code>{html.escape(str(m.get("selector", "?")))}</code>, budget {d["cut"]["budget"]:,}. '
+             (f'<p class="meta">{_inline_md(job_line(m))}, budget {d["cut"]["budget"]:,}. '
              "Built by <code>ntk-ray report</code>.</p>")]
     for title, plot, paras, table in sections(d, "html"):
         parts.append(f"<h2>{html.escape(title)}</h2>")

@@ -349,6 +349,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     """Rank the rows of a feature directory against the anchors of another (``stages.features_job``).
     ``cfg.out`` may be an object-store URI: the files are written in ``cfg.work_dir`` and copied
     there at the end, as ``select`` does."""
+    from ntk_ray.report import ReportStage
     from ntk_ray.stages.features_job import check_score_inputs, score_plan
 
     from ntk_ray.config import validate
@@ -358,6 +359,8 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     inputs = check_score_inputs(cfg)
     identity = {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer}
     out, remote = open_out_dir(cfg.out, cfg.work_dir, identity, overwrite, progress.log)
-    results = run_plan(cfg, score_plan(publish_to=cfg.out if remote else None), out, inputs, progress, executor,
+    plan = score_plan(publish_to=cfg.out if remote else None)
+    plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish, as select
+    results = run_plan(cfg, plan, out, inputs, progress, executor,
                        work=work_location(out, cfg.work_dir if remote else None))
-    return results["write"].manifest
+    return results["report"].manifest

@@ -525,6 +525,12 @@ def test_score_rejects_non_finite_scores_as_select_does(tiny_data, tiny_model_di
     assert rejects.filter(pl.col("id") == poisoned_id)["reason"].to_list() == ["non-finite score (NaN/inf)"]
     assert ranked["score"].is_finite().all()
     assert manifest["counts"]["pool_rows"] == manifest["counts"]["ranked"] + manifest["counts"]["rejected"]
+    # the report, as select writes one: its funnel counts the reject, its manifest entry is recorded
+    report = (tmp_path / "score" / "report.md").read_text()
+    assert manifest["report"]["html"].endswith("report.html") and (tmp_path / "score" / "report.html").is_file()
+    assert "1 rejected)" in report and "`ntk-ray score` (scorer `cosine`)" in report, report[:600]
+    assert "`ntk-ray score` of the features in" in report and "scorer <code>cosine</code>" in \
+        (tmp_path / "score" / "report.html").read_text()
 
 
 # ---- errors and crashes inside Ray ---------------------------------------------------------------

@@ -317,6 +317,7 @@ def test_select_with_s3_out_and_s3_work_dir_ranks_like_a_local_run(s3, tiny_data
     ntk_rows = [(i, r) for i, r, stage in zip(*(pq.read_table(pa.BufferReader(read_uri(f"{run}/ranked.parquet")))
                                                .column(c).to_pylist() for c in ("id", "rank", "stage"))) if stage == "ntk"]
     assert rescored.column("id").to_pylist() == [i for i, _ in ntk_rows]
+    assert read_uri(f"{scored}/report.html").startswith(b"<!DOCTYPE html>"), "score publishes its report too"
     assert (UriPath(score_work) / "_work" / "config.json").is_file()
 
 
