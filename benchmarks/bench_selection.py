@@ -155,13 +155,15 @@ CONDITIONS: list[Condition] = [
     Condition("lora-qkvo", "ablation", "warm-up/feature LoRA on q, k, v, o", {"lora_targets": list(LORA["targets"])}),
     Condition("lora-all", "ablation", "warm-up/feature LoRA on every linear", {"lora_targets": ALL_LINEAR}),
     # improvement options (issue 16 item 3): one line each (a flag that has not landed shows as pending)
-    Condition("ntk-facility", "improvement", "facility-location greedy allocation over psi", {"allocation": "facility-location"}),
+    # (allocation and centring act on ntk's features alone: `score` jobs on its kept features)
+    Condition("ntk-facility", "improvement", "facility-location greedy allocation over psi",
+              score={"allocation": "facility-location"}),
     Condition("ntk-kmm", "improvement", "kernel-mean-matching greedy allocation over psi",
-              {"allocation": "kernel-mean-matching"}),
+              score={"allocation": "kernel-mean-matching"}),
     Condition("ntk-rrf", "improvement", "reciprocal rank fusion of the NTK and embedding rankings", {"fusion": "rrf"}),
     Condition("ntk-rrf-bm25", "improvement", "reciprocal rank fusion of the NTK and BM25 rankings",
               {"fusion": "rrf-bm25"}),
-    Condition("ntk-center", "improvement", "kernels of candidate-centred features", {"center": "candidates"}),
+    Condition("ntk-center", "improvement", "kernels of candidate-centred features", score={"center": "candidates"}),
     Condition("ntk-ckpt4", "improvement", "features over 4 warm-up checkpoints (LESS/TRAK-style)", {"checkpoints": 4}),
 ]
 BY_NAME = {c.name: c for c in CONDITIONS}
@@ -409,8 +411,8 @@ def plan_condition(name: str, args, seed: int) -> Plan:
             return Plan(name, "pending", why=f"its base {cond.base} is {base.kind}")
         from ntk_ray.config import ScoreConfig
 
-        if cond.score.get("scorer", ScoreConfig().scorer) == base.cfg.get("scorer") and len(cond.score) == 1:
-            return Plan(name, "alias", fp=base.fp, alias=base.alias or cond.base)
+        if all(v == base.cfg.get(k, getattr(ScoreConfig(), k)) for k, v in cond.score.items()):
+            return Plan(name, "alias", fp=base.fp, alias=base.alias or cond.base)  # e.g. the scorer ntk uses
         score = {"budget": args.budget, **cond.score}
         return Plan(name, "score", fp=_hash({"base": base.fp, "score": score}), cfg=score, borrows=cond.base)
     fields = _select_fields(cond.select, args, seed)

@@ -398,11 +398,25 @@ class ScoreConfig:
                    "--work-dir and copied there at the end", metavar="DIR_OR_URI", required=True)
     scorer: str = opt("cosine", "how kernel values against the anchors become one score (see `select --help`)",
                       choices=_scorers)
+    allocation: str = opt("score", "how the budget is picked from the scored rows: score (the top N), "
+                          "facility-location or kernel-mean-matching (greedy, on the kernel of --scorer; see `select "
+                          "--help`); the same picks as `select --allocation` on the same features",
+                          choices=_allocations)
+    center: str = opt("none", "candidates: kernels of the features minus the scored rows' mean feature (see `select "
+                      "--help`); none: the raw features", choices=_centers)
     work_dir: str | None = opt(None, "working directory when --out is a URI: a local directory or an object-store URI",
                                metavar="DIR_OR_URI",
                                shown_default="~/.cache/ntk-ray/runs/<out>-<hash>")
     ray_address: str | None = _ray_address()
     executor: str = _executor()
+
+    def identity(self) -> dict:
+        """What a score run's output depends on (``--allocation`` and ``--center`` only when set:
+        runs made before they existed keep their identity and resume)."""
+        ident = {"features": self.features, "anchors": self.anchors, "budget": self.budget, "scorer": self.scorer}
+        ident.update({k: getattr(self, k) for k, default in (("allocation", "score"), ("center", "none"))
+                      if getattr(self, k) != default})
+        return ident
 
 
 @dataclass

@@ -357,8 +357,10 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     validate(cfg)
     progress = progress or Progress()
     inputs = check_score_inputs(cfg)
-    identity = {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer}
-    out, remote = open_out_dir(cfg.out, cfg.work_dir, identity, overwrite, progress.log)
+    if cfg.allocation != "score" and cfg.scorer == "round-robin":
+        raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
+                         "not round-robin")
+    out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log)
     plan = score_plan(publish_to=cfg.out if remote else None)
     plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish, as select
     results = run_plan(cfg, plan, out, inputs, progress, executor,

@@ -540,6 +540,35 @@ def test_score_mean_against_numpy_config_overwrite_and_work_dir(trained, tmp_pat
     assert (uri_out / "ranked.parquet").exists() and (work / "ranked.parquet").exists()
 
 
+@covers("score", "--allocation", "--center")
+def test_score_allocation_and_center_against_the_reference_greedy(trained, tmp_path, capsys):
+    """score --allocation kernel-mean-matching --center candidates: the picks of the literal
+    greedy on the centred, normalised features (``core.selectors.kernel_mean_matching_order``);
+    with round-robin it is one usage line."""
+    from ntk_ray.core.scoring import stable_keys
+    from ntk_ray.core.selectors import kernel_mean_matching_order
+
+    feats, anchors = trained / "_work" / "features", trained / "_work" / "anchor_features"
+    out = tmp_path / "kmm"
+    rc, _, err = run(capsys, "score", "--features", feats, "--anchors", anchors, "--budget", 3, "--out", out,
+                     "--allocation", "kernel-mean-matching", "--center", "candidates", "--executor", "local")
+    assert rc == 0, err
+    assert manifest(out)["config"]["allocation"] == "kernel-mean-matching" and manifest(out)["config"]["center"] == \
+        "candidates"
+    x, a = features_of(feats), features_of(anchors)
+    ids = sorted(x, key=lambda i: int(stable_keys([i])[0]))
+    m = np.mean([x[i] for i in ids], axis=0)
+    u = np.array([(x[i] - m) / np.linalg.norm(x[i] - m) for i in ids])
+    ua = np.array([(v - m) / np.linalg.norm(v - m) for v in a.values()])
+    want = kernel_mean_matching_order(u, ua.mean(axis=0), stable_keys(ids), 3)
+    id_of = dict(zip(stable_keys(ids).tolist(), ids))
+    got = pl.read_parquet(out / "ranked.parquet").filter(pl.col("selected"))["id"].to_list()
+    assert got == [id_of[k] for k in want]
+    rc, _, err = run(capsys, "score", "--features", feats, "--anchors", anchors, "--budget", 3, "--out",
+                     tmp_path / "rr", "--allocation", "facility-location", "--scorer", "round-robin")
+    assert rc == 2 and "--allocation facility-location picks by itself" in err and not (tmp_path / "rr").exists()
+
+
 @pytest.mark.ray
 @covers("features", "--ray-address", "--actors")
 @covers("score", "--ray-address")

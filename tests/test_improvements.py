@@ -274,6 +274,18 @@ def test_select_with_facility_location_on_centred_features_picks_the_reference_g
     # the rows after the picks keep the score order
     rest = ranked.filter(~pl.col("selected") & (pl.col("stage") == "ntk"))["score"].to_list()
     assert rest == sorted(rest, reverse=True)
+    # `ntk-ray score` with the same options on the kept features picks the same rows in the same
+    # order (what lets the decide benchmark score these options without a model pass)
+    from ntk_ray.config import ScoreConfig
+    from ntk_ray.runner import run_score
+    from ntk_ray.runtime.local import LocalExecutor
+
+    run_score(ScoreConfig(features=str(out / "_work" / "features"), anchors=str(out / "_work" / "anchor_features"),
+                          budget=5, out=str(tmp_path / "scored"), allocation="facility-location", center="candidates"),
+              executor=LocalExecutor())
+    scored = pl.read_parquet(tmp_path / "scored" / "ranked.parquet")
+    assert scored.filter(pl.col("selected"))["id"].to_list() == ranked.filter(pl.col("selected"))["id"].to_list()
+    assert scored["id"].to_list() == ranked.filter(pl.col("stage") == "ntk")["id"].to_list()
 
 
 def test_select_with_bm25_fusion_fuses_the_bm25_selectors_ranking(tiny_data, tiny_model_dir, tmp_path):

@@ -214,7 +214,8 @@ class FeatureScoreStage(Stage):
         anchors = anchors[table["reject"].is_null().to_numpy()]
         if len(anchors) == 0:
             raise UsageError(f"--anchors: no usable anchor features in {ctx.cfg.anchors}")
-        return kernel_scores(ctx, ctx.inputs.pool_files, anchors, ctx.cfg.scorer, ctx.cfg.budget)
+        return kernel_scores(ctx, ctx.inputs.pool_files, anchors, ctx.cfg.scorer, ctx.cfg.budget,
+                             allocation=ctx.cfg.allocation, center=ctx.cfg.center)
 
 
 class FeatureWriteStage(Stage):
@@ -247,7 +248,8 @@ class FeatureWriteStage(Stage):
         manifest = {"counts": {"pool_rows": rows.height, "rejected": rejects.height, "ranked": ranked.height,
                                "selected": int(ranked["selected"].sum()),
                                "anchors": int(shards_frame(ctx.inputs.anchor_files, ["reject"])["reject"].is_null().sum())},
-                    "config": {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer},
+                    "config": {"features": cfg.features, "anchors": cfg.anchors, "budget": cfg.budget, "scorer": cfg.scorer,
+                               "allocation": cfg.allocation, "center": cfg.center},
                     "projector": ctx.inputs.spec, "stage_seconds": ctx.progress.seconds()}
         manifest = redact(manifest)
         write_json_atomic(manifest, out / "manifest.json")
