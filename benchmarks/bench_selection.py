@@ -804,13 +804,37 @@ def losses(records: list[dict]) -> dict[tuple, float]:
     return {(r["domain"], int(r["seed"]), r["condition"]): float(r["loss"]) for r in records}
 
 
+def sign_flip_p(diffs, exact_up_to: int = 16, resamples: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p-value of the paired sign-flip (randomisation) test of "no difference": under
+    the null each cell's difference is as likely to have either sign, so the observed |mean| is
+    compared with the |mean| of every one of the 2^n sign patterns (exact for n <= ``exact_up_to``;
+    beyond, ``resamples`` random patterns from ``default_rng(seed)``):
+
+        p = #{patterns e in {-1, +1}^n : |mean(e * d)| >= |mean(d)|} / #patterns.
+
+    A second opinion beside the bootstrap interval, which is too narrow with few cells: with n
+    cells the smallest p is 2 / 2^n (0.0625 at n = 5, however large the differences)."""
+    d = np.asarray(diffs, dtype=np.float64)
+    n = d.size
+    if n == 0:
+        return float("nan")
+    if n <= exact_up_to:
+        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+        signs = 1.0 - 2.0 * bits
+    else:
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(resamples, n))
+    stats = np.abs(signs @ d) / n
+    return float(np.mean(stats >= abs(d.mean()) * (1 - 1e-12)))
+
+
 def paired(loss: dict[tuple, float], a: str, b: str, cells_: list[tuple[str, int]]) -> dict:
     """A - B of the held-out loss over the cells that have both: n, mean, 95% interval, call,
-    and in how many cells A is lower."""
+    in how many cells A is lower, and the sign-flip test's p (``sign_flip_p``; shown, not part
+    of the call rule, which is the issue's: the interval excludes 0)."""
     diffs = [loss[(d, s, a)] - loss[(d, s, b)] for d, s in cells_ if (d, s, a) in loss and (d, s, b) in loss]
     mean, lo, hi = bootstrap_ci(diffs)
     return {"a": a, "b": b, "n": len(diffs), "mean": mean, "lo": lo, "hi": hi, "call": call(lo, hi, len(diffs)),
-            "wins": int(sum(x < 0 for x in diffs)), "diffs": diffs}
+            "wins": int(sum(x < 0 for x in diffs)), "diffs": diffs, "p": sign_flip_p(diffs)}
 
 
 def mean_std(values) -> tuple[float, float, int]:
@@ -837,6 +861,10 @@ def _call(p: dict) -> str:
 
 def _num(ms: tuple, fmt: str) -> str:
     return f"{ms[0]:{fmt}}" if ms[2] else "-"
+
+
+def _p(p: dict) -> str:
+    return "-" if not p["n"] else f"{p['p']:.4f}"
 
 
 def _ci(p: dict, fmt: str = "+.4f") -> str:
@@ -963,7 +991,9 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
         (f"- statistics: mean ± std over cells; paired differences over cells with a {BOOTSTRAP['level']:.0%} "
         f"percentile bootstrap interval (cells resampled, {BOOTSTRAP['resamples']:,} resamples, seed "
         f"{BOOTSTRAP['seed']}); a difference is called only where the interval excludes 0 and at least "
-        f"{MIN_CELLS_TO_CALL} cells have both; lift = the domain label's share among the picks / its share of the "
+        f"{MIN_CELLS_TO_CALL} cells have both; beside it, the two-sided p of the exact paired sign-flip test (a "
+        "second opinion: a percentile bootstrap over few cells is too narrow, and with n cells no p is below "
+        "2 / 2^n, 0.0625 at n = 5); lift = the domain label's share among the picks / its share of the "
         f"pool ({args.pool_share:.0%}); cost = the median over cells of the job's stage seconds (`manifest.json`) per "
         "1,000 pool rows, "
         "a borrowed warm-up counted at the lender's warm-up seconds, a score job plus its features job "
@@ -988,9 +1018,9 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     # 2. ntk minus each baseline
     pairs = [paired(rep.loss, "ntk", b, main_cells) for b in BASELINES]
     lines += ["", "## ntk minus each baseline: paired difference of held-out loss (negative = ntk better)", "",
-              "| ntk − | mean [95% CI] | cells | ntk lower in | call |", "|---|---:|---:|---:|---|"]
+              "| ntk − | mean [95% CI] | cells | ntk lower in | call | sign-flip p |", "|---|---:|---:|---:|---|---:|"]
     for p in pairs:
-        lines.append(f"| {p['b']} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | {_call(p)} |")
+        lines.append(f"| {p['b']} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | {_call(p)} | {_p(p)} |")
     emb = [paired(rep.loss, "embedding", b, main_cells) for b in ("random", "domain-only")]
     lines += ["", "Embedding for reference: " + "; ".join(
         f"embedding − {p['b']}: {_ci(p)} over {p['n']} cells, {p['call']}" for p in emb) + "."]

@@ -221,3 +221,20 @@ def test_improvement_options_run_before_the_ablations(bench, tmp_path):
     assert rep.status() == (0, 12, "main 0 of 4, improvement 0 of 4, ablation 0 of 4")
     only = bench.parse_args(["--work", str(tmp_path / "w"), "--ablations", "ntk-max"])
     assert {ph for ph, _, _ in bench.cells(only)} == {"main", "ablation"}, "a phase without conditions has no cells"
+
+
+def test_sign_flip_p_by_enumeration(bench):
+    """Exact two-sided p of the paired sign-flip test against a literal loop over the patterns."""
+    import itertools
+
+    assert bench.sign_flip_p([-0.1] * 5) == 2 / 32, "5 of 5 the same sign: p = 2 / 2^5, however large"
+    d = [-0.03, -0.01, 0.02, -0.05, -0.04, 0.01]
+    want = np.mean([abs(np.mean(np.array(e) * d)) >= abs(np.mean(d)) - 1e-15
+                    for e in itertools.product([-1, 1], repeat=len(d))])
+    assert bench.sign_flip_p(d) == pytest.approx(want)
+    big = list(np.random.default_rng(1).normal(-0.02, 0.01, size=20))  # beyond exact: sampled patterns
+    assert bench.sign_flip_p(big) < 0.001
+    null = np.random.default_rng(2).normal(0, 1, size=20)
+    null -= null.mean()  # mean exactly 0: every pattern is at least as extreme
+    assert bench.sign_flip_p(list(null)) == 1.0
+    assert bench.paired({("d", 0, "a"): 1.0, ("d", 0, "b"): 2.0}, "a", "b", [("d", 0)])["p"] == 1.0
