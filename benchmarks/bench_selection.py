@@ -157,6 +157,8 @@ CONDITIONS: list[Condition] = [
     Condition("lora-qkvo", "ablation", "warm-up/feature LoRA on q, k, v, o", {"lora_targets": list(LORA["targets"])}),
     Condition("lora-all", "ablation", "warm-up/feature LoRA on every linear", {"lora_targets": ALL_LINEAR}),
     # improvement options (issue 16 item 3): one line each (a flag that has not landed shows as pending)
+    Condition("ntk-bm25-prefilter", "improvement", "coarse stage by BM25 instead of embedding votes (no pool forward)",
+              {"coarse_by": "bm25"}),
     # (allocation and centring act on ntk's features alone: `score` jobs on its kept features)
     Condition("ntk-facility", "improvement", "facility-location greedy allocation over psi",
               score={"allocation": "facility-location"}),
@@ -175,7 +177,7 @@ BASELINES = ["domain-only", "random", "bm25", "embedding", "less", "ntk-mean"]
 # differs from ntk only in these borrows ntk's warmed-up adapter; any other difference (a new
 # field included) warms up itself
 AFTER_WARMUP = {"selector", "budget", "coarse_factor", "coarse_k", "scorer", "projector", "proj_dim", "allocation",
-                "fusion", "fusion_k", "center", "objective"}  # objective: the features' F, not the warm-up's loss
+                "fusion", "fusion_k", "center", "objective", "coarse_by"}  # objective: the features' F, not the warm-up's loss
 
 
 # ---------------------------------------------------------------------------------------------

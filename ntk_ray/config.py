@@ -18,6 +18,7 @@ from ntk_ray.io.formats import READ_UNIT_MB
 ACCELERATORS = ("auto", "gpu", "cpu")  # runtime.actor_plan
 EXECUTORS = ("ray", "local")  # runner.executor_factory
 WARMUP_MODES = ("train", "fresh")
+COARSE_BY = ("embedding", "bm25")  # stages.registry: the ntk plan's coarse stage
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # models.loading.resolve_dtype
 
 
@@ -279,8 +280,14 @@ class SelectConfig:
                            "features stage runs K times (ntk selector, trained warm-up only)", group=W, min=1, max=64)
     selector: str = opt("ntk", _selector_help, choices=_selectors, group="selector")
     # coarse stage
+    coarse_by: str = opt("embedding", "how the coarse stage ranks the pool (ntk selector): embedding (the paper: "
+                         "reverse-kNN votes of the warmed model's mean-pooled hidden states; a forward pass per pool "
+                         "row, most of a large run's cost) or bm25 (BM25 of token ids against the domain rows, the bm25 "
+                         "selector's scores: no model pass over the pool; coarse_sim is the BM25 score, coarse_votes "
+                         "null)", choices=COARSE_BY, group=C)
     coarse_factor: int = opt(4, "keep coarse-factor x budget rows for the NTK stage", group=C, min=1, max=1 << 20)
-    coarse_k: int | None = opt(None, "neighbours per domain sample", group=C, shown_default="the budget", min=1)
+    coarse_k: int | None = opt(None, "neighbours per domain sample (--coarse-by embedding)", group=C,
+                               shown_default="the budget", min=1)
     embed_layer: int | None = opt(None, "embed with the hidden states after this many decoder layers (0 = the token "
                                   "embeddings; hidden_states[K] of transformers), so the forward pass stops there: "
                                   "about K / L of the cost of the final layer's", metavar="K", group=C,
@@ -338,7 +345,7 @@ class SelectConfig:
     #: fields added after runs were made, with the default that gives those runs' results: left out
     #: of the identity at that default, so a run (or a benchmark cache) from before the field
     #: existed keeps its fingerprint and resumes after an upgrade
-    ADDED_LATER = {"objective": "summed-logits"}
+    ADDED_LATER = {"objective": "summed-logits", "coarse_by": "embedding"}
 
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""

@@ -297,6 +297,26 @@ def test_select_objective_loss(data, tiny_model_dir, tmp_path, capsys):
     assert SelectConfig(objective="loss").fingerprint() != SelectConfig().fingerprint()
 
 
+@covers("select", "--coarse-by")
+def test_select_coarse_by_bm25_with_bm25_fusion(data, tiny_model_dir, tmp_path, capsys):
+    """--coarse-by bm25 --fusion rrf-bm25 from the command line: recorded, no embed stage, and a
+    new identity only when set (the stages themselves: tests/test_improvements.py)."""
+    from ntk_ray.config import SelectConfig
+
+    out = tmp_path / "bm25"
+    rc, _, err = run(capsys, *select_argv(data["text"], out, tiny_model_dir, "--coarse-by", "bm25", "--fusion",
+                                          "rrf-bm25", "--coarse-factor", "2"))
+    assert rc == 0, err
+    m = manifest(out)
+    assert m["config"]["coarse_by"] == "bm25" and m["coarse"]["by"] == "bm25" and "embed" not in m["stage_seconds"]
+    assert "by BM25 against the domain rows" in err and "fused with the BM25 ranking" in err
+    assert "coarse_by" not in SelectConfig().identity()
+    assert SelectConfig(coarse_by="bm25").fingerprint() != SelectConfig().fingerprint()
+    rc, _, err = run(capsys, *select_argv(data["text"], tmp_path / "no", tiny_model_dir, "--coarse-by", "bm25",
+                                          "--coarse-k", "2"))
+    assert rc == 2 and "--coarse-by bm25 computes no embeddings: --coarse-k" in err
+
+
 @covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k", "--center")
 def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path, capsys):
     """The issue-16 options (reference tests in tests/test_improvements.py)."""

@@ -318,6 +318,38 @@ def test_select_with_bm25_fusion_fuses_the_bm25_selectors_ranking(tiny_data, tin
         "the fixture cannot tell a fusion from either ranking alone"
 
 
+def test_bm25_coarse_stage_keeps_the_bm25_selectors_top_m(tiny_data, tiny_model_dir, tmp_path):
+    """--coarse-by bm25: the candidates are the top M = 4 x 5 rows of the bm25 selector's own
+    ranking on the same files, the cut rows follow in that order with coarse_sim = its BM25
+    score and no votes; no embed stage runs; a candidate's NTK score is the one a plain ntk run
+    with the same warm-up gives it (the kernel of a row does not depend on the other rows)."""
+    out = tmp_path / "bm25coarse"
+    manifest, ranked = _select(tiny_data, tiny_model_dir, out, coarse_by="bm25")
+    _, lexical = _select(tiny_data, tiny_model_dir, tmp_path / "bm25", selector="bm25")
+    assert manifest["coarse"] == {"skipped": False, "M": 20, "by": "bm25"}
+    assert "embed" not in manifest["stage_seconds"] and "coarse" in manifest["stage_seconds"]
+    assert manifest["config"]["coarse_by"] == "bm25"
+    want = lexical["id"].to_list()  # the bm25 selector's order: BM25 desc, then key
+    assert set(ranked.filter(pl.col("stage") == "ntk")["id"]) == set(want[:20])
+    cut = ranked.filter(pl.col("stage") == "coarse")
+    assert cut["id"].to_list() == want[20:]
+    bm = dict(zip(lexical["id"].to_list(), lexical["score"].to_list()))
+    np.testing.assert_allclose(cut["coarse_sim"].to_list(), [bm[i] for i in cut["id"]], rtol=1e-12)
+    assert cut["coarse_votes"].null_count() == cut.height
+    _, plain = _select(tiny_data, tiny_model_dir, tmp_path / "plain", adapter=str(out / "_work" / "warmup" / "adapter"))
+    both = ranked.filter(pl.col("stage") == "ntk").join(plain.filter(pl.col("stage") == "ntk"), on="id")
+    assert both.height >= 5, "too few common candidates to compare"
+    np.testing.assert_allclose(both["score"].to_numpy(), both["score_right"].to_numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("option, value", [("coarse_k", 3), ("fusion", "rrf"), ("embed_layer", 1)])
+def test_bm25_coarse_refuses_the_embedding_options(tiny_data, tiny_model_dir, tmp_path, option, value):
+    from ntk_ray.io.accounting import UsageError
+
+    with pytest.raises(UsageError, match="--coarse-by bm25 computes no embeddings"):
+        _select(tiny_data, tiny_model_dir, tmp_path / "out", coarse_by="bm25", **{option: value})
+
+
 def test_allocation_with_round_robin_is_a_usage_error(tiny_data, tiny_model_dir, tmp_path):
     from ntk_ray.io.accounting import UsageError
 

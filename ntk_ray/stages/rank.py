@@ -88,6 +88,31 @@ class CoarseStage(Stage):
                           rejected=rejected.drop("key") if rejected.height else None)
 
 
+class Bm25CoarseStage(Stage):
+    """``--coarse-by bm25``: the pool ranked by BM25 against the domain rows (the bm25
+    selector's scores, ``bm25_pool_scores``: token ids, term statistics over the usable pool),
+    best first (BM25 desc, key asc); candidates = the top M = coarse_factor x budget. No model
+    pass over the pool (the embedding coarse stage's forward pass is most of a large run's
+    cost). ``coarse_sim`` carries the BM25 score, ``coarse_votes`` is null."""
+    name = "coarse"
+    needs = ("read", "validate")
+    output = Candidates
+
+    def run(self, ctx: Context, read: Tokens, validate: Accounting) -> Candidates:
+        cfg = ctx.cfg
+        pool = pool_rows(validate)
+        m = cfg.coarse_factor * cfg.budget
+        if pool.height <= m:
+            ctx.progress.log(f"coarse: skipped ({pool.height} usable pool rows <= M = {m})")
+            return no_coarse(pool, m)
+        bm25 = bm25_pool_scores(ctx, read, validate).select("key", pl.col("score").alias("coarse_sim"))
+        ordered = (pool.join(bm25, on="key", how="left")
+                   .with_columns(pl.lit(None, dtype=pl.Int64).alias("coarse_votes"), pl.col("coarse_sim").fill_null(0.0))
+                   .sort(["coarse_sim", "key"], descending=[True, False]))
+        ctx.progress.log(f"coarse: {pool.height} -> {m} candidates by BM25 against the domain rows")
+        return Candidates(candidates=ordered.head(m), cut=ordered.slice(m), skipped=False, M=m)
+
+
 def embed_rejects(files: list[str]) -> pl.DataFrame:
     """key, id, source, row, reason of the rows of embed shards that carry a ``reject``."""
     import pyarrow.parquet as pq

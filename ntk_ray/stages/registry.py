@@ -5,6 +5,7 @@ their help text; adding a selector is one ``register`` call (see docs/architectu
 built-in plans (the order their stages run in):
 
     ntk        read, validate, warmup, embed, coarse, features (candidates), score, write
+               (--coarse-by bm25: read, validate, warmup, coarse (BM25), features, score, write)
     random     read, validate, coarse (every row), score, write
     bm25       read, validate, coarse (every row), score, write
     embedding  read, validate, warmup, embed (every row), coarse (every row), score, write
@@ -20,8 +21,8 @@ from typing import Callable
 
 from ntk_ray.io.accounting import UsageError
 from ntk_ray.stages.model import EmbedStage, FeaturesStage, WarmupStage
-from ntk_ray.stages.rank import (AllRowsStage, Bm25ScoreStage, CoarseStage, EmbeddingScoreStage, LessScoreStage,
-                                 NtkScoreStage, RandomScoreStage)
+from ntk_ray.stages.rank import (AllRowsStage, Bm25CoarseStage, Bm25ScoreStage, CoarseStage, EmbeddingScoreStage,
+                                 LessScoreStage, NtkScoreStage, RandomScoreStage)
 from ntk_ray.stages.read import ReadStage, ValidateStage
 from ntk_ray.stages.write import PublishStage, WriteStage
 
@@ -78,6 +79,15 @@ def _less_check(cfg) -> None:
 
 
 def _ntk_check(cfg) -> None:
+    if getattr(cfg, "coarse_by", "embedding") == "bm25":
+        embedding_only = [flag for flag, value in (("--coarse-k", cfg.coarse_k), ("--embed-layer", cfg.embed_layer),
+                                                   ("--embed-max-tokens", cfg.embed_max_tokens)) if value is not None]
+        if getattr(cfg, "fusion", "none") == "rrf":
+            embedding_only.append("--fusion rrf")
+        if embedding_only:
+            raise UsageError(f"--coarse-by bm25 computes no embeddings: {', '.join(embedding_only)} "
+                             f"{'acts' if len(embedding_only) == 1 else 'act'} on the embedding coarse stage only "
+                             "(with BM25, fuse with --fusion rrf-bm25)")
     if getattr(cfg, "allocation", "score") != "score" and cfg.scorer == "round-robin":
         raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
                          "not round-robin")
@@ -86,11 +96,18 @@ def _ntk_check(cfg) -> None:
                          "--warmup-epochs 0, or use --checkpoints 1")
 
 
+def _ntk_coarse(cfg) -> list:
+    """The ntk plan's coarse stage: kNN votes on embeddings (``--coarse-by embedding``; --fusion
+    rrf needs every candidate's embedding rank: embed even when the pool is no larger than M),
+    or BM25 (``--coarse-by bm25``: no embed stage)."""
+    if getattr(cfg, "coarse_by", "embedding") == "bm25":
+        return [Bm25CoarseStage()]
+    return [EmbedStage(only_if_over_m=getattr(cfg, "fusion", "none") != "rrf"), CoarseStage()]
+
+
 register(Selector(
     "ntk", "warm-up, coarse kNN votes, NTK kernel scores (default)",
-    # --fusion rrf needs every candidate's embedding rank: embed even when the pool is no larger than M
-    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(),
-                 EmbedStage(only_if_over_m=getattr(cfg, "fusion", "none") != "rrf"), CoarseStage(),
+    lambda cfg: [ReadStage(), ValidateStage(), WarmupStage(), *_ntk_coarse(cfg),
                  FeaturesStage("coarse"), NtkScoreStage(), WriteStage("ntk", warm=True)],
     check=_ntk_check, keeps_features=True))
 register(Selector(

@@ -124,7 +124,9 @@ class WriteStage(Stage):
             "adapter": {"path": str(ctx.work / "warmup/adapter"), "warmup": warmup.history,
                         "lora_parameters": warmup.lora_parameters} if warmup else None,
             "projector": warmup.projector if warmup else None,
-            "coarse": {"skipped": coarse.skipped, "M": coarse.M} | ({"K": coarse.K} if coarse.K is not None else {}),
+            "coarse": {"skipped": coarse.skipped, "M": coarse.M} | ({"K": coarse.K} if coarse.K is not None else {})
+            | ({"by": cfg.coarse_by} if self.selector == "ntk" and getattr(cfg, "coarse_by", "embedding") != "embedding"
+               else {}),
             "actors": asdict(ctx.executor.plan),
             "stage_seconds": ctx.progress.seconds(),  # the write stage so far: all but this file
             "versions": package_versions(),
