@@ -279,14 +279,17 @@ def conditions_for(args, phase: str) -> list[str]:
 
 
 def cells(args) -> list[tuple[str, str, int]]:
-    """(phase, domain, seed) in run order: every main cell first (seed-major, so each seed's
-    domains finish together), then the improvement options in every ablation cell, then the
-    ablations in them (the same (domain, seed) cells: a phase is the conditions run there, so the
-    options get numbers over all their cells before the long ablation list starts)."""
-    out = [("main", d, s) for s in args.seeds for d in args.domains]
-    for phase in PHASES[1:]:
-        if conditions_for(args, phase):
-            out += [(phase, d, s) for s in args.seeds for d in args.ablation_domains]
+    """(phase, domain, seed) in run order, replicate by replicate: for each seed its main cells,
+    then the improvement options in its ablation cells (the same (domain, seed) cells: a phase is
+    the conditions run there), so every finished seed is a whole replicate of the question and of
+    the tries to win; the long ablation list after every seed's."""
+    out = []
+    for s in args.seeds:
+        out += [("main", d, s) for d in args.domains]
+        if conditions_for(args, "improvement"):
+            out += [("improvement", d, s) for d in args.ablation_domains]
+    if conditions_for(args, "ablation"):
+        out += [("ablation", d, s) for s in args.seeds for d in args.ablation_domains]
     return out
 
 

@@ -207,13 +207,15 @@ def test_cost_is_the_median_over_cells(bench):
 
 
 def test_improvement_options_run_before_the_ablations(bench, tmp_path):
-    """Run order: main cells, then the improvement options in every ablation cell, then the
-    ablations there; each phase runs only its own group's conditions; the status counts each."""
+    """Run order, seed by seed: its main cells, then the improvement options in its ablation
+    cells; the ablations after every seed's; each phase runs only its own group's conditions;
+    the status counts each."""
     args = bench.parse_args(["--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c.jsonl"), "--out",
                              str(tmp_path / "o"), "--domains", "noun.food", "noun.animal", "--seeds", "0", "1",
                              "--ablations", "ntk-max", "ntk-rrf", "warmup-0"])
     order = bench.cells(args)
-    assert [ph for ph, _, _ in order] == ["main"] * 4 + ["improvement"] * 4 + ["ablation"] * 4
+    assert [(ph, s) for ph, _, s in order] == [("main", 0)] * 2 + [("improvement", 0)] * 2 + [("main", 1)] * 2 + \
+        [("improvement", 1)] * 2 + [("ablation", 0)] * 2 + [("ablation", 1)] * 2
     assert bench.conditions_for(args, "improvement") == ["ntk-rrf"]
     assert bench.conditions_for(args, "ablation") == ["ntk-max", "warmup-0"]
     assert set(bench.ablation_cells(args)) == {(d, s) for ph, d, s in order if ph != "main"}
