@@ -31,6 +31,9 @@ Reuse, so that a cell's model work is done once:
   LESS needs its own warm-up (the Adam moments); warm-up and LoRA variants warm up themselves;
 - a condition whose settings resolve to another's (e.g. ``warmup-2`` when 2 is the default) is
   that condition: it is shown as ``= ntk`` and not run twice;
+- several processes may run the same command at once (one per core: ``--threads 1`` each): each
+  takes the next cell no other process holds (a ``flock`` on the cell's ``claim.lock``, freed
+  when its process ends) and re-reads the cache before each cell and each report;
 - a finished job is never rerun (the runner's resume); every finished piece (a selection, a
   fine-tune result) is appended to a JSON-lines cache (``--cache``) with the fingerprint of
   everything it depends on (the split, the job's whole ``SelectConfig.identity()`` with the
