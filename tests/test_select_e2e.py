@@ -72,7 +72,8 @@ def test_score_command_reproduces_the_selects_ntk_ranking(first_run, demo_data, 
                  "--budget", str(BUDGET), *where]) == 0
     if to_uri:  # the results were copied to the URI from the working directory
         assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "ranked.parquet", "rejects.parquet",
-                                                               "selected.parquet", "_ntk_ray_stamp.json"])
+                                                               "selected.parquet", "_ntk_ray_stamp.json",
+                                                               "report.html"])  # as select publishes
         assert (tmp_path / "scratch" / "ranked.parquet").exists()
     select_ntk = pl.read_parquet(first_run / "ranked.parquet").filter(pl.col("stage") == "ntk")
     rescored = pl.read_parquet(out / "ranked.parquet")
