@@ -945,8 +945,10 @@ class Report:
         loss = mean_std([self.loss.get((d, s, name)) for d, s in cells_])
         dloss = mean_std([self.loss[(d, s, name)] - self.loss[(d, s, "domain-only")] for d, s in cells_
                           if (d, s, name) in self.loss and (d, s, "domain-only") in self.loss])
-        lift = mean_std([self.sel[(d, s, name)]["lift"] for d, s in cells_ if (d, s, name) in self.sel])
-        cost = median_n([self.cost(name, d, s) for d, s in cells_ if (d, s, name) in self.sel])
+        # over the cells with a result, as the loss (a cell in progress already has selections)
+        done = [(d, s) for d, s in cells_ if (d, s, name) in self.sel and (d, s, name) in self.loss]
+        lift = mean_std([self.sel[(d, s, name)]["lift"] for d, s in done])
+        cost = median_n([self.cost(name, d, s) for d, s in done])
         return {"loss": loss, "dloss": dloss, "lift": lift, "cost": cost}
 
 
@@ -1039,7 +1041,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     for name in MAIN[1:]:
         vals = []
         for d in args.domains:
-            m = mean_std([rep.sel[(d, s, name)]["lift"] for s in args.seeds if (d, s, name) in rep.sel])
+            m = mean_std([rep.sel[(d, s, name)]["lift"] for s in args.seeds
+                          if (d, s, name) in rep.sel and (d, s, name) in rep.loss])
             vals.append(f"{m[0]:.1f}" if m[2] else "-")
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
     # 4. ablations
@@ -1077,7 +1080,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     # 5. costs
     parts: dict = {}
     for r in rep.selections:
-        if (r["domain"], int(r["seed"])) in main_cells:
+        if (r["domain"], int(r["seed"])) in main_cells and (r["domain"], int(r["seed"]), r["condition"]) in rep.loss:
             for stage, v in r["parts"].items():
                 parts.setdefault((r["condition"], stage), []).append(v)
     if parts:

@@ -126,6 +126,18 @@ def test_paired_differences_from_a_fake_cache(bench, tmp_path):
     assert "| 3.0 ± 0.0 | 3 | 8 |" in main_ntk
     main_mean = next(line for line in text.splitlines() if line.startswith("| ntk-mean | "))
     assert "| 6 | 8 |" in main_mean
+    # a cell in progress (a selection, no result yet) counts in no column: lift and cost are over
+    # the cells the loss is over
+    plan = bench.plans_for(args, 2)["ntk"]
+    cache.add({"kind": "selection", "domain": "noun.food", "seed": 2, "condition": "ntk", "fp": plan.fp, "ids": [],
+               "parts": {"warmup": 500.0}, "borrows": None, "lift": 99.0})
+    more = bench.parse_args(["--domains", *args.domains, "--seeds", "0", "1", "2", "--out", str(tmp_path / "o2"),
+                             "--cache", str(tmp_path / "cache.jsonl"), "--work", str(tmp_path / "work"),
+                             "--ablations", "ntk-max"])
+    text = bench.write_results(bench.Cache(tmp_path / "cache.jsonl"), more, 0.0)
+    main_ntk = next(line for line in text.splitlines() if line.startswith("| ntk | `select` defaults"))
+    assert "| 3.0 ± 0.0 | 3 | 8 |" in main_ntk, main_ntk
+    assert "| ntk | 3.0 | 3.0 | 3.0 | 3.0 |" in text
 
 
 def test_stale_records_do_not_count(bench, tmp_path):
