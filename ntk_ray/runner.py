@@ -357,9 +357,11 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, progress: Progress | No
     validate(cfg)
     progress = progress or Progress()
     inputs = check_score_inputs(cfg)
-    if cfg.allocation != "score" and cfg.scorer == "round-robin":
-        raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
-                         "not round-robin")
+    from ntk_ray.core.selectors import allocation_conflict
+
+    conflict = allocation_conflict(cfg.allocation, cfg.scorer)
+    if conflict:
+        raise UsageError(conflict)
     out, remote = open_out_dir(cfg.out, cfg.work_dir, cfg.identity(), overwrite, progress.log)
     plan = score_plan(publish_to=cfg.out if remote else None)
     plan.insert([s.name for s in plan].index("write") + 1, ReportStage())  # after write, before publish, as select

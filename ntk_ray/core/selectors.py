@@ -259,6 +259,15 @@ def kernel_mean_matching_order(x, target, keys: np.ndarray, budget: int, block_r
 
 FUSIONS = ("none", "rrf", "rrf-bm25")
 
+
+def allocation_conflict(allocation: str, scorer: str) -> str | None:
+    """The usage message when a greedy ``--allocation`` meets ``--scorer round-robin`` (which
+    picks by itself), else None: one rule for ``select`` and ``score``."""
+    if allocation != "score" and scorer == "round-robin":
+        return (f"--allocation {allocation} picks by itself: use it with --scorer cosine, mean or max, "
+                "not round-robin")
+    return None
+
 # ``select --center``: kernels of centred features (``scoring.AnchorKernel(center=...)``),
 #     Theta_c(x, a) = <psi(x) - m, psi(a) - m>,   m = mean of psi over the candidates,
 # so the cosine scorer becomes the mean over anchors of cos(psi(x) - m, psi(a) - m). Summed-logit

@@ -88,9 +88,11 @@ def _ntk_check(cfg) -> None:
             raise UsageError(f"--coarse-by bm25 computes no embeddings: {', '.join(embedding_only)} "
                              f"{'acts' if len(embedding_only) == 1 else 'act'} on the embedding coarse stage only "
                              "(with BM25, fuse with --fusion rrf-bm25)")
-    if getattr(cfg, "allocation", "score") != "score" and cfg.scorer == "round-robin":
-        raise UsageError(f"--allocation {cfg.allocation} picks by itself: use it with --scorer cosine, mean or max, "
-                         "not round-robin")
+    from ntk_ray.core.selectors import allocation_conflict
+
+    conflict = allocation_conflict(getattr(cfg, "allocation", "score"), cfg.scorer)
+    if conflict:
+        raise UsageError(conflict)
     if getattr(cfg, "checkpoints", 1) > 1 and (cfg.adapter or cfg.warmup != "train" or not cfg.warmup_epochs):
         raise UsageError(f"--checkpoints {cfg.checkpoints} needs a trained warm-up: drop --adapter / --warmup fresh / "
                          "--warmup-epochs 0, or use --checkpoints 1")
