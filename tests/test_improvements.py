@@ -340,6 +340,19 @@ def test_bm25_coarse_stage_keeps_the_bm25_selectors_top_m(tiny_data, tiny_model_
     both = ranked.filter(pl.col("stage") == "ntk").join(plain.filter(pl.col("stage") == "ntk"), on="id")
     assert both.height >= 5, "too few common candidates to compare"
     np.testing.assert_allclose(both["score"].to_numpy(), both["score_right"].to_numpy(), rtol=1e-6)
+    # with --fusion rrf-bm25 the candidates are fused with the BM25 ranking (taken from the coarse
+    # stage's scores): the literal RRF of this run's NTK scores and the bm25 selector's scores
+    from ntk_ray.core.scoring import stable_keys
+
+    _, fused = _select(tiny_data, tiny_model_dir, tmp_path / "fused", coarse_by="bm25", fusion="rrf-bm25",
+                       fusion_k=2, adapter=str(out / "_work" / "warmup" / "adapter"))
+    ntk = ranked.filter(pl.col("stage") == "ntk")
+    ids = ntk["id"].to_list()
+    score, key = dict(zip(ids, ntk["score"].to_list())), dict(zip(ids, stable_keys(ids).tolist()))
+    r_ntk = {i: n + 1 for n, i in enumerate(sorted(ids, key=lambda i: (-score[i], key[i])))}
+    r_bm = {i: n + 1 for n, i in enumerate(sorted(ids, key=lambda i: (-bm[i], key[i])))}
+    want = sorted(ids, key=lambda i: (-(1 / (2 + r_ntk[i]) + 1 / (2 + r_bm[i])), r_ntk[i], key[i]))
+    assert fused.filter(pl.col("stage") == "ntk")["id"].to_list() == want
 
 
 @pytest.mark.parametrize("option, value", [("coarse_k", 3), ("fusion", "rrf"), ("embed_layer", 1)])

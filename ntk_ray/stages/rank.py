@@ -190,7 +190,11 @@ class NtkScoreStage(Stage):
             return scores
         if fusion == "rrf-bm25":
             ctx.progress.log(f"score: NTK ranking fused with the BM25 ranking ({fusion}, k = {cfg.fusion_k})")
-            return Scores(scores.scores, fuse_with_bm25(scores, bm25_pool_scores(ctx, read, validate), cfg.fusion_k))
+            # with --coarse-by bm25 the candidates carry their BM25 scores already (coarse_sim)
+            reuse = getattr(cfg, "coarse_by", "embedding") == "bm25" and not coarse.skipped
+            bm25 = coarse.candidates.select("key", pl.col("coarse_sim").alias("score")) if reuse else \
+                bm25_pool_scores(ctx, read, validate)
+            return Scores(scores.scores, fuse_with_bm25(scores, bm25, cfg.fusion_k))
         if coarse.skipped:
             raise ValueError("--fusion needs the coarse stage's embedding ranking, which was skipped")
         ctx.progress.log(f"score: NTK ranking fused with the embedding ranking ({fusion}, k = {cfg.fusion_k})")
