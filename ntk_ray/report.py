@@ -691,8 +691,8 @@ def sections(d: dict, fmt: str) -> list[tuple[str, str, list[str], str | None]]:
     reasons = _table(["reject reason (pool)", "rows"], [[k, _num(n)] for k, n in fun["reasons"]], fmt) \
         if fun["reasons"] else ""
     cfg = m.get("config") or {}
-    who = f"Selector `{m['selector']}`" if m.get("selector") else \
-        f"`ntk-ray score` (scorer `{cfg.get('scorer', '?')}`) of kept features" if "features" in cfg else "Selector `?`"
+    who = f"`ntk-ray score` (scorer `{cfg.get('scorer', '?')}`) of kept features" if is_score_run(m) else \
+        f"Selector `{m.get('selector') or '?'}`"
     out.append(("Funnel", "funnel", [(f"{who}; every pool row is ranked or rejected "
                                      f"with a reason ({_num(fun['ranked'])} ranked + {_num(fun['rejected'])} rejected "
                                      f"= {_num(fun['ranked'] + fun['rejected'])} of {_num(fun['pool'])} read).")],
@@ -783,13 +783,18 @@ def _inline_md(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
+def is_score_run(m: dict) -> bool:
+    """An ``ntk-ray score`` job's manifest: feature directories in its config, no selector."""
+    return not m.get("selector") and "features" in (m.get("config") or {})
+
+
 def job_line(m: dict) -> str:
     """What made the run, in markdown: a select job's model and selector, or an ``ntk-ray score``
     job's feature directories and scorer (its manifest has no model or selector)."""
     from ntk_ray.io.fs import redact
 
     cfg = m.get("config") or {}
-    if not m.get("selector") and "features" in cfg:
+    if is_score_run(m):
         return (f"`ntk-ray score` of the features in `{redact(str(cfg['features']))}` against the anchors in "
                 f"`{redact(str(cfg.get('anchors')))}`, scorer `{cfg.get('scorer', '?')}`")
     return f"Model `{(m.get('model') or {}).get('resolved', cfg.get('model'))}`, selector `{m.get('selector', '?')}`"
