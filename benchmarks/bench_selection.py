@@ -19,8 +19,13 @@ from the select defaults. Adding a condition (e.g. a new select flag) is one lin
 
 - main conditions (every cell, ``--domains`` x ``--seeds``): domain-only, random, bm25,
   embedding, less, ntk (``select``'s defaults), ntk-mean (the paper's scorer).
+- equal tokens (the main cells): N rows is the budget, but rows differ in length (bm25 picks
+  longer ones). ``ntk@bm25-tokens`` is ntk's ranking cut at the shortest prefix whose response
+  tokens reach bm25's picks' in the cell, ``bm25@ntk-tokens`` the converse: no job, one more
+  fine-tune each. Every selection records its response tokens (the loss masks of the harness's
+  tokenization; ``--report-only`` counts them for selections recorded before that).
 - ablations and improvement options (``--ablation-domains`` x ``--seeds``): each a row of the
-  same kind, compared with ntk and embedding in the same cells.
+  same kind, compared with ntk and with the strongest baseline in the same cells.
 
 Reuse, so that a cell's model work is done once:
 - conditions that differ from ntk only in the scorer are ``ntk-ray score`` jobs on the ntk job's
@@ -100,10 +105,10 @@ DEFAULT_WORK = ROOT / "runs" / "bench_decide" / "work"
 # the smallest cell where every check of tests/test_bench_selection.py still means something:
 # 12 pool rows keep one domain-label row and more rows than the coarse cut M = 4 x budget = 8;
 # 48 tokens keep every prompt; one ablation (a scorer on ntk's kept features; embedding already
-# borrows ntk's warm-up)
+# borrows ntk's warm-up) and one equal-token cut
 SMOKE = {"domains": ["noun.food"], "ablation_domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 4,
          "n_pool": 12, "budget": 2, "max_length": 48, "epochs": 1.0, "proj_dim": 256,
-         "ablations": ["ntk-max"]}
+         "ablations": ["ntk-max", "ntk@bm25-tokens"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,14 +117,18 @@ SMOKE = {"domains": ["noun.food"], "ablation_domains": ["noun.food"], "seeds": [
 class Condition:
     """One row of the results. ``select``: the ``SelectConfig`` fields that differ from the select
     defaults (a value may be a function of the args, for sizes); ``score``: an ``ntk-ray score``
-    job with these ``ScoreConfig`` fields on the kept features of condition ``base``. Neither:
+    job with these ``ScoreConfig`` fields on the kept features of condition ``base``; ``cut``:
+    another condition's ranking cut at a token count instead of N rows (no job). None of them:
     domain-only (no pool rows)."""
     name: str
-    group: str  # "main" | "ablation" | "improvement"
+    group: str  # "main" | "tokens" | "ablation" | "improvement"
     what: str
     select: dict | None = None
     score: dict | None = None
     base: str = "ntk"
+    # (ranking, target): the ranking of condition ``ranking``'s job, cut at the shortest prefix
+    # whose response tokens reach those of condition ``target``'s picks in the same cell
+    cut: tuple[str, str] | None = None
 
 
 def _no_prefilter(a) -> int:
@@ -134,6 +143,12 @@ CONDITIONS: list[Condition] = [
     Condition("less", "main", "LESS: Adam-preconditioned loss gradients, sketch", {"selector": "less", "projector": "sketch"}),
     Condition("ntk", "main", "`select` defaults", {}),
     Condition("ntk-mean", "main", "the paper's scorer on ntk's features", score={"scorer": "mean"}),
+    # equal tokens (main cells): bm25's picks are longer rows than ntk's; the same rankings cut at
+    # the other's token count instead of N rows
+    Condition("ntk@bm25-tokens", "tokens", "ntk's ranking cut where its picks reach bm25's response tokens",
+              cut=("ntk", "bm25")),
+    Condition("bm25@ntk-tokens", "tokens", "bm25's ranking cut where its picks reach ntk's response tokens",
+              cut=("bm25", "ntk")),
     # ablations (issue 16 item 2): each changes one thing of ntk
     Condition("ntk-cosine", "ablation", "scorer cosine", score={"scorer": "cosine"}),
     Condition("ntk-max", "ablation", "scorer max", score={"scorer": "max"}),
@@ -193,8 +208,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ablation-domains", nargs="+", default=None, help="domains of the ablation cells "
                     "(default: the first two of --domains)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--ablations", nargs="*", default=None, help="the ablation/improvement conditions to run "
-                    "(default: every one in the table)")
+    ap.add_argument("--ablations", nargs="*", default=None, help="the conditions beyond the main ones to run "
+                    "(equal-token cuts, ablations, improvement options; default: every one in the table)")
     ap.add_argument("--n-domain", type=int, default=48, help="domain rows per cell (warm-up and fine-tune set)")
     ap.add_argument("--n-eval", type=int, default=128, help="held-out eval rows per cell")
     ap.add_argument("--n-pool", type=int, default=1000)
@@ -219,7 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     f"(default {DEFAULT_WORK.relative_to(ROOT)}; with --smoke <out>/work)")
     ap.add_argument("--executor", choices=("local", "ray"), default="local", help="local = in this process (no "
                     "Ray), ray = the runner's RayExecutor (starts or joins Ray); the same stages either way")
-    ap.add_argument("--report-only", action="store_true", help="rewrite decide.md/png from the cache; run nothing")
+    ap.add_argument("--report-only", action="store_true", help="rewrite decide.md/png from the cache; run no job "
+                    "(it only counts the tokens of selections recorded without a count: the tokenizer, no model)")
     ap.add_argument("--smoke", action="store_true", help="one tiny cell (CI): "
                     + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = ap.parse_args(argv)
@@ -274,7 +290,7 @@ def eval_settings(args) -> dict:
             "mc": {"choices": N_CHOICES, "max_length": MC_MAX_LENGTH} if args.mc else None}
 
 
-PHASES = ("main", "improvement", "ablation")  # run order: the question, then the tries to win, then the why
+PHASES = ("main", "tokens", "improvement", "ablation")  # run order: the question, at equal tokens, the tries to win, the why
 
 
 def conditions_for(args, phase: str) -> list[str]:
@@ -283,12 +299,14 @@ def conditions_for(args, phase: str) -> list[str]:
 
 def cells(args) -> list[tuple[str, str, int]]:
     """(phase, domain, seed) in run order, replicate by replicate: for each seed its main cells,
-    then the improvement options in its ablation cells (the same (domain, seed) cells: a phase is
+    the equal-token cuts in those cells, then the improvement options in its ablation cells (the same (domain, seed) cells: a phase is
     the conditions run there), so every finished seed is a whole replicate of the question and of
     the tries to win; the long ablation list after every seed's."""
     out = []
     for s in args.seeds:
         out += [("main", d, s) for d in args.domains]
+        if conditions_for(args, "tokens"):  # a fine-tune each, no job: right after the seed's main cells
+            out += [("tokens", d, s) for d in args.domains]
         if conditions_for(args, "improvement"):
             out += [("improvement", d, s) for d in args.ablation_domains]
     if conditions_for(args, "ablation"):
@@ -334,8 +352,8 @@ def command_line(args) -> str:
 # what each condition runs
 @dataclass
 class Plan:
-    """The resolved job of a condition in a cell: ``kind`` "none" | "select" | "score" | "alias"
-    (of ``alias``) | "pending" (``why``); ``cfg``: the SelectConfig or ScoreConfig fields; ``fp``
+    """The resolved job of a condition in a cell: ``kind`` "none" | "select" | "score" | "cut"
+    (another job's ranking cut at a token count: no job) | "alias" (of ``alias``) | "pending" (``why``); ``cfg``: the SelectConfig or ScoreConfig fields; ``fp``
     the fingerprint of everything its selection depends on; ``borrows``: the condition whose
     warm-up it takes (``--adapter``) or whose features it scores."""
     name: str
@@ -410,6 +428,11 @@ def plan_condition(name: str, args, seed: int) -> Plan:
     why = _unavailable(cond, args)
     if why:
         return Plan(name, "pending", why=why)
+    if cond.cut is not None:
+        src, target = (plan_condition(c, args, seed) for c in cond.cut)
+        if src.kind != "select" or target.kind not in ("select", "score"):
+            return Plan(name, "pending", why=f"{cond.cut[0]} is {src.kind}, {cond.cut[1]} is {target.kind}")
+        return Plan(name, "cut", fp=_hash({"cut": [src.fp, target.fp], "rule": CUT_RULE}), borrows=cond.cut[0])
     if cond.select is None and cond.score is None:
         none = {"split": split_settings(args), "kind": "none"}
         if getattr(args, "model", None):  # only when given (the demo model's fingerprints stay as they were)
@@ -438,6 +461,22 @@ def plan_condition(name: str, args, seed: int) -> Plan:
             plan.borrows = "ntk"
     plan.fp = _hash({"split": split_settings(args), "identity": ident, "warmup_from": plan.borrows})
     return plan
+
+
+CUT_RULE = "the shortest prefix of the ranking whose response tokens reach the target's"
+
+
+def token_cut(ranked_ids: list[str], tokens_of: dict[str, int], target: int) -> list[str]:
+    """The shortest prefix of ``ranked_ids`` (rows the harness could not tokenize skipped) whose
+    response tokens reach ``target`` (all of them if they never do)."""
+    out, total = [], 0
+    for i in ranked_ids:
+        if total >= target:
+            break
+        if i in tokens_of:
+            out.append(i)
+            total += tokens_of[i]
+    return out
 
 
 def _warms_up(selector: str) -> bool:
@@ -669,6 +708,43 @@ def write_split(domain: str, seed: int, args) -> dict:
     return split
 
 
+def selection_tokens(ids, pool: dict) -> int:
+    """The response tokens the fine-tune trains on in the selected rows: the sum of the loss
+    masks (after the --max-length cut) of the harness's tokenization of those pool rows."""
+    tokens_of = dict(zip(pool["id"], map(sum, pool["loss_mask"])))
+    return int(sum(tokens_of[i] for i in ids if i in tokens_of))
+
+
+def backfill_tokens(args, cache: Cache, load_tokenizer, log) -> int:
+    """Append a ``tokens`` record (keyed like the selection: condition and selection
+    fingerprint) for every current selection recorded before selections carried their token
+    count; returns how many. The cell's split is the one the run wrote (or written again: a pure
+    function of its arguments); ``load_tokenizer()`` is called only when there is work."""
+    import polars as pl
+
+    todo_cells: dict[tuple[str, int], list] = {}
+    for s in args.seeds:
+        for name, p in plans_for(args, s).items():
+            if p.kind not in ("select", "score"):
+                continue
+            for d in sorted(set(args.domains) | set(args.ablation_domains)):
+                sel = cache.get("selection", d, s, name, p.fp)
+                if sel is not None and "tokens" not in sel and cache.get("tokens", d, s, name, p.fp) is None:
+                    todo_cells.setdefault((d, s), []).append((name, p.fp, sel["ids"]))
+    if not todo_cells:
+        return 0
+    tokenizer = load_tokenizer()
+    added = 0
+    for (d, s), items in sorted(todo_cells.items()):
+        pool = tokenized_rows(tokenizer, pl.read_parquet(write_split(d, s, args)["pool"]), args.max_length)
+        for name, fp, ids in items:
+            cache.add({"kind": "tokens", "domain": d, "seed": s, "condition": name, "fp": fp,
+                       "tokens": selection_tokens(ids, pool)})
+            added += 1
+    log(f"token counts of {added} earlier selections in {len(todo_cells)} cells added to the cache")
+    return added
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True,
@@ -681,11 +757,17 @@ def todo(phase: str, domain: str, seed: int, args, cache: Cache) -> list[str]:
     """The runnable conditions of a cell that have no current result yet (aliases and pending
     conditions excluded; the base-model record too)."""
     plans = plans_for(args, seed)
-    out = [n for n in conditions_for(args, phase) if plans[n].kind in ("none", "select", "score")
+    out = [n for n in conditions_for(args, phase) if plans[n].kind in ("none", "select", "score", "cut")
            and cache.get("result", domain, seed, n, result_fp(plans[n], args)) is None]
     if phase == "main" and cache.get("base", domain, seed, "base", base_fp(args)) is None:
         out.append("base")
     return out
+
+
+def _source(plans: dict, name: str) -> Plan:
+    """The plan whose job ``name``'s records are under (an alias's target)."""
+    p = plans[name]
+    return plans[p.alias] if p.kind == "alias" else p
 
 
 def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
@@ -718,6 +800,9 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         p = plans[name]
         if p.kind == "alias":
             return need(p.alias)
+        if p.kind == "cut":  # no job of its own: the jobs of its ranking and its token target
+            for c in BY_NAME[name].cut:
+                need(c)
         if p.kind in ("select", "score") and name not in needed:
             if p.borrows:
                 need(p.borrows)
@@ -738,9 +823,31 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp,
                    "ids": sel["ids"], "seconds": sel["seconds"], "cpu_seconds": sel["cpu_seconds"], "parts": sel["parts"], "run": sel["run"],
                    "borrows": p.borrows, "label_share": share, "pool_share": pool_share,
-                   "lift": share / pool_share if pool_share else float("nan"), "commit": git_commit()})
+                   "lift": share / pool_share if pool_share else float("nan"),
+                   "tokens": selection_tokens(sel["ids"], pool), "commit": git_commit()})
         clock.log(f"{label}: {name} picked {len(sel['ids'])} in {sel['seconds']:.0f}s ({p.kind} job; lift "
                   f"{share / pool_share if pool_share else float('nan'):.1f})")
+    for name in missing:  # the equal-token cuts of finished rankings
+        p = plans.get(name)
+        if p is None or p.kind != "cut" or cache.get("selection", domain, seed, name, p.fp) is not None:
+            continue
+        src, target = (cache.get("selection", domain, seed, _source(plans, c).name, _source(plans, c).fp)
+                       for c in BY_NAME[name].cut)
+        target_tokens = target.get("tokens")
+        if target_tokens is None:
+            target_tokens = selection_tokens(target["ids"], pool)
+        run = Path(src["run"]) if Path(src["run"]).is_absolute() else ROOT / src["run"]
+        ranked = pl.read_parquet(run / "ranked.parquet", columns=["id", "rank"]).sort("rank")["id"].to_list()
+        ids = token_cut(ranked, dict(zip(pool["id"], map(sum, pool["loss_mask"]))), target_tokens)
+        labels = [label_of[i] for i in ids]
+        share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
+        cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp, "ids": ids,
+                   "seconds": 0.0, "cpu_seconds": 0.0, "parts": {}, "run": src["run"], "borrows": p.borrows,
+                   "label_share": share, "pool_share": pool_share,
+                   "lift": share / pool_share if pool_share else float("nan"),
+                   "tokens": selection_tokens(ids, pool), "target_tokens": int(target_tokens), "commit": git_commit()})
+        clock.log(f"{label}: {name} = the first {len(ids)} rows of {BY_NAME[name].cut[0]}'s ranking "
+                  f"({selection_tokens(ids, pool)} response tokens for {target_tokens})")
     id_index = {v: i for i, v in enumerate(pool["id"])}
 
     adapter = Adapter(base, seed)
@@ -897,13 +1004,15 @@ class Report:
                 for name, p in self.plans[s].items():
                     src = p.alias if p.kind == "alias" else name
                     sp = self.plans[s][src]
-                    if sp.kind not in ("none", "select", "score"):
+                    if sp.kind not in ("none", "select", "score", "cut"):
                         continue
                     r = cache.get("result", d, s, src, result_fp(sp, args))
                     if r:
                         self.results.append({**r, "condition": name})
                     sel = cache.get("selection", d, s, src, sp.fp)
                     if sel:
+                        if "tokens" not in sel:  # recorded before selections carried it: backfill_tokens
+                            sel = {**sel, "tokens": (cache.get("tokens", d, s, src, sp.fp) or {}).get("tokens")}
                         self.selections.append({**sel, "condition": name})
         self.loss = losses(self.results)
         self.sel = {(r["domain"], int(r["seed"]), r["condition"]): r for r in self.selections}
@@ -950,6 +1059,81 @@ class Report:
         lift = mean_std([self.sel[(d, s, name)]["lift"] for d, s in done])
         cost = median_n([self.cost(name, d, s) for d, s in done])
         return {"loss": loss, "dloss": dloss, "lift": lift, "cost": cost}
+
+
+def token_association(rep: "Report", cells_: list[tuple[str, int]], names: list[str]) -> dict:
+    """Within-cell association of a selection's response tokens with its held-out loss: both
+    centred on their mean over ``names`` in each cell (so the cell's difficulty drops out), then
+    Pearson's r and the least-squares slope (nats per 100 tokens) over the (cell, condition)
+    pairs. Descriptive: the selectors differ in more than their rows' length."""
+    t, y = [], []
+    for d, s in cells_:
+        pts = [(rep.sel[(d, s, n)]["tokens"], rep.loss[(d, s, n)]) for n in names
+               if (d, s, n) in rep.sel and (d, s, n) in rep.loss and rep.sel[(d, s, n)].get("tokens") is not None]
+        if len(pts) < 2:
+            continue
+        a = np.asarray(pts, dtype=np.float64)
+        a -= a.mean(axis=0)
+        t += a[:, 0].tolist()
+        y += a[:, 1].tolist()
+    t, y = np.asarray(t), np.asarray(y)
+    if t.size < 3 or not t.any() or not y.any():
+        return {"n": int(t.size), "r": float("nan"), "slope": float("nan")}
+    return {"n": int(t.size), "r": float(np.corrcoef(t, y)[0, 1]), "slope": float(100 * (t @ y) / (t @ t))}
+
+
+def equal_token_pairs(rep: "Report", cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
+    """ntk against bm25 with as many response tokens on each side: at bm25's tokens (ntk's
+    ranking cut there) and at ntk's (bm25's cut there); and what the extra tokens buy each."""
+    out = []
+    for a, b, at in (("ntk@bm25-tokens", "bm25", "bm25's picks"), ("ntk", "bm25@ntk-tokens", "ntk's picks"),
+                     ("ntk@bm25-tokens", "ntk", "bm25's vs ntk's picks (one ranking)"),
+                     ("bm25", "bm25@ntk-tokens", "bm25's vs ntk's picks (one ranking)")):
+        if a in rep.args.ablations + MAIN and b in rep.args.ablations + MAIN:
+            out.append((paired(rep.loss, a, b, cells_), at))
+    return out
+
+
+def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
+    """The markdown lines of the tokens table: each selector's response tokens (what the
+    fine-tune trains on beyond the domain rows), their ratio to ntk's in the same cell, and
+    the within-cell association with held-out loss."""
+    names = [n for n in MAIN if n != "domain-only"]
+    cuts = [c.name for c in CONDITIONS if c.group == "tokens" and c.name in rep.args.ablations]
+    lines = ["", "## Tokens the picks add to the fine-tune (main cells)", "",
+             ("N rows are the budget, but rows differ in length: the response tokens of the N picks (after the "
+              "--max-length cut; the loss-bearing tokens the fine-tune adds to the domain rows') per condition, and "
+              "their ratio to ntk's picks in the same cell."), "",
+             "| condition | response tokens of the picks | ÷ ntk's (paired, mean) | held-out loss | cells |",
+             "|---|---:|---:|---:|---:|"]
+    for name in names + cuts:
+        done = [(d, s) for d, s in cells_ if (d, s, name) in rep.sel and (d, s, name) in rep.loss
+                and rep.sel[(d, s, name)].get("tokens") is not None]
+        tok = mean_std([rep.sel[(d, s, name)]["tokens"] for d, s in done])
+        ratio = mean_std([rep.sel[(d, s, name)]["tokens"] / rep.sel[(d, s, "ntk")]["tokens"] for d, s in done
+                          if (d, s, "ntk") in rep.sel and rep.sel[(d, s, "ntk")].get("tokens")])
+        loss = mean_std([rep.loss[(d, s, name)] for d, s in done])
+        what = f" ({BY_NAME[name].what})" if name in cuts else ""
+        lines.append(f"| {name}{what} | {_pm(*tok[:2], '.0f')} | {_pm(*ratio[:2], '.2f')} | {_pm(*loss[:2])} | "
+                     f"{tok[2]} |")
+    if cuts:
+        lines += ["", "Paired differences of held-out loss at equal tokens (negative = the first is better):", "",
+                  "| first − second | tokens of | mean [95% CI] | cells | first lower in | call | sign-flip p |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        for p, at in equal_token_pairs(rep, cells_):
+            lines.append(f"| {p['a']} − {p['b']} | {at} | {_ci(p)} | {p['n']} | {p['wins']} of {p['n']} | "
+                         f"{_call(p)} | {_p(p)} |")
+    assoc = token_association(rep, cells_, names)
+    if assoc["n"] >= 3 and np.isfinite(assoc["r"]):
+        lines += ["", (f"Within a cell, more tokens in the picks went with lower held-out loss: Pearson r = "
+                       f"{assoc['r']:+.2f} and a slope of {assoc['slope']:+.4f} nats per 100 tokens over "
+                       f"{assoc['n']} (cell, selector) pairs, each centred on its cell's mean over {', '.join(names)} "
+                       "(descriptive: the selectors differ in more than length)."
+                       if assoc["r"] < 0 else
+                       f"Within a cell, the picks' tokens and held-out loss: Pearson r = {assoc['r']:+.2f}, slope "
+                       f"{assoc['slope']:+.4f} nats per 100 tokens over {assoc['n']} (cell, selector) pairs, each "
+                       f"centred on its cell's mean over {', '.join(names)} (descriptive).")]
+    return lines
 
 
 def write_results(cache: Cache, args, elapsed: float) -> str:
@@ -1045,6 +1229,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
                           if (d, s, name) in rep.sel and (d, s, name) in rep.loss])
             vals.append(f"{m[0]:.1f}" if m[2] else "-")
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    # 3b. how many tokens the picks put into the fine-tune
+    lines += token_section(rep, main_cells)
     # 4. ablations
     # the second comparison is with the strongest baseline in these cells (lowest mean held-out loss):
     # an option that is to become the default has to beat every baseline, so the strongest
@@ -1058,7 +1244,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
               (f"| condition | what | held-out loss | variant − ntk [95% CI] | call | variant − {best} [95% CI] | "
               "call | lift | cost s / 1,000 | cells |"), "|---|---|---:|---:|---|---:|---|---:|---:|---:|"]
     abl_pairs, best_pairs = [], []
-    for name in dict.fromkeys(["ntk", best, "embedding", *args.ablations]):
+    for name in dict.fromkeys(["ntk", best, "embedding", *conditions_for(args, "improvement"),
+                               *conditions_for(args, "ablation")]):
         plan = plans0[name]
         what = BY_NAME[name].what
         if plan.kind == "pending":
@@ -1109,6 +1296,9 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
             if p["call"] in ("lower", "higher") else "no difference called ("
             + (f"{p['call'].removeprefix('no call (').rstrip(')')}; 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}] over "
                f"{p['n']} cells)" if p["n"] else "no cells yet)")))
+    for p, at in equal_token_pairs(rep, main_cells)[:2]:
+        lines.append(f"- at equal tokens ({at}): {p['a']} − {p['b']} " + (
+            f"{_ci(p)} over {p['n']} cells, {p['call']}" if p["n"] else "no cells yet"))
     beat = [p for p in best_pairs if p["call"] == "lower"]
     lines.append(f"- options and ablations whose held-out loss is lower than {best}'s (the strongest baseline in the "
                  "ablation cells): " + (", ".join(f"{p['a']} ({_ci(p)}, {p['n']} cells)" for p in beat) if beat
@@ -1168,12 +1358,22 @@ def write_plot(pairs: list[dict], abl_pairs: list[dict], args, path: Path, k: in
 
 
 # ---------------------------------------------------------------------------------------------
+def _tokenizer_of(args):
+    def load():
+        from ntk_ray.models import load_tokenizer
+
+        return load_tokenizer(args.model)
+
+    return load
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cache = Cache(args.cache)
     clock = Clock()
     print(f"command: {command_line(args)}", flush=True)
     if args.report_only:
+        backfill_tokens(args, cache, _tokenizer_of(args), clock.log)
         print(write_results(cache, args, 0.0), flush=True)
         return 0
     import torch
@@ -1211,6 +1411,7 @@ def _run(args, cache: Cache, clock: Clock) -> int:
         for name, p in plans_for(args, seed).items():
             if p.kind == "pending" and (name in MAIN or name in args.ablations) and seed == args.seeds[0]:
                 clock.log(f"{name}: pending ({p.why})")
+    backfill_tokens(args, cache, _tokenizer_of(args), clock.log)
     write_results(cache, args, 0.0)  # the status is on disk from the start
     base, tokenizer = None, None
     for phase, domain, seed in cells(args):

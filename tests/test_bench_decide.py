@@ -252,3 +252,59 @@ def test_sign_flip_p_by_enumeration(bench):
     null -= null.mean()  # mean exactly 0: every pattern is at least as extreme
     assert bench.sign_flip_p(list(null)) == 1.0
     assert bench.paired({("d", 0, "a"): 1.0, ("d", 0, "b"): 2.0}, "a", "b", [("d", 0)])["p"] == 1.0
+
+
+def test_token_cut_is_the_shortest_prefix_reaching_the_target(bench):
+    tokens = {"a": 5, "b": 3, "c": 10, "e": 1}
+    assert bench.token_cut(["a", "b", "c", "e"], tokens, 8) == ["a", "b"], "5 + 3 reaches 8"
+    assert bench.token_cut(["a", "b", "c", "e"], tokens, 9) == ["a", "b", "c"], "8 < 9: one row more"
+    assert bench.token_cut(["a", "d", "b"], tokens, 6) == ["a", "b"], "a row the harness rejected (d) is skipped"
+    assert bench.token_cut(["a", "b"], tokens, 100) == ["a", "b"], "never reached: every ranked row"
+    assert bench.token_cut(["a", "b"], tokens, 0) == []
+
+
+def test_equal_token_conditions_and_the_tokens_table(bench, tmp_path):
+    """The equal-token cuts: planned as cuts of ntk's and bm25's jobs (no job, a fingerprint of
+    both), run right after each seed's main cells, kept out of the ablation table; the tokens
+    table's ratio and within-cell association against a direct computation."""
+    args = bench.parse_args(["--domains", "noun.food", "noun.animal", "noun.body", "noun.plant", "--seeds", "0", "1",
+                             "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.jsonl"),
+                             "--work", str(tmp_path / "work"),
+                             "--ablations", "ntk-max", "ntk@bm25-tokens", "bm25@ntk-tokens"])
+    plans = bench.plans_for(args, 0)
+    cut = plans["ntk@bm25-tokens"]
+    assert cut.kind == "cut" and cut.borrows == "ntk" and plans["bm25@ntk-tokens"].borrows == "bm25"
+    assert cut.fp != plans["bm25@ntk-tokens"].fp and cut.fp != bench.plans_for(args, 1)["ntk@bm25-tokens"].fp
+    assert [ph for ph, _, s in bench.cells(args) if s == 0][:8] == ["main"] * 4 + ["tokens"] * 4
+    assert bench.conditions_for(args, "tokens") == ["ntk@bm25-tokens", "bm25@ntk-tokens"]
+
+    rng = np.random.default_rng(3)
+    tok = {(d, s, n): int(rng.integers(300, 1000)) for d in args.domains for s in args.seeds for n in bench.MAIN}
+    loss = {k: 4.0 - 0.001 * v + rng.normal(0, 0.05) for k, v in tok.items()}
+    cache = _fake_cache(bench, args, tmp_path / "cache.jsonl", lambda d, s, n: loss[(d, s, n)])
+    for s in args.seeds:  # the selections again, with token counts (a later record of a key wins)
+        for d in args.domains:
+            for n in bench.MAIN[1:]:
+                p = bench.plans_for(args, s)[n]
+                fp = p.fp if p.kind != "alias" else bench.plans_for(args, s)[p.alias].fp
+                cache.add({"kind": "selection", "domain": d, "seed": s, "condition": n, "fp": fp, "ids": [],
+                           "parts": {}, "borrows": p.borrows, "lift": 1.0, "tokens": tok[(d, s, n)]})
+    rep = bench.Report(bench.Cache(tmp_path / "cache.jsonl"), args)
+    cells_ = rep.cells_of("main")
+    text = "\n".join(bench.token_section(rep, cells_))
+    ratio = np.mean([tok[(d, s, "bm25")] / tok[(d, s, "ntk")] for d, s in cells_])
+    row = next(line for line in text.splitlines() if line.startswith("| bm25 | "))
+    assert f"| {ratio:.2f} ± " in row, (row, ratio)
+    names = [n for n in bench.MAIN if n != "domain-only"]
+    t = np.array([[tok[(d, s, n)] for n in names] for d, s in cells_], dtype=float)
+    y = np.array([[loss[(d, s, n)] for n in names] for d, s in cells_])
+    t, y = (t - t.mean(1, keepdims=True)).ravel(), (y - y.mean(1, keepdims=True)).ravel()
+    assoc = bench.token_association(rep, cells_, names)
+    assert assoc["n"] == t.size and assoc["r"] == pytest.approx(np.corrcoef(t, y)[0, 1])
+    assert assoc["slope"] == pytest.approx(100 * np.polyfit(t, y, 1)[0]) and assoc["slope"] < 0
+    assert f"Pearson r = {assoc['r']:+.2f}" in text
+    # the cut conditions are rows of the tokens table, not of the ablation table
+    full = bench.write_results(cache, args, 0.0)
+    ablation = full.split("## Ablations")[1].split("\n## ")[0]
+    assert "ntk@bm25-tokens" not in ablation and "| ntk-max |" in ablation
+    assert "| ntk@bm25-tokens − bm25 | bm25's picks |" in full

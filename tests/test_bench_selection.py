@@ -61,7 +61,7 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
 
     md = (out / "decide.md").read_text()
     assert "bench_selection.py --smoke" in md.split("```")[1], "the regenerating command is at the top"
-    assert "**status: 2 of 2 cells done** (main 1 of 1, ablation 1 of 1)" in md
+    assert "**status: 3 of 3 cells done** (main 1 of 1, tokens 1 of 1, ablation 1 of 1)" in md
     main = _table(md, "Main conditions")
     for cond in bench.MAIN:
         cells = main[cond]
@@ -70,7 +70,7 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
         if cond != "domain-only":
             assert math.isfinite(_number(cells[3])) and _number(cells[4]) >= 0 and _number(cells[5]) > 0, (cond, cells)
     ablation = _table(md, "Ablations")
-    for cond in bench.SMOKE["ablations"]:
+    for cond in ["ntk-max"]:
         assert math.isfinite(_number(ablation[cond][2])) and math.isfinite(_number(ablation[cond][3])), ablation[cond]
     pairs = _table(md, "ntk minus each baseline")
     assert set(pairs) == set(bench.BASELINES) and all(p[4].startswith("no call") for p in pairs.values()), \
@@ -84,18 +84,40 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
     sel = {r["condition"]: r for r in records if r["kind"] == "selection"}
     selectors = [c for c in bench.MAIN if c != "domain-only"]
     assert set(sel) == set(selectors) | set(bench.SMOKE["ablations"])
+    cut = sel.pop("ntk@bm25-tokens")
     for name, r in sel.items():
         assert len(r["ids"]) == len(set(r["ids"])) == n, name
         assert 0 <= r["label_share"] <= 1
+
+    # every selection's token count, against a tokenization of each picked row on its own; the
+    # equal-token cut is the shortest prefix of ntk's ranking that reaches bm25's count
+    import polars as pl
+
+    from ntk_ray.core.tokenize import tokenize_batch
+    from ntk_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    split = json.loads(next((out / "work").glob("*/noun.food-seed0/data/split.json")).read_text())
+    pool = {r["id"]: r for r in pl.read_parquet(split["pool"]).to_dicts()}
+
+    def tokens(ids):
+        return sum(sum(tokenize_batch(tokenizer, prompts=[pool[i]["prompt"]], responses=[pool[i]["response"]],
+                                      max_length=bench.SMOKE["max_length"]).loss_mask[0]) for i in ids)
+
+    for name, r in [*sel.items(), ("ntk@bm25-tokens", cut)]:
+        assert r["tokens"] == tokens(r["ids"]) > 0, name
+    ntk_ranking = pl.read_parquet(ROOT / sel["ntk"]["run"] / "ranked.parquet").sort("rank")["id"].to_list()
+    k = len(cut["ids"])
+    assert cut["ids"] == ntk_ranking[:k] and cut["target_tokens"] == sel["bm25"]["tokens"]
+    assert tokens(cut["ids"]) >= sel["bm25"]["tokens"] > tokens(cut["ids"][:-1])
     res = {r["condition"]: r for r in records if r["kind"] == "result"}
     assert set(res) == set(bench.MAIN) | set(bench.SMOKE["ablations"])
     assert res["domain-only"]["train_rows"] == n_domain
-    assert all(r["train_rows"] == n_domain + n for c, r in res.items() if c != "domain-only")
+    assert res["ntk@bm25-tokens"]["train_rows"] == n_domain + len(cut["ids"])
+    assert all(r["train_rows"] == n_domain + n for c, r in res.items() if c not in ("domain-only", "ntk@bm25-tokens"))
     assert len({round(r["loss"], 6) for r in res.values()}) > 1, "every condition gave the same loss"
 
     # the selections are the product's jobs, and the reuse is real
-    import polars as pl
-
     ntk_run = (ROOT / sel["ntk"]["run"]).resolve()
     for name, r in sel.items():
         run = ROOT / r["run"]  # relative to the repository, or absolute
@@ -121,3 +143,17 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "cached" in printed and "demo model loaded" not in printed
     assert len(cache.read_text().splitlines()) == lines_before
+
+    # selections recorded before they carried a token count get one from --report-only (the
+    # tokenizer, no job), the same number
+    old = [json.loads(line) for line in cache.read_text().splitlines()]
+    cache.write_text("".join(json.dumps({k: v for k, v in r.items() if not (k == "tokens" and
+                                                                            r["condition"] == "bm25")}) + "\n"
+                             for r in old))
+    assert bench.main(["--smoke", "--report-only", "--out", str(out), "--cache", str(cache), "--model",
+                       str(tiny_model_dir)]) == 0
+    added = [json.loads(line) for line in cache.read_text().splitlines()][len(old):]
+    assert [(r["kind"], r["condition"], r["tokens"]) for r in added] == [("tokens", "bm25", sel["bm25"]["tokens"])]
+    assert bench.main(["--smoke", "--report-only", "--out", str(out), "--cache", str(cache), "--model",
+                       str(tiny_model_dir)]) == 0
+    assert len(cache.read_text().splitlines()) == len(old) + 1, "counted once"
