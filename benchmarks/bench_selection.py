@@ -1104,8 +1104,10 @@ def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
              ("N rows are the budget, but rows differ in length: the response tokens of the N picks (after the "
               "--max-length cut; the loss-bearing tokens the fine-tune adds to the domain rows') per condition, and "
               "their ratio to ntk's picks in the same cell."), "",
-             "| condition | response tokens of the picks | ÷ ntk's (paired, mean) | held-out loss | cells |",
-             "|---|---:|---:|---:|---:|"]
+             "| condition | picks (rows) | response tokens of the picks | ÷ ntk's (paired, mean) | optimizer steps | "
+             "held-out loss | cells |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    steps = {(r["domain"], int(r["seed"]), r["condition"]): r.get("steps") for r in rep.results}
     for name in names + cuts:
         done = [(d, s) for d, s in cells_ if (d, s, name) in rep.sel and (d, s, name) in rep.loss
                 and rep.sel[(d, s, name)].get("tokens") is not None]
@@ -1113,11 +1115,17 @@ def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
         ratio = mean_std([rep.sel[(d, s, name)]["tokens"] / rep.sel[(d, s, "ntk")]["tokens"] for d, s in done
                           if (d, s, "ntk") in rep.sel and rep.sel[(d, s, "ntk")].get("tokens")])
         loss = mean_std([rep.loss[(d, s, name)] for d, s in done])
+        rows = mean_std([len(rep.sel[(d, s, name)]["ids"]) for d, s in done])
+        n_steps = mean_std([steps.get((d, s, name)) for d, s in done])
         what = f" ({BY_NAME[name].what})" if name in cuts else ""
-        lines.append(f"| {name}{what} | {_pm(*tok[:2], '.0f')} | {_pm(*ratio[:2], '.2f')} | {_pm(*loss[:2])} | "
-                     f"{tok[2]} |")
+        lines.append(f"| {name}{what} | {_num(rows, '.1f')} | {_pm(*tok[:2], '.0f')} | {_pm(*ratio[:2], '.2f')} | "
+                     f"{_num(n_steps, '.1f')} | {_pm(*loss[:2])} | {tok[2]} |")
     if cuts:
-        lines += ["", "Paired differences of held-out loss at equal tokens (negative = the first is better):", "",
+        lines += ["", ("Paired differences of held-out loss at equal tokens (negative = the first is better). The fine-tune "
+                       f"takes at most {rep.args.batch_rows} rows per optimizer step (as every condition), so of two selections with equal "
+                       "tokens the one with more rows also takes more steps: at equal rows the longer rows favour "
+                       "bm25, at equal tokens the extra steps favour the selector with the shorter rows. The last two "
+                       "rows are what the longer selection buys within one ranking."), "",
                   "| first − second | tokens of | mean [95% CI] | cells | first lower in | call | sign-flip p |",
                   "|---|---|---:|---:|---:|---|---:|"]
         for p, at in equal_token_pairs(rep, cells_):
