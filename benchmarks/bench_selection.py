@@ -1324,7 +1324,8 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     tmp = path.with_suffix(f".md.{os.getpid()}.tmp")  # workers may write at the same moment
     tmp.write_text(text)
     tmp.replace(path)
-    write_plot(pairs, abl_pairs, args, args.out / "decide.png", k, n)
+    equal = [dict(p, label=f"{p['a']} − {p['b']}") for p, _ in equal_token_pairs(rep, main_cells)[:2]]
+    write_plot(pairs + equal, abl_pairs, args, args.out / "decide.png", k, n)
     return text
 
 
@@ -1352,7 +1353,8 @@ def write_plot(pairs: list[dict], abl_pairs: list[dict], args, path: Path, k: in
             ax.plot(p["diffs"], [y + 0.2] * len(p["diffs"]), ".", color=color, alpha=0.35, markersize=4)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(ys)
-        ax.set_yticklabels([f"{p['a'] if 'ntk −' not in title else p['b']} (n={p['n']})" for p in ps], fontsize=8)
+        ax.set_yticklabels([f"{p.get('label') or (p['a'] if 'ntk −' not in title else p['b'])} (n={p['n']})"
+                            for p in ps], fontsize=8)
         ax.set_title(title + ": held-out loss difference, 95% CI", fontsize=9)
         ax.set_xlabel("nats (negative = the first is better)", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
