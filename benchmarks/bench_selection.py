@@ -22,7 +22,10 @@ from the select defaults. Adding a condition (e.g. a new select flag) is one lin
 - equal tokens (the main cells): N rows is the budget, but rows differ in length (bm25 picks
   longer ones). ``ntk@bm25-tokens`` is ntk's ranking cut at the shortest prefix whose response
   tokens reach bm25's picks' in the cell, ``bm25@ntk-tokens`` the converse: no job, one more
-  fine-tune each. Every selection records its response tokens (the loss masks of the harness's
+  fine-tune each. At most ``--batch-rows`` rows per step, the selection with more rows also
+  takes more steps, so ntk, bm25 and both cuts are fine-tuned again in the row budget's step
+  count (``<name>/fixed-steps``, ``train_steps``: more rows, bigger batches): equal tokens and
+  equal steps. Every selection records its response tokens (the loss masks of the harness's
   tokenization; ``--report-only`` counts them for selections recorded before that).
 - ablations and improvement options (``--ablation-domains`` x ``--seeds``): each a row of the
   same kind, compared with ntk and with the strongest baseline in the same cells.
@@ -105,10 +108,10 @@ DEFAULT_WORK = ROOT / "runs" / "bench_decide" / "work"
 # the smallest cell where every check of tests/test_bench_selection.py still means something:
 # 12 pool rows keep one domain-label row and more rows than the coarse cut M = 4 x budget = 8;
 # 48 tokens keep every prompt; one ablation (a scorer on ntk's kept features; embedding already
-# borrows ntk's warm-up) and one equal-token cut
+# borrows ntk's warm-up), one equal-token cut and two fixed-steps fine-tunes
 SMOKE = {"domains": ["noun.food"], "ablation_domains": ["noun.food"], "seeds": [0], "n_domain": 4, "n_eval": 4,
          "n_pool": 12, "budget": 2, "max_length": 48, "epochs": 1.0, "proj_dim": 256,
-         "ablations": ["ntk-max", "ntk@bm25-tokens"]}
+         "ablations": ["ntk-max", "ntk@bm25-tokens", "bm25/fixed-steps", "ntk@bm25-tokens/fixed-steps"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +132,9 @@ class Condition:
     # (ranking, target): the ranking of condition ``ranking``'s job, cut at the shortest prefix
     # whose response tokens reach those of condition ``target``'s picks in the same cell
     cut: tuple[str, str] | None = None
+    # another condition's selection, fine-tuned in a fixed number of optimizer steps (the row
+    # budget's: ceil((n_domain + N) / batch_rows)) whatever its row count: equal tokens and steps
+    refit: str | None = None
 
 
 def _no_prefilter(a) -> int:
@@ -149,6 +155,10 @@ CONDITIONS: list[Condition] = [
               cut=("ntk", "bm25")),
     Condition("bm25@ntk-tokens", "tokens", "bm25's ranking cut where its picks reach ntk's response tokens",
               cut=("bm25", "ntk")),
+    # ... and the same four selections in as many optimizer steps as the row budget takes, so that
+    # a pair at equal tokens is also at equal steps (more rows: bigger batches, not more steps)
+    *[Condition(f"{c}/fixed-steps", "tokens", f"{c}'s picks, fine-tuned in the row budget's step count",
+                refit=c) for c in ("ntk", "bm25", "ntk@bm25-tokens", "bm25@ntk-tokens")],
     # ablations (issue 16 item 2): each changes one thing of ntk
     Condition("ntk-cosine", "ablation", "scorer cosine", score={"scorer": "cosine"}),
     Condition("ntk-max", "ablation", "scorer max", score={"scorer": "max"}),
@@ -428,6 +438,11 @@ def plan_condition(name: str, args, seed: int) -> Plan:
     why = _unavailable(cond, args)
     if why:
         return Plan(name, "pending", why=why)
+    if cond.refit is not None:
+        src = plan_condition(cond.refit, args, seed)
+        if src.kind not in ("select", "score", "cut", "alias"):
+            return Plan(name, "pending", why=f"{cond.refit} is {src.kind}")
+        return Plan(name, "refit", fp=_hash({"refit": src.fp, "steps": fixed_steps(args)}), borrows=cond.refit)
     if cond.cut is not None:
         src, target = (plan_condition(c, args, seed) for c in cond.cut)
         if src.kind != "select" or target.kind not in ("select", "score"):
@@ -461,6 +476,52 @@ def plan_condition(name: str, args, seed: int) -> Plan:
             plan.borrows = "ntk"
     plan.fp = _hash({"split": split_settings(args), "identity": ident, "warmup_from": plan.borrows})
     return plan
+
+
+def fixed_steps(args) -> int:
+    """The optimizer steps of a fine-tune on the domain rows and N picks (``--batch-rows`` rows
+    per step, one epoch): the step count of every ``/fixed-steps`` condition."""
+    return -(-(args.n_domain + args.budget) * max(1, round(args.epochs)) // args.batch_rows)
+
+
+def selection_key(plans: dict, name: str) -> tuple[str, str]:
+    """(condition, fingerprint) under which ``name``'s selection is recorded: its own, an alias's
+    target's, or for a refit its source's."""
+    p = plans[name]
+    if p.kind == "alias":
+        return selection_key(plans, p.alias)
+    if p.kind == "refit":
+        return selection_key(plans, p.borrows)
+    return name, p.fp
+
+
+def train_steps(model, seqs, masks, steps: int, lr: float, seed: int) -> dict:
+    """``steps`` AdamW steps over one pass of the rows (the ``/fixed-steps`` conditions): a seeded
+    permutation of the rows split into ``steps`` contiguous batches (sizes differ by at most one
+    row), each step on its batch's mean target-token loss, as ``train_lora`` (loss sum / target
+    tokens, constant learning rate, no weight decay)."""
+    import torch
+
+    from ntk_ray.core.features import pad_batch
+    from ntk_ray.core.training import batch_loss
+
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = np.random.default_rng([seed, 0]).permutation(len(seqs))
+    batches = [b for b in np.array_split(order, min(steps, len(seqs))) if len(b)]
+    model.train()
+    total, count = 0.0, 0.0
+    for batch in batches:
+        ids, attn, mask = pad_batch([seqs[i] for i in batch], [masks[i] for i in batch])
+        loss_sum, n = batch_loss(model, ids, attn, mask)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum / max(n.item(), 1.0)).backward()
+        optimizer.step()
+        total, count = total + loss_sum.item(), count + n.item()
+    model.eval()
+    return {"epoch_loss": [total / max(count, 1.0)], "steps": len(batches),
+            "batch_rows": [int(len(b)) for b in batches]}
 
 
 CUT_RULE = "the shortest prefix of the ranking whose response tokens reach the target's"
@@ -757,7 +818,7 @@ def todo(phase: str, domain: str, seed: int, args, cache: Cache) -> list[str]:
     """The runnable conditions of a cell that have no current result yet (aliases and pending
     conditions excluded; the base-model record too)."""
     plans = plans_for(args, seed)
-    out = [n for n in conditions_for(args, phase) if plans[n].kind in ("none", "select", "score", "cut")
+    out = [n for n in conditions_for(args, phase) if plans[n].kind in ("none", "select", "score", "cut", "refit")
            and cache.get("result", domain, seed, n, result_fp(plans[n], args)) is None]
     if phase == "main" and cache.get("base", domain, seed, "base", base_fp(args)) is None:
         out.append("base")
@@ -803,6 +864,8 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         if p.kind == "cut":  # no job of its own: the jobs of its ranking and its token target
             for c in BY_NAME[name].cut:
                 need(c)
+        if p.kind == "refit":  # another condition's selection
+            need(p.borrows)
         if p.kind in ("select", "score") and name not in needed:
             if p.borrows:
                 need(p.borrows)
@@ -827,9 +890,10 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
                    "tokens": selection_tokens(sel["ids"], pool), "commit": git_commit()})
         clock.log(f"{label}: {name} picked {len(sel['ids'])} in {sel['seconds']:.0f}s ({p.kind} job; lift "
                   f"{share / pool_share if pool_share else float('nan'):.1f})")
-    for name in missing:  # the equal-token cuts of finished rankings
-        p = plans.get(name)
-        if p is None or p.kind != "cut" or cache.get("selection", domain, seed, name, p.fp) is not None:
+    cuts_needed = {BY_NAME[n].refit if plans[n].kind == "refit" else n for n in missing if n in plans}
+    for name in [n for n in plans if n in cuts_needed]:  # the equal-token cuts of finished rankings
+        p = plans[name]
+        if p.kind != "cut" or cache.get("selection", domain, seed, name, p.fp) is not None:
             continue
         src, target = (cache.get("selection", domain, seed, _source(plans, c).name, _source(plans, c).fp)
                        for c in BY_NAME[name].cut)
@@ -862,7 +926,7 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         if name == "base":
             continue
         p = plans[name]
-        ids = [] if p.kind == "none" else cache.get("selection", domain, seed, name, p.fp)["ids"]
+        ids = [] if p.kind == "none" else cache.get("selection", domain, seed, *selection_key(plans, name))["ids"]
         lost = [i for i in ids if i not in id_index]
         if lost:
             raise RuntimeError(f"{label}: {name} selected {lost[:3]}, which the harness's tokenization rejected")
@@ -871,7 +935,10 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         masks = dom["loss_mask"] + [pool["loss_mask"][i] for i in rows]
         t0 = time.time()
         model = adapter.fresh()
-        history = train(model, seqs, masks, args.epochs, args.lr, args.batch_rows, seed)
+        if p.kind == "refit":
+            history = train_steps(model, seqs, masks, fixed_steps(args), args.lr, seed)
+        else:
+            history = train(model, seqs, masks, args.epochs, args.lr, args.batch_rows, seed)
         train_s = time.time() - t0
         t0 = time.time()
         m = evaluate(model, tokenizer, ev, mc, args)
@@ -1004,15 +1071,16 @@ class Report:
                 for name, p in self.plans[s].items():
                     src = p.alias if p.kind == "alias" else name
                     sp = self.plans[s][src]
-                    if sp.kind not in ("none", "select", "score", "cut"):
+                    if sp.kind not in ("none", "select", "score", "cut", "refit"):
                         continue
                     r = cache.get("result", d, s, src, result_fp(sp, args))
                     if r:
                         self.results.append({**r, "condition": name})
-                    sel = cache.get("selection", d, s, src, sp.fp)
+                    key = selection_key(self.plans[s], src) if sp.kind != "none" else (src, sp.fp)
+                    sel = cache.get("selection", d, s, *key)
                     if sel:
                         if "tokens" not in sel:  # recorded before selections carried it: backfill_tokens
-                            sel = {**sel, "tokens": (cache.get("tokens", d, s, src, sp.fp) or {}).get("tokens")}
+                            sel = {**sel, "tokens": (cache.get("tokens", d, s, *key) or {}).get("tokens")}
                         self.selections.append({**sel, "condition": name})
         self.loss = losses(self.results)
         self.sel = {(r["domain"], int(r["seed"]), r["condition"]): r for r in self.selections}
@@ -1084,14 +1152,26 @@ def token_association(rep: "Report", cells_: list[tuple[str, int]], names: list[
 
 def equal_token_pairs(rep: "Report", cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
     """ntk against bm25 with as many response tokens on each side: at bm25's tokens (ntk's
-    ranking cut there) and at ntk's (bm25's cut there); and what the extra tokens buy each."""
+    ranking cut there) and at ntk's (bm25's cut there), with the usual fine-tune (more rows:
+    more steps) and with the row budget's step count (``/fixed-steps``: equal steps too); ntk
+    against bm25 at equal rows under the fixed-steps fine-tune; and what the extra rows buy each
+    ranking."""
     out = []
+    fs = "/fixed-steps"
     for a, b, at in (("ntk@bm25-tokens", "bm25", "bm25's picks"), ("ntk", "bm25@ntk-tokens", "ntk's picks"),
+                     ("ntk@bm25-tokens" + fs, "bm25" + fs, "bm25's picks, equal steps"),
+                     ("ntk" + fs, "bm25@ntk-tokens" + fs, "ntk's picks, equal steps"),
+                     ("ntk" + fs, "bm25" + fs, "ntk's vs bm25's picks (equal rows and steps)"),
                      ("ntk@bm25-tokens", "ntk", "bm25's vs ntk's picks (one ranking)"),
                      ("bm25", "bm25@ntk-tokens", "bm25's vs ntk's picks (one ranking)")):
         if a in rep.args.ablations + MAIN and b in rep.args.ablations + MAIN:
             out.append((paired(rep.loss, a, b, cells_), at))
     return out
+
+
+def equal_token_headline(rep: "Report", cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
+    """The pairs of ``equal_token_pairs`` that are at equal tokens (plot and verdict)."""
+    return [(p, at) for p, at in equal_token_pairs(rep, cells_) if at.startswith(("bm25's picks", "ntk's picks"))]
 
 
 def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
@@ -1122,10 +1202,13 @@ def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
                      f"{_num(n_steps, '.1f')} | {_pm(*loss[:2])} | {tok[2]} |")
     if cuts:
         lines += ["", ("Paired differences of held-out loss at equal tokens (negative = the first is better). The fine-tune "
-                       f"takes at most {rep.args.batch_rows} rows per optimizer step (as every condition), so of two selections with equal "
-                       "tokens the one with more rows also takes more steps: at equal rows the longer rows favour "
-                       "bm25, at equal tokens the extra steps favour the selector with the shorter rows. The last two "
-                       "rows are what the longer selection buys within one ranking."), "",
+                       f"takes at most {rep.args.batch_rows} rows per optimizer step (as every condition), so of two "
+                       "selections with equal tokens the one with more rows also takes more steps: at equal rows the "
+                       "longer rows favour bm25, at equal tokens the extra steps favour the selector with the shorter "
+                       f"rows. The `/fixed-steps` conditions remove that: every selection in {fixed_steps(rep.args)} "
+                       "optimizer steps (the row budget's), a selection with more rows in bigger batches (`train_steps`; "
+                       "compare them only with each other). The last two rows are what the longer selection buys "
+                       "within one ranking."), "",
                   "| first − second | tokens of | mean [95% CI] | cells | first lower in | call | sign-flip p |",
                   "|---|---|---:|---:|---:|---|---:|"]
         for p, at in equal_token_pairs(rep, cells_):
@@ -1304,7 +1387,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
             if p["call"] in ("lower", "higher") else "no difference called ("
             + (f"{p['call'].removeprefix('no call (').rstrip(')')}; 95% CI [{p['lo']:+.4f}, {p['hi']:+.4f}] over "
                f"{p['n']} cells)" if p["n"] else "no cells yet)")))
-    for p, at in equal_token_pairs(rep, main_cells)[:2]:
+    for p, at in equal_token_headline(rep, main_cells):
         lines.append(f"- at equal tokens ({at}): {p['a']} − {p['b']} " + (
             f"{_ci(p)} over {p['n']} cells, {p['call']}" if p["n"] else "no cells yet"))
     beat = [p for p in best_pairs if p["call"] == "lower"]
@@ -1324,7 +1407,7 @@ def write_results(cache: Cache, args, elapsed: float) -> str:
     tmp = path.with_suffix(f".md.{os.getpid()}.tmp")  # workers may write at the same moment
     tmp.write_text(text)
     tmp.replace(path)
-    equal = [dict(p, label=f"{p['a']} − {p['b']}") for p, _ in equal_token_pairs(rep, main_cells)[:2]]
+    equal = [dict(p, label=f"{p['a']} − {p['b']}") for p, _ in equal_token_headline(rep, main_cells)]
     write_plot(pairs + equal, abl_pairs, args, args.out / "decide.png", k, n)
     return text
 

@@ -308,3 +308,40 @@ def test_equal_token_conditions_and_the_tokens_table(bench, tmp_path):
     ablation = full.split("## Ablations")[1].split("\n## ")[0]
     assert "ntk@bm25-tokens" not in ablation and "| ntk-max |" in ablation
     assert "| ntk@bm25-tokens − bm25 | bm25's picks |" in full
+
+
+def test_fixed_steps_fine_tune_against_train_lora(bench):
+    """``train_steps`` (the /fixed-steps conditions): S steps over a permutation split into S
+    batches of sizes within one row; with S = 1 it is one AdamW step on the mean token loss of
+    all rows, which ``train_lora`` with one batch of every row also is: the same weights."""
+    import torch
+
+    from conftest import build_tiny_lora_model, random_samples
+    from ntk_ray.core.training import TrainConfig, train_lora
+
+    seqs, masks = random_samples(7, seed=4)
+    model = build_tiny_lora_model(seed=1)
+    out = bench.train_steps(model, seqs, masks, steps=3, lr=1e-2, seed=0)
+    assert out["steps"] == 3 and sorted(out["batch_rows"]) == [2, 2, 3]
+    assert bench.train_steps(build_tiny_lora_model(seed=1), seqs, masks, steps=50, lr=1e-2, seed=0)["steps"] == 7
+
+    a, b = build_tiny_lora_model(seed=1), build_tiny_lora_model(seed=1)
+    bench.train_steps(a, seqs, masks, steps=1, lr=1e-2, seed=0)
+    train_lora(b, seqs, masks, TrainConfig(epochs=1.0, lr=1e-2, max_batch_rows=64, batch_tokens=1 << 16, seed=0),
+               log=lambda *_: None)
+    trained = [(n, p) for n, p in a.named_parameters() if p.requires_grad]
+    assert trained and all(torch.allclose(p, dict(b.named_parameters())[n], atol=1e-6) for n, p in trained)
+    moved = build_tiny_lora_model(seed=1)
+    assert any(not torch.allclose(p, dict(moved.named_parameters())[n]) for n, p in trained), "no step was taken"
+
+
+def test_fixed_steps_conditions_refit_another_selection(bench, tmp_path):
+    args = bench.parse_args(["--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c.jsonl"),
+                             "--out", str(tmp_path / "o")])
+    plans = bench.plans_for(args, 0)
+    assert bench.fixed_steps(args) == 48, "(48 domain rows + N = 48) / 2 rows per step"
+    p = plans["ntk@bm25-tokens/fixed-steps"]
+    assert p.kind == "refit" and p.borrows == "ntk@bm25-tokens"
+    assert bench.selection_key(plans, "ntk@bm25-tokens/fixed-steps") == ("ntk@bm25-tokens", plans["ntk@bm25-tokens"].fp)
+    assert bench.selection_key(plans, "ntk/fixed-steps") == ("ntk", plans["ntk"].fp)
+    assert bench.result_fp(p, args) != bench.result_fp(plans["ntk@bm25-tokens"], args), "its own result"

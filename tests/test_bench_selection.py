@@ -83,7 +83,8 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
     n, n_domain = bench.SMOKE["budget"], bench.SMOKE["n_domain"]
     sel = {r["condition"]: r for r in records if r["kind"] == "selection"}
     selectors = [c for c in bench.MAIN if c != "domain-only"]
-    assert set(sel) == set(selectors) | set(bench.SMOKE["ablations"])
+    refits = {a for a in bench.SMOKE["ablations"] if a.endswith("/fixed-steps")}  # others' selections, refitted
+    assert set(sel) == set(selectors) | set(bench.SMOKE["ablations"]) - refits
     cut = sel.pop("ntk@bm25-tokens")
     for name, r in sel.items():
         assert len(r["ids"]) == len(set(r["ids"])) == n, name
@@ -113,8 +114,14 @@ def test_smoke_run_writes_a_complete_table_and_plot(tiny_model_dir, tmp_path, ca
     res = {r["condition"]: r for r in records if r["kind"] == "result"}
     assert set(res) == set(bench.MAIN) | set(bench.SMOKE["ablations"])
     assert res["domain-only"]["train_rows"] == n_domain
-    assert res["ntk@bm25-tokens"]["train_rows"] == n_domain + len(cut["ids"])
-    assert all(r["train_rows"] == n_domain + n for c, r in res.items() if c not in ("domain-only", "ntk@bm25-tokens"))
+    assert res["ntk@bm25-tokens"]["train_rows"] == res["ntk@bm25-tokens/fixed-steps"]["train_rows"] == \
+        n_domain + len(cut["ids"])
+    assert all(r["train_rows"] == n_domain + n for c, r in res.items() if not c.startswith(("domain-only", "ntk@")))
+    # the fixed-steps fine-tunes: the row budget's step count whatever the rows
+    steps = -(-(n_domain + n) // 2)
+    assert res["bm25"]["steps"] == res["bm25/fixed-steps"]["steps"] == steps
+    assert res["ntk@bm25-tokens/fixed-steps"]["steps"] == steps
+    assert res["ntk@bm25-tokens"]["steps"] == -(-(n_domain + len(cut["ids"])) // 2)
     assert len({round(r["loss"], 6) for r in res.values()}) > 1, "every condition gave the same loss"
 
     # the selections are the product's jobs, and the reuse is real
