@@ -300,7 +300,8 @@ def eval_settings(args) -> dict:
             "mc": {"choices": N_CHOICES, "max_length": MC_MAX_LENGTH} if args.mc else None}
 
 
-PHASES = ("main", "tokens", "improvement", "ablation")  # run order: the question, at equal tokens, the tries to win, the why
+# run order: the question, the same at equal tokens, the tries to win, the why
+PHASES = ("main", "tokens", "improvement", "ablation")
 
 
 def conditions_for(args, phase: str) -> list[str]:
@@ -363,7 +364,8 @@ def command_line(args) -> str:
 @dataclass
 class Plan:
     """The resolved job of a condition in a cell: ``kind`` "none" | "select" | "score" | "cut"
-    (another job's ranking cut at a token count: no job) | "alias" (of ``alias``) | "pending" (``why``); ``cfg``: the SelectConfig or ScoreConfig fields; ``fp``
+    (another job's ranking cut at a token count: no job) | "refit" (another condition's selection,
+    fine-tuned in fixed steps) | "alias" (of ``alias``) | "pending" (``why``); ``cfg``: the SelectConfig or ScoreConfig fields; ``fp``
     the fingerprint of everything its selection depends on; ``borrows``: the condition whose
     warm-up it takes (``--adapter``) or whose features it scores."""
     name: str
@@ -439,6 +441,8 @@ def plan_condition(name: str, args, seed: int) -> Plan:
     if why:
         return Plan(name, "pending", why=why)
     if cond.refit is not None:
+        if args.epochs != 1:
+            return Plan(name, "pending", why="the fixed-steps fine-tune is one pass over the rows: --epochs 1 only")
         src = plan_condition(cond.refit, args, seed)
         if src.kind not in ("select", "score", "cut", "alias"):
             return Plan(name, "pending", why=f"{cond.refit} is {src.kind}")
@@ -479,9 +483,9 @@ def plan_condition(name: str, args, seed: int) -> Plan:
 
 
 def fixed_steps(args) -> int:
-    """The optimizer steps of a fine-tune on the domain rows and N picks (``--batch-rows`` rows
-    per step, one epoch): the step count of every ``/fixed-steps`` condition."""
-    return -(-(args.n_domain + args.budget) * max(1, round(args.epochs)) // args.batch_rows)
+    """The optimizer steps of one epoch on the domain rows and N picks (``--batch-rows`` rows
+    per step): the step count of every ``/fixed-steps`` condition (planned for --epochs 1)."""
+    return -(-(args.n_domain + args.budget) // args.batch_rows)
 
 
 def selection_key(plans: dict, name: str) -> tuple[str, str]:
@@ -521,7 +525,7 @@ def train_steps(model, seqs, masks, steps: int, lr: float, seed: int) -> dict:
         total, count = total + loss_sum.item(), count + n.item()
     model.eval()
     return {"epoch_loss": [total / max(count, 1.0)], "steps": len(batches),
-            "batch_rows": [int(len(b)) for b in batches]}
+            "batch_rows": [len(b) for b in batches]}
 
 
 CUT_RULE = "the shortest prefix of the ranking whose response tokens reach the target's"
@@ -1129,7 +1133,7 @@ class Report:
         return {"loss": loss, "dloss": dloss, "lift": lift, "cost": cost}
 
 
-def token_association(rep: "Report", cells_: list[tuple[str, int]], names: list[str]) -> dict:
+def token_association(rep: Report, cells_: list[tuple[str, int]], names: list[str]) -> dict:
     """Within-cell association of a selection's response tokens with its held-out loss: both
     centred on their mean over ``names`` in each cell (so the cell's difficulty drops out), then
     Pearson's r and the least-squares slope (nats per 100 tokens) over the (cell, condition)
@@ -1150,7 +1154,7 @@ def token_association(rep: "Report", cells_: list[tuple[str, int]], names: list[
     return {"n": int(t.size), "r": float(np.corrcoef(t, y)[0, 1]), "slope": float(100 * (t @ y) / (t @ t))}
 
 
-def equal_token_pairs(rep: "Report", cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
+def equal_token_pairs(rep: Report, cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
     """ntk against bm25 with as many response tokens on each side: at bm25's tokens (ntk's
     ranking cut there) and at ntk's (bm25's cut there), with the usual fine-tune (more rows:
     more steps) and with the row budget's step count (``/fixed-steps``: equal steps too); ntk
@@ -1169,12 +1173,12 @@ def equal_token_pairs(rep: "Report", cells_: list[tuple[str, int]]) -> list[tupl
     return out
 
 
-def equal_token_headline(rep: "Report", cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
+def equal_token_headline(rep: Report, cells_: list[tuple[str, int]]) -> list[tuple[dict, str]]:
     """The pairs of ``equal_token_pairs`` that are at equal tokens (plot and verdict)."""
     return [(p, at) for p, at in equal_token_pairs(rep, cells_) if at.startswith(("bm25's picks", "ntk's picks"))]
 
 
-def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
+def token_section(rep: Report, cells_: list[tuple[str, int]]) -> list[str]:
     """The markdown lines of the tokens table: each selector's response tokens (what the
     fine-tune trains on beyond the domain rows), their ratio to ntk's in the same cell, and
     the within-cell association with held-out loss."""
@@ -1184,8 +1188,8 @@ def token_section(rep: "Report", cells_: list[tuple[str, int]]) -> list[str]:
              ("N rows are the budget, but rows differ in length: the response tokens of the N picks (after the "
               "--max-length cut; the loss-bearing tokens the fine-tune adds to the domain rows') per condition, and "
               "their ratio to ntk's picks in the same cell."), "",
-             "| condition | picks (rows) | response tokens of the picks | ÷ ntk's (paired, mean) | optimizer steps | "
-             "held-out loss | cells |",
+             ("| condition | picks (rows) | response tokens of the picks | ÷ ntk's (paired, mean) | optimizer steps | "
+              "held-out loss | cells |"),
              "|---|---:|---:|---:|---:|---:|---:|"]
     steps = {(r["domain"], int(r["seed"]), r["condition"]): r.get("steps") for r in rep.results}
     for name in names + cuts:

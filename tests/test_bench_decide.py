@@ -315,8 +315,8 @@ def test_fixed_steps_fine_tune_against_train_lora(bench):
     batches of sizes within one row; with S = 1 it is one AdamW step on the mean token loss of
     all rows, which ``train_lora`` with one batch of every row also is: the same weights."""
     import torch
-
     from conftest import build_tiny_lora_model, random_samples
+
     from ntk_ray.core.training import TrainConfig, train_lora
 
     seqs, masks = random_samples(7, seed=4)
