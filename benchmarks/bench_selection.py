@@ -773,10 +773,15 @@ def write_split(domain: str, seed: int, args) -> dict:
     return split
 
 
+def tokens_by_id(pool: dict) -> dict[str, int]:
+    """Each tokenized pool row's response tokens: the sum of its loss mask (after the
+    --max-length cut), what the fine-tune trains on."""
+    return {i: int(sum(m)) for i, m in zip(pool["id"], pool["loss_mask"])}
+
+
 def selection_tokens(ids, pool: dict) -> int:
-    """The response tokens the fine-tune trains on in the selected rows: the sum of the loss
-    masks (after the --max-length cut) of the harness's tokenization of those pool rows."""
-    tokens_of = dict(zip(pool["id"], map(sum, pool["loss_mask"])))
+    """The response tokens the fine-tune trains on in the selected rows (``tokens_by_id``)."""
+    tokens_of = tokens_by_id(pool)
     return int(sum(tokens_of[i] for i in ids if i in tokens_of))
 
 
@@ -827,12 +832,6 @@ def todo(phase: str, domain: str, seed: int, args, cache: Cache) -> list[str]:
     if phase == "main" and cache.get("base", domain, seed, "base", base_fp(args)) is None:
         out.append("base")
     return out
-
-
-def _source(plans: dict, name: str) -> Plan:
-    """The plan whose job ``name``'s records are under (an alias's target)."""
-    p = plans[name]
-    return plans[p.alias] if p.kind == "alias" else p
 
 
 def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: Cache, clock: Clock) -> None:
@@ -899,14 +898,13 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         p = plans[name]
         if p.kind != "cut" or cache.get("selection", domain, seed, name, p.fp) is not None:
             continue
-        src, target = (cache.get("selection", domain, seed, _source(plans, c).name, _source(plans, c).fp)
-                       for c in BY_NAME[name].cut)
+        src, target = (cache.get("selection", domain, seed, *selection_key(plans, c)) for c in BY_NAME[name].cut)
         target_tokens = target.get("tokens")
         if target_tokens is None:
             target_tokens = selection_tokens(target["ids"], pool)
         run = Path(src["run"]) if Path(src["run"]).is_absolute() else ROOT / src["run"]
         ranked = pl.read_parquet(run / "ranked.parquet", columns=["id", "rank"]).sort("rank")["id"].to_list()
-        ids = token_cut(ranked, dict(zip(pool["id"], map(sum, pool["loss_mask"]))), target_tokens)
+        ids = token_cut(ranked, tokens_by_id(pool), target_tokens)
         labels = [label_of[i] for i in ids]
         share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
         cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp, "ids": ids,
