@@ -244,6 +244,11 @@ class SelectConfig:
                             metavar="PATH", required=True)
     pool: list[str] = opt([], "the general-domain pool to select from", metavar="PATH", required=True)
     budget: int = opt(0, "how many pool samples to select", metavar="N", required=True, min=1)
+    budget_tokens: int | None = opt(None, "also cap the selection's tokens: the best rows in rank order while their "
+                                    "tokens (each row as the model reads it: chat template, after --max-length; the "
+                                    "n_tokens column of ranked.parquet) total at most T. N still caps the rows and "
+                                    "sizes the coarse stage (M = coarse-factor x N): set it above T / your typical "
+                                    "row length", metavar="T", min=1, shown_default="no token cap")
     out: str = opt("", "output directory, or a URI (s3://bucket/run, gs://..., any pyarrow file system): the results "
                    "are copied there when the run is complete", metavar="DIR", required=True)
     save_hf: str | None = opt(None, "also write the selection (the rows of selected.parquet) as a Hugging Face "
@@ -345,7 +350,7 @@ class SelectConfig:
     #: fields added after runs were made, with the default that gives those runs' results: left out
     #: of the identity at that default, so a run (or a benchmark cache) from before the field
     #: existed keeps its fingerprint and resumes after an upgrade
-    ADDED_LATER = {"objective": "summed-logits", "coarse_by": "embedding"}
+    ADDED_LATER = {"objective": "summed-logits", "coarse_by": "embedding", "budget_tokens": None}
 
     def identity(self) -> dict:
         """The settings that determine the result (not where or how fast it runs)."""

@@ -682,15 +682,18 @@ def sections(d: dict, fmt: str) -> list[tuple[str, str, list[str], str | None]]:
                                             d["duplicates"], d["cost"], d["manifest"])
     out = []
     # funnel
+    cfg = m.get("config") or {}
+    cfg_tokens = cfg.get("budget_tokens")
     rows = [["pool rows read", _num(fun["pool"]), ""],
             ["usable", _num(fun["usable"]), f"{_num(fun['rejected_read'])} rejected at read/validate"],
             ["coarse candidates", _num(fun["candidates"]),
              f"{_num(fun['cut_by_coarse'])} cut by the coarse stage, {_num(fun['rejected_coarse'])} rejected there"],
             ["scored", _num(fun["scored"]), f"{_num(fun['rejected_scoring'])} rejected while featurising/scoring"],
-            ["selected", _num(fun["selected"]), f"budget {_num(ct['budget'])}"]]
+            ["selected", _num(fun["selected"]), f"budget {_num(ct['budget'])}" if not cfg_tokens else
+             f"budget {_num(cfg.get('budget'))} rows, {_num(cfg_tokens)} tokens: "
+             f"{_num((m.get('counts') or {}).get('selected_tokens'))} tokens selected"]]
     reasons = _table(["reject reason (pool)", "rows"], [[k, _num(n)] for k, n in fun["reasons"]], fmt) \
         if fun["reasons"] else ""
-    cfg = m.get("config") or {}
     who = f"`ntk-ray score` (scorer `{cfg.get('scorer', '?')}`) of kept features" if is_score_run(m) else \
         f"Selector `{m.get('selector') or '?'}`"
     out.append(("Funnel", "funnel", [(f"{who}; every pool row is ranked or rejected "
@@ -850,7 +853,9 @@ def build_report(out: str | Path, log=None) -> Report:
         raise ReportError(f"{out}: no such directory")
     manifest = _manifest(out)
     config = manifest.get("config") or {}
-    budget = int(config.get("budget") or manifest["counts"]["selected"])
+    # the cut: rank N, or under --budget-tokens the rows the token budget let in
+    budget = int(manifest["counts"]["selected"] if config.get("budget_tokens") else
+                 config.get("budget") or manifest["counts"]["selected"])
     ranked = pl.scan_parquet(out / "ranked.parquet")
     rejects_path = out / "rejects.parquet"
     rejects = pl.scan_parquet(rejects_path) if rejects_path.is_file() else \

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -419,3 +420,25 @@ def test_reason_summary_groups_per_row_reasons():
         "rejected 4: 2 x 'N tokens > --max-length 8', 1 x 'duplicate id', 1 x 'null text' "
         "(e.g. f row 0: 12 tokens > --max-length 8)")
     assert reason_summary(empty_rejects(), "pool") == "no rows rejected"
+
+
+def test_selected_count_against_a_literal_loop():
+    """The rows selected under --budget N [--budget-tokens T]: the longest rank prefix of at most
+    N rows whose tokens total at most T, against a plain loop over random cases."""
+    from ntk_ray.io.outputs import selected_count
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        tokens = rng.integers(0, 40, size=int(rng.integers(0, 12))).tolist()
+        n, t = int(rng.integers(1, 15)), int(rng.integers(1, 120))
+        want, total = 0, 0
+        for x in tokens[:n]:
+            if total + x > t:
+                break
+            total += x
+            want += 1
+        assert selected_count(pl.Series(tokens, dtype=pl.Int64), n, t) == want, (tokens, n, t)
+        assert selected_count(pl.Series(tokens, dtype=pl.Int64), n) == min(n, len(tokens))
+    assert selected_count(pl.Series([50, 1], dtype=pl.Int64), 2, 10) == 0, "the best row alone is over T"
+    with pytest.raises(ValueError, match="token count"):
+        selected_count(pl.Series([1, None], dtype=pl.Int64), 2, 10)

@@ -317,6 +317,42 @@ def test_select_coarse_by_bm25_with_bm25_fusion(data, tiny_model_dir, tmp_path, 
     assert rc == 2 and "--coarse-by bm25 computes no embeddings: --coarse-k" in err
 
 
+@covers("select", "--budget-tokens")
+def test_select_budget_tokens_caps_the_selection_at_t_tokens(data, tiny_model_dir, tmp_path, capsys):
+    """--budget-tokens T: the longest rank prefix of at most N rows whose n_tokens total at most
+    T; n_tokens is each ranked row's token count as the read stage counted it; the same ranking
+    as without the cap; the manifest counts the selected tokens; the identity changes only when
+    set."""
+    from ntk_ray.config import SelectConfig
+
+    plain = tmp_path / "plain"
+    rc, _, err = run(capsys, *select_argv(data["text"], plain, tiny_model_dir, budget=6))
+    assert rc == 0, err
+    ranked = pl.read_parquet(plain / "ranked.parquet").sort("rank")
+    shards = sorted((plain / "_work" / "tokens" / "pool").glob("*.parquet"))
+    counted = pl.concat([pl.read_parquet(f, columns=["source", "row", "n_tokens"]) for f in shards])
+    joined = ranked.join(counted, on=["source", "row"], how="left", suffix="_read")
+    assert ranked["n_tokens"].null_count() == 0 and (joined["n_tokens"] == joined["n_tokens_read"]).all()
+    assert manifest(plain)["counts"]["selected_tokens"] == ranked.filter(pl.col("selected"))["n_tokens"].sum()
+
+    n = ranked["n_tokens"].to_list()
+    t = sum(n[:3]) + n[3] - 1  # three rows fit, the fourth would pass T
+    capped = tmp_path / "capped"
+    rc, _, err = run(capsys, *select_argv(data["text"], capped, tiny_model_dir, "--budget-tokens", t, budget=6))
+    assert rc == 0, err
+    r2 = pl.read_parquet(capped / "ranked.parquet").sort("rank")
+    assert r2["id"].to_list() == ranked["id"].to_list(), "the cap changes the cut, not the ranking"
+    assert r2.filter(pl.col("selected"))["rank"].to_list() == [1, 2, 3]
+    assert pl.read_parquet(capped / "selected.parquet")["id"].to_list() == ranked["id"].to_list()[:3]
+    m = manifest(capped)
+    assert m["config"]["budget_tokens"] == t and m["counts"]["selected"] == 3
+    assert m["counts"]["selected_tokens"] == sum(n[:3]) <= t
+    assert "the token budget stops the selection at 3 rows" in err
+    assert "selected | 3 | budget 6 rows" in (capped / "report.md").read_text()
+    assert "budget_tokens" not in SelectConfig().identity()
+    assert SelectConfig(budget_tokens=100).fingerprint() != SelectConfig().fingerprint()
+
+
 @covers("select", "--allocation", "--checkpoints", "--fusion", "--fusion-k", "--center")
 def test_select_allocation_checkpoints_and_fusion(data, tiny_model_dir, tmp_path, capsys):
     """The issue-16 options (reference tests in tests/test_improvements.py)."""

@@ -2,7 +2,9 @@
 
 ranked.parquet  every usable pool row once: id, rank (1..n), stage ("ntk" rows above "coarse"
                 rows), score (null for coarse rows), coarse_votes, coarse_sim, selected
-                (rank <= budget), plus source and row (where the row came from)
+                (rank <= the rows selected: the budget, or fewer under --budget-tokens), plus
+                source and row (where the row came from) and n_tokens (the row's tokens as
+                the model reads it; null where no text was read: `score` jobs)
 selected.parquet the selected rows with all their original input columns, plus rank and score
 rejects.parquet every row read but not ranked: id, source, row, role, reason
 manifest.json   counts, resolved config, model/adapter/projector identity, stage times, versions
@@ -17,7 +19,7 @@ import polars as pl
 RANKED_SCHEMA = {
     "id": pl.String, "rank": pl.Int64, "stage": pl.String, "score": pl.Float64,
     "coarse_votes": pl.Int64, "coarse_sim": pl.Float64, "selected": pl.Boolean,
-    "source": pl.String, "row": pl.Int64,
+    "source": pl.String, "row": pl.Int64, "n_tokens": pl.Int64,
 }
 REJECTS_SCHEMA = {"id": pl.String, "source": pl.String, "row": pl.Int64, "role": pl.String, "reason": pl.String}
 
@@ -30,11 +32,32 @@ def nonfinite_scores_rejected(cand: pl.DataFrame) -> pl.DataFrame:
                              .otherwise(pl.col("reject")).alias("reject"))
 
 
-def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int, stage: str = "ntk") -> pl.DataFrame:
-    """The ranked table. ``ntk``: id, key, source, row, score, coarse_votes, coarse_sim, and an
-    optional ``order`` (an explicit best-first position, e.g. from round-robin, that overrides
-    the score order). ``coarse``: the rows cut by the coarse stage, already best first.
-    ``stage`` labels the scored rows: ``ntk``, or the baseline selector's name.
+def selected_count(n_tokens: pl.Series, budget: int, budget_tokens: int | None = None) -> int:
+    """How many rows of a ranking (``n_tokens``: each row's tokens, in rank order) are selected:
+    ``min(N, rows)``; with a token budget T the longest rank prefix of at most N rows whose
+    tokens total at most T,
+
+        n = max { k <= min(N, rows) : n_tokens[1] + ... + n_tokens[k] <= T },
+
+    0 when the best row alone has more than T tokens (the selection stays a prefix of the
+    ranking: rank <= n)."""
+    n = min(budget, len(n_tokens))
+    if budget_tokens is None:
+        return n
+    head = n_tokens.head(n)
+    if head.null_count():
+        raise ValueError("a token budget needs each row's token count (n_tokens), and some are missing")
+    return int((head.cum_sum() <= budget_tokens).sum())  # token counts are >= 0: the sums only grow
+
+
+def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int, stage: str = "ntk",
+              budget_tokens: int | None = None) -> pl.DataFrame:
+    """The ranked table. ``ntk``: id, key, source, row, score, coarse_votes, coarse_sim, an
+    optional ``n_tokens`` (null where absent), and an optional ``order`` (an explicit best-first
+    position, e.g. from round-robin, that overrides the score order). ``coarse``: the rows cut
+    by the coarse stage, already best first. ``stage`` labels the scored rows: ``ntk``, or the
+    baseline selector's name. ``selected``: rank <= :func:`selected_count` (the budget, or
+    fewer under a token budget).
     Ties in score are broken by the stable key so every run ranks identically. A NaN score
     (which Polars would sort above every number) sorts last, like a null; callers should have
     rejected such rows already (:func:`nonfinite_scores_rejected`)."""
@@ -45,11 +68,14 @@ def rank_rows(ntk: pl.DataFrame, coarse: pl.DataFrame, budget: int, stage: str =
         ntk = ntk.sort([by_score, pl.col("key")], descending=[True, False], nulls_last=True)
     ntk = ntk.with_columns(pl.lit(stage).alias("stage"))
     coarse = coarse.with_columns(pl.lit("coarse").alias("stage"), pl.lit(None, dtype=pl.Float64).alias("score"))
-    cols = ["id", "stage", "score", "coarse_votes", "coarse_sim", "source", "row"]
+    ntk, coarse = (df if "n_tokens" in df.columns else df.with_columns(pl.lit(None, dtype=pl.Int64).alias("n_tokens"))
+                   for df in (ntk, coarse))
+    cols = ["id", "stage", "score", "coarse_votes", "coarse_sim", "source", "row", "n_tokens"]
     ranked = pl.concat([ntk.select(cols).cast({k: RANKED_SCHEMA[k] for k in cols}),
                         coarse.select(cols).cast({k: RANKED_SCHEMA[k] for k in cols})])
     ranked = ranked.with_row_index("rank", offset=1).with_columns(pl.col("rank").cast(pl.Int64))
-    ranked = ranked.with_columns((pl.col("rank") <= budget).alias("selected"))
+    n = selected_count(ranked["n_tokens"], budget, budget_tokens)
+    ranked = ranked.with_columns((pl.col("rank") <= n).alias("selected"))
     return ranked.select(list(RANKED_SCHEMA))
 
 

@@ -85,7 +85,11 @@ class WriteStage(Stage):
         scored = cand.filter(pl.col("reject").is_null()).drop("reject")
         if score.order is not None:
             scored = scored.join(score.order, on="key", how="left")
-        ranked = rank_rows(scored, coarse.cut, cfg.budget, stage=self.selector)
+        n_tokens = validate.usable_pool.select("key", "n_tokens")  # each row's tokens, as the model reads it
+        scored, cut = (df.drop("n_tokens", strict=False).join(n_tokens, on="key", how="left")
+                       for df in (scored, coarse.cut))
+        budget_tokens = getattr(cfg, "budget_tokens", None)
+        ranked = rank_rows(scored, cut, cfg.budget, stage=self.selector, budget_tokens=budget_tokens)
         bad = bad.select("id", "source", "row", pl.lit("pool").alias("role"), pl.col("reject").alias("reason"))
         if coarse.rejected is not None and coarse.rejected.height:  # e.g. non-finite embeddings
             bad = pl.concat([coarse.rejected.select("id", "source", "row", pl.lit("pool").alias("role"), "reason")
@@ -96,9 +100,14 @@ class WriteStage(Stage):
         counts["rejected"] = int(rejects.filter(pl.col("role") == "pool").height)
         counts["ranked"] = ranked.height
         counts["selected"] = int(ranked["selected"].sum())
+        counts["selected_tokens"] = int(ranked.filter(pl.col("selected"))["n_tokens"].sum())
         if counts["pool_rows"] != counts["ranked"] + counts["rejected"]:
             raise RuntimeError(f"row accounting failed: {counts}")
-        if counts["selected"] < cfg.budget:
+        if budget_tokens is not None and counts["selected"] < min(cfg.budget, ranked.height):
+            ctx.progress.log(f"write: the token budget stops the selection at {counts['selected']} rows "
+                             f"({counts['selected_tokens']:,} of {budget_tokens:,} tokens; --budget {cfg.budget})"
+                             + ("; the best row alone has more tokens than the budget" if not counts["selected"] else ""))
+        elif counts["selected"] < cfg.budget:
             ctx.progress.log(f"warning: only {counts['selected']} usable pool rows for a budget of {cfg.budget}: all are selected")
         from ntk_ray.io.accounting import UsageError
         from ntk_ray.io.fingerprint import check_unchanged
