@@ -35,7 +35,8 @@ they are listed in rejects.parquet with a reason.
 
 outputs in --out:
   ranked.parquet    every usable pool row once: id, rank, stage, score, coarse_votes,
-                    coarse_sim, selected (rank <= budget), source, row
+                    coarse_sim, selected (rank <= budget, or fewer under --budget-tokens),
+                    source, row, n_tokens
   selected.parquet  the selected rows with all their input columns, plus rank and score
   rejects.parquet   id, source, row, role, reason of every row read but not ranked
   manifest.json     counts, config, model, adapter, projector, stage times, versions
