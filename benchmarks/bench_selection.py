@@ -905,15 +905,16 @@ def run_cell(phase: str, domain: str, seed: int, args, base, tokenizer, cache: C
         run = Path(src["run"]) if Path(src["run"]).is_absolute() else ROOT / src["run"]
         ranked = pl.read_parquet(run / "ranked.parquet", columns=["id", "rank"]).sort("rank")["id"].to_list()
         ids = token_cut(ranked, tokens_by_id(pool), target_tokens)
+        n_tokens = selection_tokens(ids, pool)
         labels = [label_of[i] for i in ids]
         share = float(np.mean([x == domain for x in labels])) if labels else float("nan")
         cache.add({"kind": "selection", "domain": domain, "seed": seed, "condition": name, "fp": p.fp, "ids": ids,
                    "seconds": 0.0, "cpu_seconds": 0.0, "parts": {}, "run": src["run"], "borrows": p.borrows,
                    "label_share": share, "pool_share": pool_share,
                    "lift": share / pool_share if pool_share else float("nan"),
-                   "tokens": selection_tokens(ids, pool), "target_tokens": int(target_tokens), "commit": git_commit()})
+                   "tokens": n_tokens, "target_tokens": int(target_tokens), "commit": git_commit()})
         clock.log(f"{label}: {name} = the first {len(ids)} rows of {BY_NAME[name].cut[0]}'s ranking "
-                  f"({selection_tokens(ids, pool)} response tokens for {target_tokens})")
+                  f"({n_tokens} response tokens for {target_tokens})")
     id_index = {v: i for i, v in enumerate(pool["id"])}
 
     adapter = Adapter(base, seed)
